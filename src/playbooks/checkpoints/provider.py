@@ -1,0 +1,104 @@
+"""The storage extension interface: where encoded checkpoints live.
+
+A provider stores opaque, already-encoded checkpoint records (bytes) under ids of the form
+``{execution_id}_ckpt_{n}``, where ``n`` is a counter that only grows. Integrity (format version,
+checksum, HMAC) and meaning are the manager's business, so a provider is a small, dumb, atomic store:
+
+* ``save_checkpoint`` is atomic: a reader sees the old state or the new record, never a torn one, and a
+  failure raises :class:`~playbooks.errors.CheckpointWriteError` leaving earlier records intact.
+* ``list_checkpoints`` returns ids in ascending counter order (numeric, so ``_ckpt_10`` follows ``_ckpt_9``).
+* ``acquire_lock`` gives one process at a time the right to write an execution; a lock held by a process
+  that died is free again.
+
+Third-party providers register a class in the ``playbooks.checkpoint_providers`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from types import TracebackType
+
+__all__ = ("CheckpointProvider", "ExecutionLock", "checkpoint_id", "parse_checkpoint_id")
+
+_ID_RE = re.compile(r"^(?P<execution_id>.+)_ckpt_(?P<counter>\d+)$")
+
+
+def checkpoint_id(execution_id: str, counter: int) -> str:
+    """Return the id of record ``counter`` of ``execution_id``: ``{execution_id}_ckpt_{counter}``."""
+    return f"{execution_id}_ckpt_{counter}"
+
+
+def parse_checkpoint_id(cid: str) -> tuple[str, int]:
+    """Split a checkpoint id into ``(execution_id, counter)``; raise ``ValueError`` if malformed."""
+    match = _ID_RE.match(cid)
+    if match is None:
+        raise ValueError(f"not a checkpoint id (expected '<execution_id>_ckpt_<n>'): {cid!r}")
+    return match["execution_id"], int(match["counter"])
+
+
+class ExecutionLock(abc.ABC):
+    """Exclusive right of this process to write one execution; released explicitly or at process death."""
+
+    execution_id: str
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Give the lock up; idempotent."""
+
+    async def __aenter__(self) -> "ExecutionLock":
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.release()
+
+
+class CheckpointProvider(abc.ABC):
+    """Async storage of encoded checkpoint records; see the module docstring for the contract."""
+
+    @abc.abstractmethod
+    async def save_checkpoint(self, checkpoint_id: str, data: bytes) -> None:
+        """Store ``data`` under ``checkpoint_id`` atomically (replacing a record of the same id)."""
+
+    @abc.abstractmethod
+    async def load_checkpoint(self, checkpoint_id: str) -> bytes | None:
+        """Return the stored bytes, or ``None`` if there is no such record."""
+
+    @abc.abstractmethod
+    async def list_checkpoints(self, execution_id: str) -> list[str]:
+        """Return the ids stored for ``execution_id``, ascending by counter."""
+
+    @abc.abstractmethod
+    async def delete_checkpoint(self, checkpoint_id: str) -> bool:
+        """Delete one record; return whether it existed."""
+
+    @abc.abstractmethod
+    async def list_executions(self) -> list[str]:
+        """Return every execution id that has at least one record, sorted."""
+
+    @abc.abstractmethod
+    async def acquire_lock(self, execution_id: str) -> ExecutionLock:
+        """Take the execution's lock or raise :class:`~playbooks.errors.ExecutionLockedError`."""
+
+    async def cleanup_old_checkpoints(self, execution_id: str, keep_last_n: int) -> int:
+        """Delete all but the newest ``keep_last_n`` records; return how many were deleted.
+
+        This is the raw, record-level operation. :class:`~playbooks.checkpoints.CheckpointManager`
+        prunes with knowledge of which records a kept snapshot still needs; prefer it.
+        """
+        if keep_last_n < 0:
+            raise ValueError("keep_last_n must be >= 0")
+        ids = await self.list_checkpoints(execution_id)
+        doomed = ids[: max(0, len(ids) - keep_last_n)]
+        deleted = 0
+        for cid in doomed:
+            deleted += bool(await self.delete_checkpoint(cid))
+        return deleted
+
+    async def close(self) -> None:
+        """Release connections or handles; the default does nothing."""

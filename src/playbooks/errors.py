@@ -1,0 +1,100 @@
+"""The exceptions of playbooks, split at one boundary.
+
+* :class:`LLMCodeError` and its subclasses are errors *in the code the LLM wrote*: a syntax error, an
+  exception raised by a statement. The caller shows them to the LLM (they carry the statement, its line
+  and column in the whole response, and the executed prefix) and may ask for a fix.
+* :class:`InterpreterError` and its subclasses are errors *of the interpreter or its storage*: a corrupt
+  or unwritable checkpoint, a replay that diverged from the journal, a run locked by another process.
+  They are bugs or outages; showing them to the LLM would not help.
+"""
+
+from __future__ import annotations
+
+
+class PlaybooksError(Exception):
+    """Base class of every exception raised by playbooks."""
+
+
+class LLMCodeError(PlaybooksError):
+    """Raised when the LLM's code fails; carries where it failed and what had already run.
+
+    ``statement`` is the failing statement's source, ``lineno``/``col_offset`` its position in the whole
+    LLM response (1-based line, 0-based column, in characters), and ``executed_code`` the prefix of the
+    code that ran successfully before it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        statement: str = "",
+        lineno: int | None = None,
+        col_offset: int | None = None,
+        executed_code: str = "",
+        traceback_text: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.statement = statement
+        self.lineno = lineno
+        self.col_offset = col_offset
+        self.executed_code = executed_code
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        where = f"line {self.lineno}" if self.lineno is not None else "unknown line"
+        if self.col_offset is not None:
+            where += f", column {self.col_offset}"
+        return f"{self.message} ({where} of the LLM response)"
+
+
+class CodeSyntaxError(LLMCodeError):
+    """Raised as soon as a complete statement of the LLM's code does not compile."""
+
+
+class CodeExecutionError(LLMCodeError):
+    """Raised when a statement of the LLM's code raises; ``__cause__`` is the original exception."""
+
+
+class InterpreterError(PlaybooksError):
+    """Base class of errors of the interpreter or its storage, not of the LLM's code."""
+
+
+class ExecutorStateError(InterpreterError):
+    """Raised when the executor is used out of order (for example ``add_chunk`` after ``finalize``)."""
+
+
+class CheckpointError(InterpreterError):
+    """Base class of checkpoint failures; an earlier checkpoint is always left intact."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Raised when a checkpoint cannot be written (disk full, permission denied, ...)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """Raised when a stored checkpoint fails its format or checksum check; it is never unpickled."""
+
+
+class CheckpointTamperedError(CheckpointCorruptError):
+    """Raised when a checkpoint's HMAC does not match the configured key; it is never unpickled."""
+
+
+class CheckpointTooLargeError(CheckpointError):
+    """Raised when a checkpoint would exceed ``max_checkpoint_size_mb``; names the largest variables."""
+
+
+class UnpicklableValueError(CheckpointError):
+    """Raised under the ``strict`` policy when a variable cannot be pickled; names it and its type."""
+
+
+class ExecutionLockedError(InterpreterError):
+    """Raised when another live process already runs (holds the lock of) the same execution id."""
+
+
+class NonDeterminismError(InterpreterError):
+    """Raised when a replayed durable call differs (name or arguments) from the one in the journal."""
+
+
+class UnrestoredValueError(PlaybooksError, NameError):
+    """Raised when LLM code uses a variable that was left out of a checkpoint and so was not restored."""
