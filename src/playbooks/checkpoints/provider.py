@@ -4,7 +4,7 @@ A provider stores opaque, already-encoded checkpoint records (bytes) under ids o
 ``{execution_id}_ckpt_{n}``, where ``n`` is a counter that only grows. Integrity (format version,
 checksum, HMAC) and meaning are the manager's business, so a provider is a small, dumb, atomic store:
 
-* ``save_checkpoint`` is atomic: a reader sees the old state or the new record, never a torn one, and a
+* ``save_checkpoint`` is atomic (see its ``sync`` flag for durability): a reader sees the old state or the new record, never a torn one, and a
   failure raises :class:`~playbooks.errors.CheckpointWriteError` leaving earlier records intact.
 * ``list_checkpoints`` returns ids in ascending counter order (numeric, so ``_ckpt_10`` follows ``_ckpt_9``).
 * ``acquire_lock`` gives one process at a time the right to write an execution; a lock held by a process
@@ -62,8 +62,17 @@ class CheckpointProvider(abc.ABC):
     """Async storage of encoded checkpoint records; see the module docstring for the contract."""
 
     @abc.abstractmethod
-    async def save_checkpoint(self, checkpoint_id: str, data: bytes) -> None:
-        """Store ``data`` under ``checkpoint_id`` atomically (replacing a record of the same id)."""
+    async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
+        """Store ``data`` under ``checkpoint_id`` atomically (replacing a record of the same id).
+
+        With ``sync=True`` the record, and every record saved before it with ``sync=False``, is on
+        stable storage when this returns (fsync). With ``sync=False`` it survives the death of this
+        process (it is in the OS) but may be lost by a power failure until the next synced save or
+        :meth:`sync`; the manager uses that for records whose loss costs only a report.
+        """
+
+    async def sync(self, execution_id: str) -> None:
+        """Make every record of ``execution_id`` saved with ``sync=False`` durable; default: nothing."""
 
     @abc.abstractmethod
     async def load_checkpoint(self, checkpoint_id: str) -> bytes | None:
