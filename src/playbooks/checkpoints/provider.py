@@ -9,6 +9,9 @@ checksum, HMAC) and meaning are the manager's business, so a provider is a small
 * ``list_checkpoints`` returns ids in ascending counter order (numeric, so ``_ckpt_10`` follows ``_ckpt_9``).
 * ``acquire_lock`` gives one process at a time the right to write an execution; a lock held by a process
   that died is free again.
+* Ids are canonical: a method given a checkpoint id that is not exactly ``checkpoint_id(e, n)`` for some
+  execution id ``e`` and counter ``n`` (say ``x_ckpt_01``) raises ``ValueError``, as does an execution id
+  the provider cannot store (the filesystem provider refuses path separators and a leading dot).
 
 Third-party providers register a class in the ``playbooks.checkpoint_providers`` entry-point group.
 """
@@ -65,10 +68,11 @@ class CheckpointProvider(abc.ABC):
     async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
         """Store ``data`` under ``checkpoint_id`` atomically (replacing a record of the same id).
 
-        With ``sync=True`` the record, and every record saved before it with ``sync=False``, is on
-        stable storage when this returns (fsync). With ``sync=False`` it survives the death of this
-        process (it is in the OS) but may be lost by a power failure until the next synced save or
-        :meth:`sync`; the manager uses that for records whose loss costs only a report.
+        With ``sync=True`` the record, and every record of the same execution saved before it with
+        ``sync=False``, is on stable storage when this returns (fsync). With ``sync=False`` it
+        survives the death of this process (it is in the OS) but may be lost by a power failure until
+        the next synced save or :meth:`sync`; the manager uses that for records whose loss costs only
+        a report.
         """
 
     async def sync(self, execution_id: str) -> None:
@@ -110,4 +114,8 @@ class CheckpointProvider(abc.ABC):
         return deleted
 
     async def close(self) -> None:
-        """Release connections or handles; the default does nothing."""
+        """Release connections or handles, and every lock still held through this provider.
+
+        The default does nothing. It does not :meth:`sync`; records saved with ``sync=False`` keep their
+        weaker guarantee.
+        """

@@ -1,0 +1,452 @@
+"""A checkpoint provider backed by one SQLite file: the embedded choice for many runs on one machine.
+
+Theory of operation
+-------------------
+*Storage.* Table ``checkpoints(execution_id, counter, data)`` with primary key ``(execution_id,
+counter)``; each save is one ``INSERT OR REPLACE`` statement in autocommit mode, so it is atomic. The
+database runs in WAL mode: readers never block the writer, and a commit is one append to the ``-wal``
+file.
+
+*Durability.* In WAL mode SQLite's ``synchronous`` setting decides whether a commit fsyncs the WAL.
+A save with ``sync=True`` runs with ``PRAGMA synchronous=FULL``: the WAL is fsynced at commit, so the
+record is on stable storage when the call returns. A save with ``sync=False`` runs with
+``synchronous=NORMAL``: the commit is written to the WAL but not fsynced, so it survives the death of the
+process (it is in the OS) but not necessarily a power failure. The WAL is an append-only file replayed in
+order, so the fsync of a later ``FULL`` commit also makes every earlier ``NORMAL`` commit durable; that
+is how a ``sync=True`` save covers the ``sync=False`` records before it. :meth:`sync` does the same when
+needed by committing a tiny row to the ``meta`` table with ``FULL``. (A WAL checkpoint, which copies the
+WAL into the main file, also syncs, but SQLite may skip it while readers are active, so it is no
+guarantee.) Switching the pragma costs no I/O and is done only when the mode changes.
+
+*Locks.* Table ``locks(execution_id, pid, hostname, acquired_at, process_token)``. A row whose process is
+dead on this host is stale and is taken over (with a logged warning). "Dead" means: no such pid, a
+zombie, or, on Linux, a pid whose ``process_token`` (boot id and start time from ``/proc``) differs from
+the one recorded, which catches pids reused after a reboot or a long run. A row held on another host is
+never taken over automatically, since its liveness cannot be checked from here; the error says how to
+clear it.
+
+*Threads and blocking.* One connection per provider, opened lazily on first use and used from the
+thread that opened it (the event loop's thread). Statements run inline: SQLite calls for records of
+ordinary size take microseconds plus the fsync, and a thread hop would cost more than it saves.
+Writers in other processes are waited for up to ``timeout`` seconds.
+
+The file and its ``-wal``/``-shm`` companions are created with mode 0600 (SQLite gives the companions
+the main file's mode), and a missing parent folder with mode 0700.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import time
+
+from playbooks.checkpoints.provider import (
+    CheckpointProvider,
+    ExecutionLock,
+    checkpoint_id,
+    parse_checkpoint_id,
+)
+from playbooks.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointWriteError,
+    ExecutionLockedError,
+)
+
+__all__ = ("SQLiteCheckpointProvider",)
+
+_log = logging.getLogger(__name__)
+
+_SCHEMA_VERSION = 1
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        execution_id TEXT NOT NULL,
+        counter INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (execution_id, counter)
+    )""",
+    """CREATE TABLE IF NOT EXISTS locks (
+        execution_id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        hostname TEXT NOT NULL,
+        acquired_at REAL NOT NULL,
+        process_token TEXT
+    )""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
+)
+_MAX_COUNTER = 2**63 - 1  # SQLite INTEGER is a signed 64-bit value
+
+_SQLITE_WORDS = {
+    "SQLITE_FULL": "disk full",
+    "SQLITE_READONLY": "the database is read-only (check the file's permissions)",
+    "SQLITE_PERM": "permission denied",
+    "SQLITE_CANTOPEN": "cannot open the database file (missing folder or permission denied)",
+    "SQLITE_IOERR": "I/O error from the storage device",
+    "SQLITE_BUSY": "another process held the database's write lock longer than the timeout",
+    "SQLITE_LOCKED": "the database is locked by another connection of this process",
+    "SQLITE_CORRUPT": "the database file is corrupt",
+    "SQLITE_NOTADB": "the file is not a SQLite database",
+}
+
+
+def _describe(exc: BaseException) -> str:
+    """Say what went wrong in plain words, with SQLite's error name: 'disk full (SQLITE_FULL: ...)'."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} (errno {exc.errno})"
+    name = getattr(exc, "sqlite_errorname", None)
+    if not isinstance(name, str):
+        return str(exc)
+    base = "_".join(name.split("_")[:2])  # SQLITE_IOERR_FSYNC -> SQLITE_IOERR
+    words = _SQLITE_WORDS.get(base)
+    return f"{words} ({name}: {exc})" if words else f"{exc} ({name})"
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "")
+    return isinstance(name, str) and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+def _split(cid: str) -> tuple[str, int]:
+    """Parse ``cid``; reject non-canonical spellings (``x_ckpt_01``) and counters SQLite cannot store."""
+    execution_id, counter = parse_checkpoint_id(cid)
+    if checkpoint_id(execution_id, counter) != cid:
+        raise ValueError(f"not a canonical checkpoint id: {cid!r}")
+    if counter > _MAX_COUNTER:
+        raise ValueError(f"checkpoint counter too large for SQLite (max {_MAX_COUNTER}): {cid!r}")
+    return execution_id, counter
+
+
+def _process_info(pid: int) -> tuple[str, str] | None:
+    """Return ``(state, token)`` of ``pid`` from Linux ``/proc``; ``None`` elsewhere or if it is gone.
+
+    ``token`` is ``"{boot_id}:{start time in clock ticks}"``, which names one process uniquely across
+    pid reuse and reboots.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot_id = f.read().strip().decode("ascii", "replace")
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) < 20:
+        return None
+    return fields[0].decode("ascii", "replace"), f"{boot_id}:{fields[19].decode('ascii', 'replace')}"
+
+
+def _pid_is_alive(pid: int, token: str | None) -> bool:
+    """Whether ``pid`` on this host is still the live process that recorded ``token``."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    info = _process_info(pid)
+    if info is None:
+        return True  # no /proc (or it vanished just now): trust kill(0)
+    state, current = info
+    if state == "Z":
+        return False  # a zombie has exited; it will never release anything
+    return token is None or token == current
+
+
+class _SQLiteLock(ExecutionLock):
+    """A row of the ``locks`` table owned by this process."""
+
+    def __init__(self, execution_id: str, owner: SQLiteCheckpointProvider, acquired_at: float) -> None:
+        self.execution_id = execution_id
+        self._owner = owner
+        self._acquired_at = acquired_at
+        self._released = False
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._owner._release(self)
+
+
+class SQLiteCheckpointProvider(CheckpointProvider):
+    """Records in one SQLite database file; see the module docstring for durability and locking.
+
+    ``timeout`` is how long (seconds) a write waits for another process's write to finish.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = ".checkpoints/checkpoints.sqlite3",
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        raw = os.fspath(path)
+        self._path = raw if raw == ":memory:" else os.path.abspath(raw)
+        self._timeout = timeout
+        self._conn: sqlite3.Connection | None = None
+        self._synchronous = ""
+        self._unsynced = False  # a sync=False commit has not been covered by a FULL commit yet
+        self._locks: set[_SQLiteLock] = set()
+        self._hostname = socket.gethostname()
+
+    @property
+    def path(self) -> str:
+        """The absolute path of the database file."""
+        return self._path
+
+    def _connection(self) -> sqlite3.Connection:
+        """Return the connection, opening and initialising the database on first use."""
+        if self._conn is None:
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        if self._path != ":memory:":
+            self._create_file()
+        conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode != "wal" and self._path != ":memory:":
+                _log.warning(
+                    "checkpoint database %s cannot use WAL mode (got %r); writes will block readers",
+                    self._path,
+                    mode,
+                )
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._synchronous = "NORMAL"
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > _SCHEMA_VERSION:
+                raise CheckpointError(
+                    f"checkpoint database {self._path} has schema version {version}, newer than this "
+                    f"playbooks understands ({_SCHEMA_VERSION}); upgrade playbooks"
+                )
+            if version < _SCHEMA_VERSION:
+                # Statement by statement (executescript would commit the transaction first), so that
+                # two processes creating the same database do not interleave.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _create_file(self) -> None:
+        """Create the database file with mode 0600 (and its folder with 0700) before SQLite opens it."""
+        folder = os.path.dirname(self._path)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        os.close(fd)
+        dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(dir_fd)  # the new file's name must survive a power failure too
+        finally:
+            os.close(dir_fd)
+
+    def _set_synchronous(self, conn: sqlite3.Connection, mode: str) -> None:
+        if self._synchronous != mode:
+            conn.execute(f"PRAGMA synchronous={mode}")
+            self._synchronous = mode
+
+    def _read_error(self, exc: sqlite3.Error | OSError) -> CheckpointError:
+        message = f"cannot read checkpoint database {self._path}: {_describe(exc)}"
+        if isinstance(exc, sqlite3.Error) and _is_corruption(exc):
+            return CheckpointCorruptError(message)
+        return CheckpointError(message)
+
+    async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
+        execution_id, counter = _split(checkpoint_id)
+        try:
+            conn = self._connection()
+            self._set_synchronous(conn, "FULL" if sync else "NORMAL")
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints (execution_id, counter, data) VALUES (?, ?, ?)",
+                (execution_id, counter, data),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {checkpoint_id!r} to {self._path}: {_describe(exc)}; "
+                "earlier checkpoints are intact"
+            ) from exc
+        self._unsynced = not sync
+
+    async def sync(self, execution_id: str) -> None:
+        """Make every ``sync=False`` save of this provider durable with one fsynced commit."""
+        if not self._unsynced:
+            return
+        try:
+            conn = self._connection()
+            self._set_synchronous(conn, "FULL")
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_sync', ?)", (time.time(),)
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise CheckpointWriteError(
+                f"cannot flush checkpoints of {execution_id!r} in {self._path}: {_describe(exc)}"
+            ) from exc
+        self._unsynced = False
+
+    async def load_checkpoint(self, checkpoint_id: str) -> bytes | None:
+        execution_id, counter = _split(checkpoint_id)
+        try:
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT data FROM checkpoints WHERE execution_id = ? AND counter = ?",
+                    (execution_id, counter),
+                )
+                .fetchone()
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise self._read_error(exc) from exc
+        return None if row is None else bytes(row[0])
+
+    async def list_checkpoints(self, execution_id: str) -> list[str]:
+        try:
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT counter FROM checkpoints WHERE execution_id = ? ORDER BY counter",
+                    (execution_id,),
+                )
+                .fetchall()
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise self._read_error(exc) from exc
+        return [checkpoint_id(execution_id, counter) for (counter,) in rows]
+
+    async def delete_checkpoint(self, checkpoint_id: str) -> bool:
+        execution_id, counter = _split(checkpoint_id)
+        try:
+            cursor = self._connection().execute(
+                "DELETE FROM checkpoints WHERE execution_id = ? AND counter = ?",
+                (execution_id, counter),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise CheckpointWriteError(
+                f"cannot delete checkpoint {checkpoint_id!r} from {self._path}: {_describe(exc)}"
+            ) from exc
+        return cursor.rowcount > 0
+
+    async def list_executions(self) -> list[str]:
+        try:
+            rows = self._connection().execute("SELECT DISTINCT execution_id FROM checkpoints").fetchall()
+        except (sqlite3.Error, OSError) as exc:
+            raise self._read_error(exc) from exc
+        return sorted(execution_id for (execution_id,) in rows)
+
+    async def acquire_lock(self, execution_id: str) -> ExecutionLock:
+        """Insert this process's row in ``locks``, taking over a row whose process is dead."""
+        if not execution_id:
+            raise ValueError("execution id must not be empty")
+        pid = os.getpid()
+        info = _process_info(pid)
+        token = info[1] if info is not None else None
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT pid, hostname, acquired_at, process_token FROM locks WHERE execution_id = ?",
+                    (execution_id,),
+                ).fetchone()
+                if row is not None:
+                    self._check_holder(execution_id, token, *row)
+                acquired_at = time.time()
+                conn.execute(
+                    "INSERT OR REPLACE INTO locks (execution_id, pid, hostname, acquired_at, process_token)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (execution_id, pid, self._hostname, acquired_at, token),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            raise CheckpointWriteError(
+                f"cannot take the lock of {execution_id!r} in {self._path}: {_describe(exc)}"
+            ) from exc
+        lock = _SQLiteLock(execution_id, self, acquired_at)
+        self._locks.add(lock)
+        return lock
+
+    def _check_holder(
+        self,
+        execution_id: str,
+        own_token: str | None,
+        pid: int,
+        hostname: str,
+        acquired_at: float,
+        token: str | None,
+    ) -> None:
+        """Raise :class:`ExecutionLockedError` unless the recorded holder is a dead process on this host."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(acquired_at))
+        if hostname != self._hostname:
+            raise ExecutionLockedError(
+                f"execution {execution_id!r} is locked by process {pid} on host {hostname!r} "
+                f"(since {since}); its liveness cannot be checked from {self._hostname!r}. If that "
+                f"process is gone, delete its row: DELETE FROM locks WHERE execution_id = "
+                f"'{execution_id}' in {self._path}"
+            )
+        if pid == os.getpid() and token == own_token:
+            raise ExecutionLockedError(
+                f"execution {execution_id!r} is locked by this process (pid {pid}, since {since}); "
+                "release that lock first"
+            )
+        if _pid_is_alive(pid, token):
+            raise ExecutionLockedError(
+                f"execution {execution_id!r} is already running in another process (pid {pid} on "
+                f"this host, since {since}); wait for it to finish or stop it (a dead holder's lock "
+                "is taken over automatically)"
+            )
+        _log.warning(
+            "taking over the lock of execution %r from process %d, which is no longer running "
+            "(held since %s)",
+            execution_id,
+            pid,
+            since,
+        )
+
+    def _release(self, lock: _SQLiteLock) -> None:
+        self._locks.discard(lock)
+        if self._conn is None:
+            return
+        try:
+            self._conn.execute(
+                "DELETE FROM locks WHERE execution_id = ? AND pid = ? AND hostname = ? AND acquired_at = ?",
+                (lock.execution_id, os.getpid(), self._hostname, lock._acquired_at),
+            )
+        except sqlite3.Error as exc:
+            raise CheckpointWriteError(
+                f"cannot release the lock of {lock.execution_id!r} in {self._path}: {_describe(exc)}"
+            ) from exc
+
+    async def close(self) -> None:
+        """Release every lock still held through this provider and close the connection.
+
+        Saves made with ``sync=False`` are not flushed: call :meth:`sync` first if they must survive
+        a power failure. The provider reopens the database if it is used again.
+        """
+        try:
+            for lock in list(self._locks):
+                await lock.release()
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+                self._synchronous = ""
