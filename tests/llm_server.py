@@ -1,0 +1,193 @@
+"""A real HTTP server speaking the OpenAI streaming protocol, scripted reply by reply, for the LLM tests.
+
+It runs ``http.server.ThreadingHTTPServer`` on 127.0.0.1 (port 0) in a background thread. Each POST is
+recorded (path, headers, JSON body) and answered by the next scripted :class:`Reply`; the last reply is
+repeated when the script runs out. Streams are sent with ``Transfer-Encoding: chunked``, one SSE event
+per HTTP chunk unless ``split`` asks to cut the body into chunks of a few bytes (cutting UTF-8
+characters and line ends apart).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """One scripted answer; build it with the functions below."""
+
+    kind: str
+    pieces: list[str] = field(default_factory=list)
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    split: int | None = None
+    done: bool = True
+    events: list[str] | None = None
+
+
+def stream(pieces: list[str], *, split: int | None = None, done: bool = True) -> Reply:
+    """A 200 event stream with one content delta per piece, then ``finish_reason`` and ``[DONE]``."""
+    return Reply("stream", pieces=pieces, split=split, done=done)
+
+
+def raw_events(events: list[str]) -> Reply:
+    """A 200 event stream sending these ``data:`` payloads as they are (no [DONE] added)."""
+    return Reply("stream", events=events, done=False)
+
+
+def status(code: int, body: Any = None, headers: dict[str, str] | None = None) -> Reply:
+    """An error status with a JSON (or bytes) body."""
+    data = body if isinstance(body, bytes) else json.dumps(body if body is not None else {}).encode()
+    return Reply("status", status=code, body=data, headers=headers or {})
+
+
+def drop_after(pieces: list[str]) -> Reply:
+    """Start a stream, send these content deltas, then close the connection without ending the body."""
+    return Reply("drop", pieces=pieces)
+
+
+def stall() -> Reply:
+    """Read the request and never answer (until the server stops)."""
+    return Reply("stall")
+
+
+def json_completion(text: str) -> Reply:
+    """A non-streamed ``application/json`` chat completion, as a server ignoring ``stream`` sends."""
+    body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+    return Reply("status", status=200, body=body.encode(), headers={"Content-Type": "application/json"})
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+def _event(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+def _delta(piece: str) -> bytes:
+    return _event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+
+
+class FakeOpenAIServer:
+    """Scripted OpenAI-compatible server; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+        self.requests: list[RecordedRequest] = []
+        self._script: list[Reply] = [stream(["ok"])]
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                raw = self.rfile.read(length)
+                server._record(self.path, dict(self.headers.items()), raw)
+                server._answer(self, server._next())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.scheme = "https" if tls is not None else "http"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}/v1"
+
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self._script = list(replies)
+
+    def _next(self) -> Reply:
+        with self._lock:
+            return self._script.pop(0) if len(self._script) > 1 else self._script[0]
+
+    def _record(self, path: str, headers: dict[str, str], raw: bytes) -> None:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {"<raw>": raw.decode("latin-1")}
+        with self._lock:
+            self.requests.append(RecordedRequest(path, {k.lower(): v for k, v in headers.items()}, body))
+
+    def _answer(self, handler: BaseHTTPRequestHandler, reply: Reply) -> None:
+        if reply.kind == "stall":
+            self.stopping.wait(10)
+            handler.close_connection = True
+            return
+        if reply.kind == "status":
+            handler.send_response(reply.status)
+            headers = {"Content-Type": "application/json", **reply.headers}
+            for name, value in headers.items():
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(reply.body)))
+            handler.end_headers()
+            handler.wfile.write(reply.body)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.end_headers()
+        events: list[bytes] = []
+        if reply.events is not None:
+            events += [_event(data) for data in reply.events]
+        else:
+            events.append(_event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}))
+            events += [_delta(piece) for piece in reply.pieces]
+        if reply.kind == "stream" and reply.done:
+            events.append(_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+            events.append(_event("[DONE]"))
+        if reply.split:
+            body = b"".join(events)
+            events = [body[i : i + reply.split] for i in range(0, len(body), reply.split)]
+        for data in events:
+            handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            handler.wfile.flush()
+        if reply.kind == "drop":
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        handler.wfile.write(b"0\r\n\r\n")
+        handler.wfile.flush()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
