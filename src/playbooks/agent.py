@@ -12,8 +12,11 @@ __all__ = ("Agent", "AgentLike")
 class AgentLike(Protocol):
     """Anything with an ``id`` and a mapping of ``tools`` can run LLM code."""
 
-    id: str
-    tools: Mapping[str, Callable[..., Any]]
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def tools(self) -> Mapping[str, Callable[..., Any]]: ...
 
 
 class Agent:

@@ -19,6 +19,7 @@ import itertools
 import linecache
 import traceback
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,8 @@ class StreamingPythonExecutor:
     ``agent`` is anything with ``.id`` and ``.tools``; each tool is bound in the namespace by name and
     every call to it goes through ``interceptor`` (by default one that numbers calls and gives them
     idempotency keys). ``namespace`` is shared with the caller if given, so state can carry over from
-    one LLM response to the next.
+    one LLM response to the next. ``on_statement`` is called with each statement just before it runs
+    (for progress displays and logs).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class StreamingPythonExecutor:
         *,
         namespace: dict[str, Any] | None = None,
         interceptor: ToolCallInterceptor | None = None,
+        on_statement: Callable[[Statement], None] | None = None,
     ) -> None:
         self.agent = agent
         self.namespace: dict[str, Any] = namespace if namespace is not None else {}
@@ -85,6 +88,7 @@ class StreamingPythonExecutor:
         self._statements_executed = 0
         self._error: LLMCodeError | None = None
         self._finalized = False
+        self._on_statement = on_statement
 
     # ----------------------------------------------------------------- input
 
@@ -191,15 +195,17 @@ class StreamingPythonExecutor:
             error.__cause__ = exc
             self._fail(error)
             raise error from exc
+        if self._on_statement is not None:
+            self._on_statement(statement)
         try:
             if code.co_flags & inspect.CO_COROUTINE:
                 await eval(code, self.namespace)
             else:
                 exec(code, self.namespace)
         except Exception as exc:
-            error = self._execution_error(exc, statement)
-            self._fail(error)
-            raise error from exc
+            failure = self._execution_error(exc, statement)
+            self._fail(failure)
+            raise failure from exc
         self._executed_offset = statement.end
         self._statements_executed += 1
 

@@ -1,0 +1,25 @@
+"""The ``playbooks`` command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from playbooks.cli.exec_command import add_exec_parser
+
+__all__ = ("main",)
+
+EXIT_OK = 0
+EXIT_PROGRAM_ERROR = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code (0 ok, 1 the LLM's code failed, 2 usage)."""
+    parser = argparse.ArgumentParser(prog="playbooks", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_exec_parser(commands)
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+

@@ -1,0 +1,90 @@
+"""``playbooks exec``: stream a recorded LLM response through the executor and show what runs.
+
+The response is fed in small chunks, as an LLM would stream it; each statement is printed when it
+starts running, so one can watch code run while the rest of the response is still "arriving".
+Tools come from a Python file that defines a ``TOOLS`` mapping of name to callable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import runpy
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from playbooks.agent import Agent
+from playbooks.errors import LLMCodeError
+from playbooks.execution.statement_splitter import Statement
+from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
+
+__all__ = ("add_exec_parser",)
+
+
+def add_exec_parser(commands: Any) -> None:
+    """Register the ``exec`` sub-command on an argparse sub-parsers object."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "exec", help="stream a recorded LLM response through the executor"
+    )
+    parser.add_argument("response", type=Path, help="a text/Markdown file holding the LLM response")
+    parser.add_argument("--tools", type=Path, help="a Python file defining TOOLS = {name: callable}")
+    parser.add_argument("--agent-id", default="demo", help="agent id (default: demo)")
+    parser.add_argument("--chunk-size", type=int, default=6, help="largest chunk, in characters")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait between chunks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random chunking")
+    parser.set_defaults(handler=_run)
+
+
+def _load_tools(path: Path | None) -> Mapping[str, Callable[..., Any]]:
+    if path is None:
+        return {}
+    tools = runpy.run_path(str(path)).get("TOOLS")
+    if not isinstance(tools, Mapping):
+        raise SystemExit(f"playbooks exec: {path} must define TOOLS = {{name: callable}}")
+    return tools
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        text = args.response.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"playbooks exec: cannot read {args.response}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if args.chunk_size < 1:
+        print("playbooks exec: --chunk-size must be at least 1", file=sys.stderr)
+        return 2
+    agent = Agent(args.agent_id, tools=_load_tools(args.tools))
+    return anyio.run(_stream, agent, text, args)
+
+
+def _show(statement: Statement) -> None:
+    first = statement.source.splitlines()[0] if statement.source else ""
+    more = " ..." if "\n" in statement.source else ""
+    print(f"  \u25b6 line {statement.lineno:>3}: {first}{more}", flush=True)
+
+
+async def _stream(agent: Agent, text: str, args: argparse.Namespace) -> int:
+    executor = StreamingPythonExecutor(agent, on_statement=_show)
+    rng = random.Random(args.seed)
+    position = 0
+    try:
+        while position < len(text):
+            size = rng.randint(1, args.chunk_size)
+            await executor.add_chunk(text[position : position + size])
+            position += size
+            if args.delay:
+                await anyio.sleep(args.delay)
+    except LLMCodeError:
+        pass  # reported from the result below
+    result = await executor.finalize()
+    print(f"ran {result.statements_executed} statements from {len(text)} characters")
+    if result.error is not None:
+        print(f"error: {result.error}", file=sys.stderr)
+        if result.error.traceback_text:
+            print(result.error.traceback_text, file=sys.stderr, end="")
+        return 1
+    return 0

@@ -1,0 +1,48 @@
+"""The `playbooks exec` main job, run as a real subprocess like the README does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "playbooks.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_exec_streams_the_example_and_runs_every_statement() -> None:
+    proc = _run("exec", "examples/order_totals.md", "--tools", "examples/order_tools.py", "--chunk-size", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 open orders, total after discounts: 413.00" in proc.stdout
+    assert "[notify] Largest open order: #104 (300.00)" in proc.stdout
+    assert "ran 6 statements" in proc.stdout
+    # each statement is announced before its own output, in order
+    assert proc.stdout.index("line  11: print(") < proc.stdout.index("3 open orders")
+
+
+def test_exec_reports_an_error_in_the_llm_code_with_its_line(tmp_path: Path) -> None:
+    response = tmp_path / "bad.md"
+    response.write_text("```python\nx = 1\ny = x / 0\nz = 3\n```\n", encoding="utf-8")
+    proc = _run("exec", str(response))
+    assert proc.returncode == 1
+    assert "ZeroDivisionError" in proc.stderr
+    assert "line 3" in proc.stderr
+    assert "y = x / 0" in proc.stderr  # the LLM's own line, through linecache
+    assert "ran 1 statements" in proc.stdout
+
+
+def test_exec_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert _run("exec", str(tmp_path / "missing.md")).returncode == 2
+    assert _run("nonsense").returncode == 2
