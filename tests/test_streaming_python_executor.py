@@ -31,7 +31,7 @@ def chunks_of(text: str, mode: str) -> list[str]:
         return [text]
     if mode == "char":
         return list(text)
-    rng = random.Random(hash(text) & 0xFFFF)
+    rng = random.Random(len(text) * 7919 + sum(map(ord, text)))
     out, i = [], 0
     while i < len(text):
         n = rng.randint(1, 7)
@@ -72,7 +72,7 @@ async def test_statement_runs_as_soon_as_complete(mode):
     assert log == [1, 2]
     res = await ex.finalize()
     assert res.success and res.statements_executed == 2
-    assert res.executed_code == first + second
+    assert res.executed_code == (first + second).rstrip("\n")  # ends at the statement's end
 
 
 async def test_statement_after_indented_block_newline_chunks():
@@ -131,8 +131,8 @@ async def test_syntax_error_midstream(mode):
     res = await ex.finalize()
     assert res.success is False
     assert res.error is err
-    assert res.executed_code == good
-    assert err.executed_code == good
+    assert res.executed_code == good.rstrip("\n")
+    assert err.executed_code == good.rstrip("\n")
     assert res.response == good + bad + later
 
 
@@ -168,7 +168,7 @@ async def test_runtime_error(mode):
     assert log == [1]
     res = await ex.finalize()
     assert not res.success and res.error is err
-    assert res.executed_code == "Note(1)\n"
+    assert res.executed_code == "Note(1)"
     assert "y" not in ex.namespace
 
 
@@ -187,7 +187,7 @@ async def test_runtime_error_inside_llm_defined_function(mode):
     with pytest.raises(CodeExecutionError) as info:
         await feed_all(ex, text, mode)
     err = info.value
-    assert err.lineno == 3  # the line in the function, in the whole response
+    assert err.lineno == 3  # the failing line inside the LLM's function
     assert err.statement == "f(1)"
     assert isinstance(err.__cause__, ValueError)
     assert "raise ValueError('boom ' + str(w))" in err.traceback_text
@@ -195,7 +195,23 @@ async def test_runtime_error_inside_llm_defined_function(mode):
     assert log == ["defined"]
     res = await ex.finalize()
     assert not res.success
-    assert res.executed_code == text[: text.index("f(1)")]
+    assert res.executed_code == text[: text.index("f(1)") - 1]
+
+
+async def test_runtime_error_inside_llm_function_lineno_is_failing_line():
+    ex = make()
+    text = "def f(v):\n    w = v + 1\n    raise ValueError(w)\nx = 0\nf(1)\n"
+    with pytest.raises(CodeExecutionError) as info:
+        await ex.add_chunk(text)
+    assert info.value.lineno == 3
+
+
+async def test_multiline_statement_lineno_is_failing_line():
+    ex = make()
+    with pytest.raises(CodeExecutionError) as info:
+        await ex.add_chunk("a = 1\nb = [\n    1,\n    1 / 0,\n]\n")
+    assert info.value.lineno == 4
+    assert info.value.statement.startswith("b = [")
 
 
 async def test_runtime_error_in_tool_has_lineno_of_call():
@@ -436,7 +452,7 @@ async def test_set_llm_response_then_finalize(mode):
     res = await ex.finalize()
     assert res.success
     assert log == [1, 2, "a", "b"]
-    assert res.response == full and res.executed_code == full
+    assert res.response == full and res.executed_code == full.rstrip("\n")
 
 
 async def test_set_llm_response_with_error_in_remainder():
@@ -481,6 +497,7 @@ async def test_error_hierarchy():
     assert issubclass(ExecutorStateError, PlaybooksError)
     assert not issubclass(ExecutorStateError, LLMCodeError)
     ex = make()
+    await ex.add_chunk("a = 1\n")
     with pytest.raises(LLMCodeError):
         await ex.add_chunk("x = )\n")
     ex2 = make()

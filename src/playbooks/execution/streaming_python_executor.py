@@ -219,8 +219,11 @@ class StreamingPythonExecutor:
         while tb is not None and tb.tb_frame.f_code.co_filename != self.filename:
             tb = tb.tb_next
         lineno = statement.lineno
-        if tb is not None:
-            lineno = tb.tb_lineno
+        frame = tb
+        while frame is not None:  # the innermost frame of the LLM's own code is where it failed
+            if frame.tb_frame.f_code.co_filename == self.filename:
+                lineno = frame.tb_lineno
+            frame = frame.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb))
         return CodeExecutionError(
             f"{type(exc).__name__}: {exc}",
