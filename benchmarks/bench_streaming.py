@@ -187,9 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller executor run")
     parser.add_argument("--chunk-size", type=int, default=4, help="characters per fed chunk (default 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 7, 2 with --quick)")
     args = parser.parse_args(argv)
 
-    repeats = 2 if args.quick else 5
+    repeats = args.repeats or (2 if args.quick else 7)
     statements = 500 if args.quick else 2000
 
     print(f"python {platform.python_version()} ({platform.python_implementation()}), "
