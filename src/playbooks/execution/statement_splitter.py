@@ -134,6 +134,7 @@ class StatementSplitter:
         self._seg_decorators_only = False
         self._parts: list[str] = []
         self._part_start = 0  # index in _tail where the not-yet-saved part of the segment starts
+        self._after_cr = False  # the last character consumed was a CR (its LF may come next chunk)
         self._rewound = False  # set when a failed first segment sent the scanner back as prose
 
     # ----------------------------------------------------------------- public API
@@ -210,7 +211,15 @@ class StatementSplitter:
                 return
 
     def _advance(self, new_pos: int) -> None:
-        self._line += _count_breaks(self._tail, self._pos, new_pos)
+        tail, pos = self._tail, self._pos
+        if new_pos <= pos:
+            self._pos = new_pos
+            return
+        breaks = _count_breaks(tail, pos, new_pos)
+        if self._after_cr and tail[pos] == "\n":  # the LF of a CRLF cut by a chunk boundary
+            breaks -= 1
+        self._line += breaks
+        self._after_cr = tail[new_pos - 1] == "\r"
         self._pos = new_pos
 
     def _scan_line_start(self, eof: bool) -> bool:
@@ -589,6 +598,7 @@ class StatementSplitter:
         self._pos = 0
         self._part_start = 0
         self._line = seg_line + (1 if m is not None else 0)
+        self._after_cr = False
         self._mode = "prose"
         self._state = "prose_line"
         self._rewound = True
