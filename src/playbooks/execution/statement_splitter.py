@@ -229,7 +229,9 @@ class StatementSplitter:
         indent_end = _INDENT.match(tail, start)
         q = indent_end.end() if indent_end else start
         if q >= len(tail):
-            return False if not eof else self._finish_at(len(tail))
+            if eof:
+                self._advance(len(tail))
+            return False
         ch = tail[q]
         if ch in "\r\n":  # blank line
             return self._take_line_break(q, eof)
@@ -259,10 +261,6 @@ class StatementSplitter:
         self._state = "code"
         return True
 
-    def _finish_at(self, end: int) -> bool:
-        self._advance(end)
-        return False
-
     def _take_line_break(self, i: int, eof: bool) -> bool:
         """Consume the blank-line break at ``i`` (waiting if a CR might be followed by LF)."""
         tail = self._tail
@@ -278,8 +276,6 @@ class StatementSplitter:
             m = _CODE_SPECIAL.search(tail, self._pos)
             if m is None:
                 self._advance(len(tail))
-                if eof:
-                    return False
                 return False
             i = m.start()
             ch = tail[i]
