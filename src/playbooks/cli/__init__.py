@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 
 from playbooks.cli.exec_command import add_exec_parser
+from playbooks.cli.init_command import add_init_parser
+from playbooks.cli.run_command import add_run_parser
 
 __all__ = ("main",)
 
@@ -15,10 +17,13 @@ EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit code (0 ok, 1 the LLM's code failed, 2 usage)."""
+    """Run the command line; return the process exit code (0 ok, 1 the program or the LLM's code
+    failed, 2 usage or configuration error)."""
     parser = argparse.ArgumentParser(prog="playbooks", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_exec_parser(commands)
+    add_run_parser(commands)
+    add_init_parser(commands)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code

@@ -1,11 +1,13 @@
-"""Programs: ``.pb`` files of agents and their playbooks, parsed into plain records.
+"""Programs: ``.pb`` files of agents and their playbooks, and the runtime that runs them.
 
-``parse_program``/``load_program`` turn Markdown into a :class:`Program`; nothing here runs anything,
-so importing this package stays cheap.
+``parse_program``/``load_program`` turn Markdown into a :class:`Program` (plain records);
+:class:`ProgramRuntime` runs one, with an LLM writing the code of its natural-language playbooks.
 """
 
 from __future__ import annotations
 
+from playbooks.program.builtins import AgentMessage as AgentMessage
+from playbooks.program.builtins import playbook as playbook
 from playbooks.program.model import AgentSpec as AgentSpec
 from playbooks.program.model import CodeBlock as CodeBlock
 from playbooks.program.model import PlaybookSpec as PlaybookSpec
@@ -16,7 +18,16 @@ from playbooks.program.model import ProgramWarning as ProgramWarning
 from playbooks.program.model import Step as Step
 from playbooks.program.parser import load_program as load_program
 from playbooks.program.parser import parse_program as parse_program
+from playbooks.program.runtime import DeadlockError as DeadlockError
+from playbooks.program.runtime import PlaybookRunError as PlaybookRunError
+from playbooks.program.runtime import ProgramInputError as ProgramInputError
+from playbooks.program.runtime import ProgramIO as ProgramIO
+from playbooks.program.runtime import ProgramRuntime as ProgramRuntime
+from playbooks.program.runtime import RunEvent as RunEvent
+from playbooks.program.runtime import RunResult as RunResult
 
+# The runtime's names are importable from here too, but left out of ``__all__`` for now:
+# tests/test_parser.py pins ``__all__`` to the parser's names.
 __all__ = (
     "AgentSpec",
     "CodeBlock",

@@ -1,0 +1,281 @@
+"""``playbooks run``: run a ``.pb`` program, showing its progress as it goes.
+
+What the program says to the user (``Say("user", ...)``, ``AskUser`` questions) goes to standard output
+as it happens; progress (which playbook and step is running, messages between agents, and with
+``--verbose`` every LLM call and code statement) goes to standard error, one line per event.
+
+The LLM comes from the ``[model]`` table of ``playbooks.toml``. With the default ``replay`` provider the
+cassette is ``--cassette``, else ``model.cassette``, else ``<program>.cassette.json`` next to the
+program (``orders.pb`` -> ``orders.cassette.json``), so the examples run without a network.
+
+Exit codes: 0 the program finished; 1 the program failed (a ``.pb`` parse error, a playbook that
+failed, an LLM or cassette error); 2 a usage error (bad arguments, unreadable program file, bad
+configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from playbooks.config import Config, ConfigError, load_config
+from playbooks.errors import PlaybooksError
+from playbooks.llm import CassetteError, LLMProvider, create_llm_provider
+from playbooks.program import (
+    Program,
+    ProgramError,
+    ProgramParseError,
+    ProgramRuntime,
+    RunEvent,
+    load_program,
+)
+from playbooks.program.prompt import describe_value
+from playbooks.program.runtime import (
+    CodeFailed,
+    CodeStatement,
+    LLMCallStarted,
+    MessageSent,
+    PlaybookFinished,
+    PlaybookStarted,
+    Printed,
+    StepStarted,
+)
+
+__all__ = ("add_run_parser", "cassette_for", "make_provider")
+
+EXIT_OK = 0
+EXIT_PROGRAM_ERROR = 1
+EXIT_USAGE = 2
+
+
+def add_run_parser(commands: Any) -> None:
+    """Register the ``run`` sub-command on an argparse sub-parsers object."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "run",
+        help="run a .pb program",
+        description="Run a .pb program: its first agent's Main playbook (and every other agent's).",
+    )
+    parser.add_argument("program", type=Path, help="the .pb file to run")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="also show each LLM call and each code statement as it runs"
+    )
+    parser.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the LLM's code statement by statement while it streams (default); --no-stream waits "
+        "for the whole response before running it",
+    )
+    parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
+    parser.add_argument(
+        "--cassette",
+        type=Path,
+        help="cassette of recorded LLM responses for the replay provider (default: model.cassette, else "
+        "<program>.cassette.json next to the program)",
+    )
+    parser.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an argument of the first agent's Main (repeatable); VALUE is read as JSON when it parses, "
+        "else as a string",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="RUN_ID",
+        help="resume a killed run from its checkpoints (the latest run if RUN_ID is omitted)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="with --resume: resume even though the program changed"
+    )
+    parser.set_defaults(handler=_run)
+
+
+def _error(message: str) -> None:
+    print(f"playbooks run: {message}", file=sys.stderr, flush=True)
+
+
+def cassette_for(config: Config, program_path: Path, cassette: Path | None = None) -> Path:
+    """The cassette a replay (or record) run uses: ``cassette``, else ``model.cassette`` (relative to
+    the configuration file), else ``<program>.cassette.json`` next to the program."""
+    if cassette is not None:
+        return cassette
+    if config.model.cassette is not None:
+        return config.resolve_path(config.model.cassette)
+    return program_path.with_name(program_path.name.removesuffix(".pb") + ".cassette.json")
+
+
+def make_provider(config: Config, program_path: Path, cassette: Path | None = None) -> LLMProvider:
+    """Build the LLM provider the configuration names (``replay``, ``record`` or ``openai``).
+
+    Raises ``ValueError`` for an unknown provider and :class:`~playbooks.llm.CassetteError` for a
+    missing or malformed cassette.
+    """
+    model = config.model
+    remote: dict[str, Any] = {
+        "base_url": model.base_url,
+        "model": model.name,
+        "api_key": os.environ.get(model.api_key_env),
+    }
+    if model.provider == "replay":
+        return create_llm_provider("replay", cassette_path=cassette_for(config, program_path, cassette))
+    if model.provider == "record":
+        path = cassette_for(config, program_path, cassette)
+        return create_llm_provider("record", cassette_path=path, inner="openai", **remote)
+    if model.provider == "openai":
+        return create_llm_provider("openai", **remote)
+    raise ValueError(f"unknown model provider {model.provider!r} in [model] (expected replay, record or openai)")
+
+
+def _parse_args(pairs: list[str]) -> dict[str, Any] | None:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.isidentifier():
+            _error(f"--arg expects NAME=VALUE with NAME an identifier, got {pair!r}")
+            return None
+        try:
+            values[name] = json.loads(text)
+        except json.JSONDecodeError:
+            values[name] = text
+    return values
+
+
+class Progress:
+    """Line-based progress on standard error, one line per event.
+
+    Shown always: markdown playbooks starting and finishing, steps, messages between agents, failed
+    code. With ``verbose``: also python playbook calls, LLM calls, each code statement and what the
+    code prints. With ``agents`` (several agents) every line starts with ``[Agent]``.
+    """
+
+    def __init__(self, *, verbose: bool = False, agents: bool = False, stream: TextIO | None = None) -> None:
+        self.verbose = verbose
+        self.agents = agents
+        self.stream = stream
+        self._python: set[tuple[str, str]] = set()
+
+    def _line(self, agent: str, depth: int, text: str) -> None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        prefix = f"[{agent}] " if self.agents and agent else ""
+        stream.write(prefix + "  " * depth + text + "\n")
+        stream.flush()
+
+    def __call__(self, event: RunEvent) -> None:
+        if isinstance(event, PlaybookStarted):
+            if event.kind == "python":
+                self._python.add((event.agent, event.playbook))
+            if event.kind == "markdown" or self.verbose or event.depth == 0:
+                args = ", ".join(f"{name}={describe_value(value, 60)}" for name, value in event.args.items())
+                self._line(event.agent, event.depth, f"> {event.agent}.{event.playbook}({args})")
+        elif isinstance(event, PlaybookFinished):
+            name = f"{event.agent}.{event.playbook}"
+            if event.error is not None:
+                self._line(event.agent, event.depth, f"x {name} failed: {event.error}")
+            elif (event.agent, event.playbook) not in self._python or self.verbose or event.depth == 0:
+                self._line(event.agent, event.depth, f"< {name} returned {describe_value(event.value, 120)}")
+        elif isinstance(event, StepStarted):
+            text = event.text.splitlines()[0] if event.text else ""
+            if len(text) > 80:
+                text = text[:77] + "..."
+            self._line(event.agent, event.depth + 1, f"- step {event.step_id}" + (f": {text}" if text else ""))
+        elif isinstance(event, MessageSent):
+            self._line("", 0, f"@ {event.sender} -> {event.recipient}: {describe_value(event.message, 120)}")
+        elif isinstance(event, CodeFailed):
+            where = f"line {event.lineno}: " if event.lineno is not None else ""
+            then = "sent back to the LLM" if event.retries_left >= 0 else "no retries left"
+            self._line(event.agent, event.depth + 1, f"! code failed ({where}{event.message}); {then}")
+        elif not self.verbose:
+            return
+        elif isinstance(event, LLMCallStarted):
+            self._line(event.agent, event.depth + 1, f"~ LLM call {event.number} ({event.agent}.{event.playbook})")
+        elif isinstance(event, CodeStatement):
+            lines = event.source.splitlines() or [""]
+            more = " ..." if len(lines) > 1 else ""
+            self._line(event.agent, event.depth + 1, f"| {event.lineno:>3}: {lines[0]}{more}")
+        elif isinstance(event, Printed):
+            self._line(event.agent, event.depth + 1, f"| print: {event.text}")
+
+
+def _load(path: Path) -> Program | int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            program = load_program(path)
+        except ProgramParseError as exc:
+            _error(str(exc))
+            return EXIT_PROGRAM_ERROR
+        except ProgramError as exc:
+            _error(str(exc))
+            return EXIT_USAGE
+    for warning in caught:
+        where = f"{warning.filename}:{warning.lineno}: " if warning.filename else ""
+        print(f"playbooks run: warning: {where}{warning.message}", file=sys.stderr)
+    return program
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        _error("resume is not available yet")
+        return EXIT_USAGE
+    path: Path = args.program
+    if not path.is_file():
+        _error(f"cannot read program {str(path)!r}: " + ("it is a directory" if path.is_dir() else "no such file"))
+        return EXIT_USAGE
+    main_args = _parse_args(args.arg)
+    if main_args is None:
+        return EXIT_USAGE
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _error(f"configuration error: {exc}")
+        return EXIT_USAGE
+    loaded = _load(path)
+    if isinstance(loaded, int):
+        return loaded
+    program = loaded
+    try:
+        llm = make_provider(config, path, args.cassette)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except CassetteError as exc:
+        _error(f"{exc}\nTo record a cassette with playbooks run, set provider = \"record\" in the [model] table of "
+               "playbooks.toml (it needs an OpenAI-compatible endpoint).")
+        return EXIT_PROGRAM_ERROR
+    except PlaybooksError as exc:
+        _error(str(exc))
+        return EXIT_PROGRAM_ERROR
+    progress = Progress(verbose=args.verbose, agents=len(program.agents) > 1)
+    try:
+        runtime = ProgramRuntime(
+            program,
+            llm=llm,
+            on_event=progress,
+            temperature=config.model.temperature,
+            stream=args.stream,
+        )
+        result = anyio.run(_main, runtime, main_args)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except PlaybooksError as exc:
+        _error(f"error: {exc}")
+        return EXIT_PROGRAM_ERROR
+    print(f"done: {result.agent}.{result.playbook} finished after {result.llm_calls} LLM calls", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _main(runtime: ProgramRuntime, kwargs: dict[str, Any]) -> Any:
+    return await runtime.run(**kwargs)

@@ -1,0 +1,1019 @@
+"""The program runtime: run a parsed ``.pb`` program, playbook by playbook, with an LLM writing the code.
+
+Theory of operation
+-------------------
+Each agent of the program becomes a :class:`RuntimeAgent`: an object with the agent's *tools* (the
+built-ins of :mod:`playbooks.program.builtins`, ``print``, every playbook of the agent and the public
+playbooks of the other agents), the module globals its python blocks ran in, and an inbox.
+
+A run starts the first agent's start playbook (``Main``, or the first whose trigger says "at the
+beginning"), and at the same time the start playbook of every other agent that has one. The run ends
+when the first agent's start playbook has finished and every other agent has finished too or sits idle
+in ``WaitForMessage``; if the first agent waits for a message while every running agent waits too, the
+run fails with :class:`DeadlockError`.
+
+Calling a playbook (:meth:`ProgramRuntime._call_playbook`) makes a :class:`PlaybookFrame`:
+
+* a **python** playbook (an ``@playbook async def``) is awaited; its globals hold the same tools, so it
+  calls built-ins and other playbooks by name;
+* a **markdown** playbook is a conversation with the LLM (:meth:`ProgramRuntime._run_markdown`): each
+  response is streamed into a fresh :class:`~playbooks.execution.StreamingPythonExecutor` sharing the
+  frame's namespace, so its statements run while it streams. ``Return(value)`` ends the playbook; code
+  that ends without it gets a continuation message (calls, printed output, variables), a failing
+  statement gets an error message (``max_retries`` failures in a row are allowed), and at most
+  ``max_llm_calls`` responses are asked for.
+
+The frame being run is in a context variable, so a built-in knows which playbook called it. Every side
+effect goes through one small method: :meth:`ProgramRuntime._stream_llm` (LLM requests),
+:meth:`~ProgramRuntime._new_executor` (every executor), :meth:`~ProgramRuntime._write_output` (``Say``
+to the user), :meth:`~ProgramRuntime._read_input` (``AskUser``), :meth:`~ProgramRuntime._deliver` and
+:meth:`~ProgramRuntime._receive` (messages), :meth:`~ProgramRuntime._emit` (progress events). Every
+built-in and playbook call from LLM code is a tool call through the executor's interceptor.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import itertools
+import os
+import sys
+import traceback
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+
+from playbooks.errors import InterpreterError, LLMCodeError, PlaybooksError
+from playbooks.execution.statement_splitter import Statement
+from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
+from playbooks.execution.tool_calls import ToolCallInterceptor
+from playbooks.llm.base import LLMProvider, LLMRequest, Message
+from playbooks.program.builtins import AgentMessage, PlaybookReturn, make_builtins, playbook
+from playbooks.program.model import AgentSpec, PlaybookSpec, Program, ProgramError
+from playbooks.program.prompt import (
+    ResponseReport,
+    continuation_prompt,
+    describe_value,
+    error_prompt,
+    playbook_prompt,
+    system_prompt,
+)
+
+__all__ = (
+    "AgentHandle",
+    "CodeFailed",
+    "CodeStatement",
+    "DeadlockError",
+    "LLMCallStarted",
+    "MessageSent",
+    "PlaybookFinished",
+    "PlaybookFrame",
+    "PlaybookRunError",
+    "PlaybookStarted",
+    "Printed",
+    "ProgramIO",
+    "ProgramInputError",
+    "ProgramRuntime",
+    "RunEvent",
+    "RunResult",
+    "RuntimeAgent",
+    "Said",
+    "StepStarted",
+    "current_frame",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors.
+
+
+class PlaybookRunError(PlaybooksError):
+    """Raised when a playbook cannot finish: its LLM code kept failing, it made too many LLM calls, a
+    python playbook raised, or the agents' python code failed to load. ``agent``/``playbook`` say where
+    (``None`` when the failure is not tied to one)."""
+
+    def __init__(self, message: str, *, agent: str | None = None, playbook: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.agent = agent
+        self.playbook = playbook
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_run_error, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild_run_error(cls: type[PlaybookRunError], message: str, state: dict[str, Any]) -> PlaybookRunError:
+    error = cls(message)
+    error.__dict__.update(state)
+    return error
+
+
+class ProgramInputError(PlaybookRunError):
+    """Raised when ``AskUser`` needs a line but the input has ended."""
+
+
+class DeadlockError(PlaybookRunError):
+    """Raised when the first agent waits for a message that no running agent can send any more."""
+
+
+_FATAL: tuple[type[BaseException], ...] = (InterpreterError, PlaybookRunError)
+"""Errors that end the run even when raised inside LLM code: outages, set-up mistakes, failed playbooks."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Events.
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybookStarted:
+    """A playbook was called (``depth`` 0 for an agent's start playbook)."""
+
+    agent: str
+    playbook: str
+    kind: Literal["markdown", "python"]
+    args: Mapping[str, Any]
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybookFinished:
+    """A playbook returned ``value``, or failed with ``error`` (its message)."""
+
+    agent: str
+    playbook: str
+    depth: int
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted:
+    """``Step(step_id)`` was called; ``text`` is the step's text (empty when the playbook has no steps)."""
+
+    agent: str
+    playbook: str
+    step_id: str
+    text: str
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class Said:
+    """``Say("user", message)`` (or ``AskUser``'s question) was shown to the user."""
+
+    agent: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSent:
+    """A message went into ``recipient``'s inbox."""
+
+    sender: str
+    recipient: str
+    message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class LLMCallStarted:
+    """The ``number``-th LLM request (1-based) of a run of a markdown playbook is about to be sent."""
+
+    agent: str
+    playbook: str
+    number: int
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class CodeStatement:
+    """A statement of the LLM's code is about to run (``lineno`` in the LLM's response)."""
+
+    agent: str
+    playbook: str
+    lineno: int
+    source: str
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class CodeFailed:
+    """A statement of the LLM's code failed; the error goes back to the LLM if ``retries_left`` >= 0."""
+
+    agent: str
+    playbook: str
+    message: str
+    lineno: int | None
+    retries_left: int
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class Printed:
+    """LLM code printed ``text`` (it is reported to the LLM in the next message)."""
+
+    agent: str
+    playbook: str
+    text: str
+    depth: int
+
+
+RunEvent = (
+    PlaybookStarted
+    | PlaybookFinished
+    | StepStarted
+    | Said
+    | MessageSent
+    | LLMCallStarted
+    | CodeStatement
+    | CodeFailed
+    | Printed
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# User input and output.
+
+
+class ProgramIO:
+    """Where ``Say("user", ...)`` goes and where ``AskUser`` reads from.
+
+    ``output`` is called with each message (it may be async); by default messages are printed to
+    standard output. ``input`` is where answers come from: ``None`` reads lines from standard input; an
+    object with ``receive()`` (an anyio memory object stream) or ``get()`` (an ``asyncio.Queue``) is
+    awaited; a callable is called (and awaited if it returns an awaitable); any other iterable (a list
+    of answers, say) is consumed item by item. When the input ends, ``AskUser`` raises
+    :class:`ProgramInputError`.
+    """
+
+    def __init__(self, *, input: Any = None, output: Callable[[str], Any] | None = None) -> None:
+        self._input = input
+        self._iterator: Iterator[Any] | None = None
+        if input is not None and not (
+            hasattr(input, "receive") or hasattr(input, "get") or callable(input)
+        ):
+            if isinstance(input, (str, bytes)) or not isinstance(input, Iterable):
+                raise TypeError(f"ProgramIO input must be a queue, a stream, a callable or an iterable, got {input!r}")
+            self._iterator = iter(input)
+        self._output = output
+
+    async def say(self, message: str) -> None:
+        """Show ``message`` to the user."""
+        if self._output is None:
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
+            return
+        result = self._output(message)
+        if inspect.isawaitable(result):
+            await result
+
+    async def read_line(self) -> str:
+        """Return the user's next answer (without its line ending)."""
+        source = self._input
+        if self._iterator is not None:
+            try:
+                value = next(self._iterator)
+            except StopIteration:
+                raise ProgramInputError("AskUser: no more answers in the program's input") from None
+        elif source is None:
+            line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if not line:
+                raise ProgramInputError("AskUser: standard input ended before the user answered")
+            value = line
+        elif hasattr(source, "receive"):
+            try:
+                value = await source.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise ProgramInputError("AskUser: the input stream was closed") from None
+        elif hasattr(source, "get"):
+            value = await source.get()
+        else:
+            value = source()
+            if inspect.isawaitable(value):
+                value = await value
+        return str(value).rstrip("\r\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Agents and frames.
+
+
+class AgentHandle:
+    """``OtherAgent`` in LLM code and python playbooks: its public playbooks as attributes.
+
+    It holds only names: ``Other.Playbook`` resolves, at call time, to the tool ``"Other.Playbook"``
+    of the running frame's namespace (bound through its executor's interceptor) or, in python
+    playbooks, of the frame's agent. So a handle pickles as its names and never goes stale.
+    """
+
+    def __init__(self, name: str, public: Iterable[str] = ()) -> None:
+        self._name = name
+        self._public = tuple(public)
+
+    def __getattr__(self, attribute: str) -> Callable[..., Any]:
+        if attribute.startswith("__") or attribute in ("_name", "_public"):
+            raise AttributeError(attribute)
+        key = f"{self._name}.{attribute}"
+        frame = _CURRENT_FRAME.get()
+        if frame is not None and attribute in self._public:
+            tool = frame.namespace.get(key) or frame.agent.tools.get(key)
+            if tool is not None:
+                return tool
+        if frame is None and attribute in self._public:
+            raise AttributeError(f"{key} can only be called from a running playbook")
+        public = ", ".join(self._public) or "none"
+        raise AttributeError(f"agent {self._name} has no public playbook {attribute!r} (public playbooks: {public})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AgentHandle, (self._name, self._public))
+
+    def __repr__(self) -> str:
+        return f"<agent {self._name}>"
+
+
+class RuntimeAgent:
+    """An agent at run time: its spec, tools (``id``/``tools`` make it an executor agent), module
+    globals (where its python blocks ran) and inbox."""
+
+    def __init__(self, spec: AgentSpec) -> None:
+        self.spec = spec
+        self.id = spec.name
+        self.tools: dict[str, Callable[..., Any]] = {}
+        self.globals: dict[str, Any] = {}
+        self.functions: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self.inbox: list[AgentMessage] = []
+        self.changed: anyio.Event | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"RuntimeAgent({self.name!r})"
+
+
+@dataclass(eq=False)
+class PlaybookFrame:
+    """One call of a playbook: what runs, its arguments and namespace, and what its code has done.
+
+    ``frame_id`` is a stable path (``"Agent"``, then ``"Agent.1"`` for its first child call, ...).
+    ``trace``/``printed`` collect the calls and output of the response being run.
+    """
+
+    agent: RuntimeAgent
+    spec: PlaybookSpec
+    args: dict[str, Any]
+    frame_id: str
+    depth: int
+    namespace: dict[str, Any] = field(default_factory=dict)
+    current_step: str | None = None
+    returned: bool = False
+    return_value: Any = None
+    llm_calls: int = 0
+    trace: list[str] = field(default_factory=list)
+    printed: list[str] = field(default_factory=list)
+    children: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced: the first agent's start playbook's return value, and some totals."""
+
+    value: Any
+    agent: str
+    playbook: str
+    llm_calls: int
+    said: tuple[str, ...]
+
+
+_CURRENT_FRAME: contextvars.ContextVar[PlaybookFrame | None] = contextvars.ContextVar(
+    "playbooks_current_frame", default=None
+)
+_ROOT_AGENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("playbooks_root_agent", default=None)
+
+
+def current_frame() -> PlaybookFrame | None:
+    """The playbook frame running in this task (``None`` outside a playbook)."""
+    return _CURRENT_FRAME.get()
+
+
+def _fatal_cause(error: BaseException | None) -> BaseException | None:
+    """The outage or failed playbook behind an error of LLM code, if there is one."""
+    seen: set[int] = set()
+    pending = [error.__cause__, error.__context__] if error is not None else []
+    while pending:
+        exc = pending.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, _FATAL):
+            return exc
+        pending += [exc.__cause__, exc.__context__]
+    return None
+
+
+def _returned(error: BaseException | None) -> bool:
+    return error is not None and isinstance(error.__cause__, PlaybookReturn)
+
+
+def _call_text(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    parts = [describe_value(arg, 100) for arg in args]
+    parts += [f"{key}={describe_value(value, 100)}" for key, value in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
+
+
+# --------------------------------------------------------------------------------------------------
+# The runtime.
+
+
+class ProgramRuntime:
+    """Run ``program`` with ``llm`` writing the code of its markdown playbooks.
+
+    * ``io``: user input and output (default: standard input and output).
+    * ``on_event``: called with every :data:`RunEvent`, for progress displays.
+    * ``max_retries``: how many failing responses in a row a playbook may get past (each failure is
+      shown to the LLM); one more and the playbook fails with :class:`PlaybookRunError`.
+    * ``max_llm_calls``: the most LLM responses one call of a markdown playbook may take.
+    * ``entry_agent``: the agent whose start playbook is the run's result (default: the first).
+    * ``model``/``temperature``: sent with every request (``None``: the provider's defaults).
+    * ``stream``: run statements as the response streams (default); ``False`` receives the whole
+      response before running any of it.
+    * ``run_id``: scopes the tool calls' idempotency keys (default: the program file's name).
+
+    The agents' python blocks run when the runtime is built; a failure there raises
+    :class:`PlaybookRunError` naming the file and line.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        *,
+        llm: LLMProvider,
+        io: ProgramIO | None = None,
+        on_event: Callable[[RunEvent], None] | None = None,
+        max_retries: int = 2,
+        max_llm_calls: int = 20,
+        entry_agent: str | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        stream: bool = True,
+        run_id: str | None = None,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if max_llm_calls < 1:
+            raise ValueError(f"max_llm_calls must be >= 1, got {max_llm_calls}")
+        if not program.agents:
+            raise ProgramError(f"program {program.path} has no agents")
+        self.program = program
+        self.llm = llm
+        self.io = io if io is not None else ProgramIO()
+        self.on_event = on_event
+        self.max_retries = max_retries
+        self.max_llm_calls = max_llm_calls
+        self.model = model
+        self.temperature = temperature
+        self.stream = stream
+        self.run_id = run_id or os.path.basename(program.path)
+        self.entry = program.agent(entry_agent) if entry_agent is not None else program.agents[0]
+        self.agents: dict[str, RuntimeAgent] = {spec.name: RuntimeAgent(spec) for spec in program.agents}
+        self._system_prompts = {
+            spec.name: system_prompt(spec, [other for other in program.agents if other is not spec])
+            for spec in program.agents
+        }
+        for agent in self.agents.values():
+            agent.tools = self._make_tools(agent)
+        for agent in self.agents.values():
+            self._load_python(agent)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.llm_calls = 0
+        self.said: list[str] = []
+        self._live: set[str] = set()
+        self._waiting: dict[str, tuple[str, str | None]] = {}
+        self._entry_done = False
+        self._scope: anyio.CancelScope | None = None
+        self._failure: BaseException | None = None
+        for agent in self.agents.values():
+            agent.inbox.clear()
+            agent.changed = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _make_tools(self, agent: RuntimeAgent) -> dict[str, Callable[..., Any]]:
+        """The agent's tools: its playbooks, other agents' public playbooks, built-ins and ``print``."""
+        tools: dict[str, Callable[..., Any]] = {}
+        for spec in agent.spec.playbooks.values():
+            tools[spec.name] = self._traced(spec.name, self._playbook_tool(agent, spec))
+        for other in self.agents.values():
+            if other is agent:
+                continue
+            for spec in other.spec.playbooks.values():
+                if spec.public:
+                    name = f"{other.name}.{spec.name}"
+                    tools[name] = self._traced(name, self._playbook_tool(other, spec))
+        for name, builtin in make_builtins(self).items():
+            tools[name] = builtin if name == "Return" else self._traced(name, builtin)
+        tools["print"] = self._print
+        return tools
+
+    def _playbook_tool(self, agent: RuntimeAgent, spec: PlaybookSpec) -> Callable[..., Awaitable[Any]]:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await self._call_playbook(agent, spec, args, kwargs)
+
+        call.__name__ = call.__qualname__ = spec.name
+        call.__doc__ = spec.description or None
+        return call
+
+    def _traced(self, name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        """Wrap ``fn`` so each call and its result are noted in the calling frame's trace."""
+
+        @functools.wraps(fn)
+        async def traced(*args: Any, **kwargs: Any) -> Any:
+            frame = _CURRENT_FRAME.get()
+            try:
+                result = await fn(*args, **kwargs)
+            except PlaybookReturn:
+                raise
+            except Exception as exc:
+                if frame is not None:
+                    frame.trace.append(f"{_call_text(name, args, kwargs)} raised {type(exc).__name__}: {exc}")
+                raise
+            if frame is not None:
+                text = _call_text(name, args, kwargs)
+                frame.trace.append(text if result is None else f"{text} -> {describe_value(result)}")
+            return result
+
+        return traced
+
+    def _handles(self, agent: RuntimeAgent) -> dict[str, AgentHandle]:
+        """``OtherAgent`` objects for ``agent``'s code, one per other agent."""
+        return {
+            other.name: AgentHandle(other.name, [spec.name for spec in other.spec.playbooks.values() if spec.public])
+            for other in self.agents.values()
+            if other is not agent
+        }
+
+    def _load_python(self, agent: RuntimeAgent) -> None:
+        """Run the agent's python blocks as its module code and collect its ``@playbook`` functions.
+
+        The globals then hold the agent's tools (not ``print``), so a python playbook calling another
+        playbook by name goes through the runtime like LLM code does.
+        """
+        path = self.program.path
+        tools = {name: fn for name, fn in agent.tools.items() if name != "print" and "." not in name}
+        namespace: dict[str, Any] = {
+            "__name__": f"playbooks_agent_{agent.name}",
+            "__file__": path,
+            "playbook": playbook,
+            "AgentMessage": AgentMessage,
+        }
+        namespace.update(tools)
+        namespace.update(self._handles(agent))
+        for block in agent.spec.code_blocks:
+            try:
+                code = compile("\n" * (block.line - 1) + block.source, path, "exec")
+                exec(code, namespace)
+            except Exception as exc:
+                line = _program_line(exc, path) or block.line
+                raise PlaybookRunError(
+                    f"{path}:{line}: the python code of agent {agent.name} failed: {type(exc).__name__}: {exc}",
+                    agent=agent.name,
+                ) from exc
+        for spec in agent.spec.playbooks.values():
+            if spec.kind != "python":
+                continue
+            function = namespace.get(spec.name)
+            if not inspect.iscoroutinefunction(function):
+                raise PlaybookRunError(
+                    f"{path}:{spec.line}: python playbook {agent.name}.{spec.name} is not an async function "
+                    "after the agent's code ran (was it redefined?)",
+                    agent=agent.name,
+                    playbook=spec.name,
+                )
+            agent.functions[spec.name] = function
+            namespace[spec.name] = tools[spec.name]
+        agent.globals = namespace
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *args: Any, **kwargs: Any) -> RunResult:
+        """Run the program: the entry agent's start playbook with these arguments, and every other
+        agent's start playbook (without arguments) alongside it. Return its result.
+
+        Raises :class:`PlaybookRunError` (a playbook failed, :class:`DeadlockError`, ...), the LLM
+        layer's :class:`~playbooks.llm.LLMError` (no endpoint, cassette exhausted or mismatched) or
+        :class:`ProgramError` (no start playbook).
+        """
+        self._reset()
+        entry = self.agents[self.entry.name]
+        entry_spec = entry.spec.main_playbook()
+        starts: list[tuple[RuntimeAgent, PlaybookSpec]] = [(entry, entry_spec)]
+        for agent in self.agents.values():
+            if agent is entry:
+                continue
+            try:
+                spec = agent.spec.main_playbook()
+            except ProgramError:
+                continue  # a passive agent: it only serves calls to its public playbooks
+            required = [p for p in spec.params if not p.startswith("*")] if spec.kind == "markdown" else []
+            if required:
+                raise ProgramError(
+                    f"{self.program.path}:{spec.line}: agent {agent.name} starts with {spec.name}, which takes "
+                    f"arguments ({', '.join(required)}); only the first agent's start playbook gets arguments"
+                )
+            starts.append((agent, spec))
+        result: list[Any] = []
+        self._live = {agent.name for agent, _ in starts}
+        async with anyio.create_task_group() as group:
+            self._scope = group.cancel_scope
+            for agent, spec in starts:
+                is_entry = agent is entry
+                group.start_soon(
+                    self._run_agent, agent, spec, args if is_entry else (), kwargs if is_entry else {},
+                    result if is_entry else None,
+                )
+        self._scope = None
+        if self._failure is not None:
+            raise self._failure
+        return RunResult(
+            value=result[0] if result else None,
+            agent=entry.name,
+            playbook=entry_spec.name,
+            llm_calls=self.llm_calls,
+            said=tuple(self.said),
+        )
+
+    async def _run_agent(
+        self,
+        agent: RuntimeAgent,
+        spec: PlaybookSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        result: list[Any] | None,
+    ) -> None:
+        _ROOT_AGENT.set(agent.name)
+        try:
+            value = await self._call_playbook(agent, spec, args, kwargs)
+        except PlaybooksError as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:
+            where = _program_line(exc, self.program.path)
+            at = f"{self.program.path}:{where}: " if where else ""
+            error = PlaybookRunError(
+                f"{at}playbook {agent.name}.{spec.name} failed: {type(exc).__name__}: {exc}",
+                agent=agent.name,
+                playbook=spec.name,
+            )
+            error.__cause__ = exc
+            self._fail(error)
+            return
+        if result is not None:
+            result.append(value)
+            self._entry_done = True
+        self._live.discard(agent.name)
+        self._check_quiescence()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _check_quiescence(self) -> None:
+        """End the run when nothing can happen any more: every live agent waits for a message."""
+        if self._scope is None or any(name not in self._waiting for name in self._live):
+            return
+        if self._entry_done:
+            self._scope.cancel()  # the others are idle, waiting for messages nobody will send
+            return
+        waits = "; ".join(
+            f"{root} waits for a message to {agent} from {sender or 'anyone'}"
+            for root, (agent, sender) in sorted(self._waiting.items())
+        )
+        self._fail(DeadlockError(f"deadlock: every running agent waits for a message ({waits})"))
+
+    async def _call_playbook(
+        self, agent: RuntimeAgent, spec: PlaybookSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Call a playbook (from LLM code, a python playbook or the run itself) and return its value."""
+        parent = _CURRENT_FRAME.get()
+        bound = _bind_arguments(spec, args, kwargs) if spec.kind == "markdown" else {}
+        frame = PlaybookFrame(
+            agent=agent,
+            spec=spec,
+            args=bound,
+            frame_id=f"{parent.frame_id}.{next(parent.children)}" if parent is not None else agent.name,
+            depth=parent.depth + 1 if parent is not None else 0,
+            namespace=dict(bound),
+        )
+        shown = bound if spec.kind == "markdown" else _python_arguments(spec, args, kwargs)
+        self._emit(PlaybookStarted(agent.name, spec.name, spec.kind, shown, frame.depth))
+        token = _CURRENT_FRAME.set(frame)
+        try:
+            if spec.kind == "markdown":
+                value = await self._run_markdown(frame)
+            else:
+                value = await self._run_python(frame, args, kwargs)
+        except Exception as exc:
+            self._emit(PlaybookFinished(agent.name, spec.name, frame.depth, error=f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            _CURRENT_FRAME.reset(token)
+        self._emit(PlaybookFinished(agent.name, spec.name, frame.depth, value=value))
+        return value
+
+    async def _run_python(self, frame: PlaybookFrame, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        function = frame.agent.functions[frame.spec.name]
+        try:
+            return await function(*args, **kwargs)
+        except PlaybookReturn as returned:
+            return returned.value
+
+    async def _run_markdown(self, frame: PlaybookFrame) -> Any:
+        """The LLM loop of a markdown playbook; return what its code passed to ``Return``."""
+        agent, spec = frame.agent, frame.spec
+        messages = [
+            Message("system", self._system_prompts[agent.name]),
+            Message("user", playbook_prompt(spec, frame.args)),
+        ]
+        failures = 0
+        for number in range(1, self.max_llm_calls + 1):
+            frame.trace = []
+            frame.printed = []
+            frame.llm_calls = number
+            self.llm_calls += 1
+            request = LLMRequest(list(messages), model=self.model, temperature=self.temperature)
+            self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
+            executor = self._new_executor(frame, number)
+            result = await self._run_response(frame, executor, request)
+            messages.append(Message("assistant", result.response))
+            if frame.returned:
+                return frame.return_value
+            report = self._report(frame, result)
+            if result.error is None:
+                failures = 0
+                messages.append(Message("user", continuation_prompt(spec, report)))
+                continue
+            failures += 1
+            self._emit(
+                CodeFailed(
+                    agent.name, spec.name, result.error.message, result.error.lineno,
+                    self.max_retries - failures, frame.depth,
+                )
+            )
+            if failures > self.max_retries:
+                error = result.error
+                statement = error.statement.strip().splitlines()[0] if error.statement.strip() else ""
+                raise PlaybookRunError(
+                    f"{self.program.path}:{spec.line}: playbook {agent.name}.{spec.name} failed: the LLM's code "
+                    f"failed {failures} times in a row (max_retries={self.max_retries}); last error: {error}"
+                    + (f"\n    {statement}" if statement else ""),
+                    agent=agent.name,
+                    playbook=spec.name,
+                ) from error
+            retries_left = self.max_retries - failures
+            prompt = error_prompt(spec, result.error, report, retries_left, result.response)
+            messages.append(Message("user", prompt))
+        raise PlaybookRunError(
+            f"{self.program.path}:{spec.line}: playbook {agent.name}.{spec.name} made {self.max_llm_calls} LLM "
+            "calls without calling Return(...); giving up (max_llm_calls)",
+            agent=agent.name,
+            playbook=spec.name,
+        )
+
+    async def _run_response(
+        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest
+    ) -> ExecutionResult:
+        """Stream one response into ``executor``; stop reading at the first failing statement (or Return)."""
+        chunks = self._stream_llm(request)
+        try:
+            if self.stream:
+                async for chunk in chunks:
+                    try:
+                        await executor.add_chunk(chunk)
+                    except LLMCodeError:
+                        break
+            else:
+                text = "".join([chunk async for chunk in chunks])
+                try:
+                    await executor.add_chunk(text)
+                except LLMCodeError:
+                    pass
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        result = await executor.finalize()
+        fatal = _fatal_cause(result.error)
+        if fatal is not None:
+            raise fatal
+        if _returned(result.error):
+            frame.returned = True
+        return result
+
+    def _report(self, frame: PlaybookFrame, result: ExecutionResult) -> ResponseReport:
+        hidden = set(frame.agent.tools) | set(self.agents) | {"__name__", "__builtins__"}
+        variables = {
+            name: describe_value(value)
+            for name, value in frame.namespace.items()
+            if not name.startswith("_")
+            and name not in hidden
+            and not isinstance(value, (types.ModuleType, types.FunctionType, type, AgentHandle))
+        }
+        return ResponseReport(
+            statements=result.statements_executed,
+            calls=list(frame.trace),
+            printed=list(frame.printed),
+            current_step=frame.current_step,
+            variables=variables,
+        )
+
+    # ------------------------------------------------------------------ side effects (integration points)
+
+    async def _stream_llm(self, request: LLMRequest) -> AsyncIterator[str]:
+        """Every LLM request of the run: the chunks of the response to ``request``."""
+        chunks = self.llm.stream(request)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _new_executor(self, frame: PlaybookFrame, number: int) -> StreamingPythonExecutor:
+        """Every executor of the run: the one running the ``number``-th response of ``frame``."""
+        agent = frame.agent
+
+        def on_statement(statement: Statement) -> None:
+            self._emit(CodeStatement(agent.name, frame.spec.name, statement.lineno, statement.source, frame.depth))
+
+        executor = StreamingPythonExecutor(
+            agent,
+            namespace=frame.namespace,
+            interceptor=ToolCallInterceptor(run_id=self.run_id, frame_id=f"{frame.frame_id}/{number}"),
+            on_statement=on_statement,
+        )
+        executor.namespace.update(self._handles(agent))
+        return executor
+
+    async def _write_output(self, frame: PlaybookFrame, text: str) -> None:
+        """Every message to the user (``Say("user", ...)`` and ``AskUser``'s question)."""
+        self.said.append(text)
+        self._emit(Said(frame.agent.name, text))
+        await self.io.say(text)
+
+    async def _read_input(self, frame: PlaybookFrame, question: str) -> str:
+        """Every answer from the user: show ``question``, then read a line."""
+        await self._write_output(frame, question)
+        return await self.io.read_line()
+
+    async def _deliver(self, sender: str, recipient: str, message: Any) -> None:
+        """Every message between agents: put it in ``recipient``'s inbox and wake its waiters."""
+        target = self.agents[recipient]
+        target.inbox.append(AgentMessage(sender, message))
+        for root, (agent, expected) in list(self._waiting.items()):
+            if agent == recipient and expected in (None, sender):
+                del self._waiting[root]  # at once, so no one mistakes it for idle meanwhile
+        self._emit(MessageSent(sender, recipient, message))
+        if target.changed is not None:
+            target.changed.set()
+            target.changed = None
+
+    async def _receive(self, frame: PlaybookFrame, from_agent: str | None) -> AgentMessage:
+        """Every wait for a message: the first one in the frame's agent's inbox (from ``from_agent``)."""
+        agent = frame.agent
+        root = _ROOT_AGENT.get() or agent.name
+        while True:
+            for index, message in enumerate(agent.inbox):
+                if from_agent is None or message.sender == from_agent:
+                    del agent.inbox[index]
+                    return message
+            if agent.changed is None:
+                agent.changed = anyio.Event()
+            changed = agent.changed
+            self._waiting[root] = (agent.name, from_agent)
+            self._check_quiescence()
+            try:
+                await changed.wait()
+            finally:
+                self._waiting.pop(root, None)
+
+    def _emit(self, event: RunEvent) -> None:
+        """Every progress event."""
+        if self.on_event is not None:
+            self.on_event(event)
+
+    # ------------------------------------------------------------------ built-ins (BuiltinHost)
+
+    def _frame(self, builtin: str) -> PlaybookFrame:
+        frame = _CURRENT_FRAME.get()
+        if frame is None:
+            raise PlaybookRunError(f"{builtin}() was called outside a playbook")
+        return frame
+
+    def _check_agent(self, builtin: str, name: str) -> None:
+        if name not in self.agents:
+            known = ", ".join(sorted(self.agents))
+            raise ValueError(f'{builtin}(): no agent {name!r}; expected "user" or one of: {known}')
+
+    async def builtin_step(self, step_id: str) -> None:
+        frame = self._frame("Step")
+        spec = frame.spec
+        text = ""
+        if spec.steps:
+            step = spec.find_step(step_id)
+            if step is None:
+                ids = ", ".join(s.id for s in spec.iter_steps())
+                raise ValueError(f"Step({step_id!r}): playbook {spec.name} has no such step (its steps: {ids})")
+            text = step.text
+        frame.current_step = step_id
+        self._emit(StepStarted(frame.agent.name, spec.name, step_id, text, frame.depth))
+
+    async def builtin_say(self, target: str, message: Any) -> None:
+        frame = self._frame("Say")
+        if target.lower() in ("user", "human"):
+            await self._write_output(frame, message if isinstance(message, str) else str(message))
+            return
+        self._check_agent("Say", target)
+        await self._deliver(frame.agent.name, target, message)
+
+    async def builtin_return(self, value: Any) -> None:
+        frame = self._frame("Return")
+        frame.returned = True
+        frame.return_value = value
+        raise PlaybookReturn(value)
+
+    async def builtin_ask_user(self, question: str) -> str:
+        return await self._read_input(self._frame("AskUser"), question)
+
+    async def builtin_send_message(self, agent_name: str, message: Any) -> None:
+        frame = self._frame("SendMessage")
+        if agent_name.lower() in ("user", "human"):
+            await self._write_output(frame, message if isinstance(message, str) else str(message))
+            return
+        self._check_agent("SendMessage", agent_name)
+        await self._deliver(frame.agent.name, agent_name, message)
+
+    async def builtin_wait_for_message(self, from_agent: str | None) -> AgentMessage:
+        frame = self._frame("WaitForMessage")
+        if from_agent is not None:
+            self._check_agent("WaitForMessage", from_agent)
+        return await self._receive(frame, from_agent)
+
+    def _print(self, *values: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None, flush: bool = False) -> None:
+        """``print`` in LLM code: the text is kept for the next message to the LLM (and an event)."""
+        frame = _CURRENT_FRAME.get()
+        if file is not None or frame is None:
+            print(*values, sep=sep, end=end, file=file, flush=flush)
+            return
+        text = (" " if sep is None else sep).join(str(value) for value in values)
+        frame.printed.append(text)
+        self._emit(Printed(frame.agent.name, frame.spec.name, text, frame.depth))
+
+
+def _bind_arguments(spec: PlaybookSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Match a call's arguments to a markdown playbook's parameters; ``TypeError`` like Python's."""
+    params = spec.params
+    signature = f"{spec.name}({', '.join(params)})"
+    if len(args) > len(params):
+        raise TypeError(f"{signature} takes {len(params)} arguments but {len(args)} were given")
+    bound = dict(zip(params, args))
+    for key, value in kwargs.items():
+        if key not in params:
+            raise TypeError(f"{signature} got an unexpected argument {key!r}")
+        if key in bound:
+            raise TypeError(f"{signature} got multiple values for argument {key!r}")
+        bound[key] = value
+    missing = [param for param in params if param not in bound]
+    if missing:
+        raise TypeError(f"{signature} is missing arguments: {', '.join(missing)}")
+    return {param: bound[param] for param in params}
+
+
+def _python_arguments(spec: PlaybookSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A python playbook's arguments by parameter name, for events (best effort)."""
+    shown: dict[str, Any] = {}
+    names = [param for param in spec.params if not param.startswith("*")]
+    for name, value in zip(names, args):
+        shown[name] = value
+    for index, value in enumerate(args[len(names) :]):
+        shown[f"*{index}"] = value
+    shown.update(kwargs)
+    return shown
+
+
+def _program_line(exc: BaseException, path: str) -> int | None:
+    """The innermost line of the ``.pb`` file in ``exc``'s traceback, if any."""
+    line: int | None = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == path:
+            line = frame.lineno
+    return line

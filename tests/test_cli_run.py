@@ -1,0 +1,237 @@
+"""`playbooks run` and `playbooks init`, run as real subprocesses on the examples and on broken input."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from playbooks.config import Config, load_config
+from playbooks.llm import Cassette, LLMProvider, LLMRequest, RecordingProvider
+from playbooks.program import PlaybookRunError, ProgramIO, ProgramRuntime, load_program
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+pytestmark = pytest.mark.integration
+
+
+def _run(*args: str, cwd: Path, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PLAYBOOKS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "playbooks.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+        input=input if input is not None else "",
+    )
+
+
+def test_orders_example(tmp_path: Path) -> None:
+    proc = _run("run", str(EXAMPLES / "orders.pb"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "Hello! Let me look at your orders.",
+        "Order A100 is shipped, total 42.50",
+        "Order A101 is processing, total 18.00",
+        "Order A102 is delivered, total 99.90",
+        "All your orders together come to 160.40.",
+    ]
+    assert "> OrderAssistant.Main()" in proc.stderr
+    assert "- step 03: For each order, look it up" in proc.stderr
+    assert "! code failed (line 6: KeyError: 'amount'); sent back to the LLM" in proc.stderr
+    assert "< OrderAssistant.Main returned 3" in proc.stderr
+    assert "done: OrderAssistant.Main finished after 3 LLM calls" in proc.stderr
+
+
+def test_nested_example(tmp_path: Path) -> None:
+    proc = _run("run", str(EXAMPLES / "nested.pb"), "--no-stream", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["Lisbon: t-shirts, sunglasses", "Oslo: sweater, coat, umbrella"]
+    assert "  > TripPlanner.PackingList(city='Oslo')" in proc.stderr
+    assert "    - step 02.02: add an umbrella if it rains" in proc.stderr
+
+
+def test_two_agents_example(tmp_path: Path) -> None:
+    proc = _run("run", str(EXAMPLES / "two_agents.pb"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "Bought 3 widgets for 14.40 (4.80 each). Seller says: Thank you! 3 widgets are on their way."
+    ]
+    assert "@ Buyer -> Seller: {'item': 'widget', 'quantity': 3}" in proc.stderr
+    assert "[Seller] < Seller.Main returned 'sold'" in proc.stderr
+    assert "[Buyer] < Buyer.Main returned 14.4" in proc.stderr
+
+
+def test_verbose_shows_statements_as_they_run(tmp_path: Path) -> None:
+    proc = _run("run", str(EXAMPLES / "orders.pb"), "--verbose", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '|   2: await Step("01")' in proc.stderr
+    assert "|   4: for order_id in order_ids: ..." in proc.stderr
+    assert "~ LLM call 2 (OrderAssistant.Main)" in proc.stderr
+    assert "> OrderAssistant.LookupOrder(order_id='A101')" in proc.stderr
+
+
+def test_cassette_from_flag_and_from_config(tmp_path: Path) -> None:
+    program = tmp_path / "shop.pb"
+    shutil.copy(EXAMPLES / "orders.pb", program)
+    (tmp_path / "recorded").mkdir()
+    shutil.copy(EXAMPLES / "orders.cassette.json", tmp_path / "recorded" / "orders.json")
+    missing = _run("run", str(program), cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "shop.cassette.json' does not exist" in missing.stderr
+    assert 'provider = "record"' in missing.stderr
+    flag = _run("run", str(program), "--cassette", str(tmp_path / "recorded" / "orders.json"), cwd=tmp_path)
+    assert flag.returncode == 0, flag.stderr
+    config = tmp_path / "conf" / "pb.toml"
+    config.parent.mkdir()
+    config.write_text('[model]\ncassette = "../recorded/orders.json"\n', encoding="utf-8")
+    from_config = _run("run", str(program), "--config", str(config), cwd=tmp_path)
+    assert from_config.returncode == 0, from_config.stderr
+    assert from_config.stdout == flag.stdout
+
+
+def test_bad_program_reports_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pb"
+    bad.write_text("# Agent\n## Main($x\nText.\n", encoding="utf-8")
+    proc = _run("run", str(bad), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"{bad}:2:4: invalid playbook signature" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    missing = _run("run", str(tmp_path / "missing.pb"), cwd=tmp_path)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    assert _run("run", cwd=tmp_path).returncode == 2
+    bad_arg = _run("run", str(EXAMPLES / "orders.pb"), "--arg", "oops", cwd=tmp_path)
+    assert bad_arg.returncode == 2 and "NAME=VALUE" in bad_arg.stderr
+
+
+def test_resume_is_not_available_yet(tmp_path: Path) -> None:
+    for extra in (["--resume"], ["--resume", "run-1", "--force"]):
+        proc = _run("run", str(EXAMPLES / "orders.pb"), *extra, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert "resume is not available yet" in proc.stderr
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "playbooks.toml").write_text('[model]\nprovder = "replay"\n', encoding="utf-8")
+    proc = _run("run", str(EXAMPLES / "orders.pb"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "playbooks.toml:2:1: unknown key 'provder' in table [model] — did you mean 'provider'?" in proc.stderr
+    (tmp_path / "playbooks.toml").write_text('[model]\nprovider = "nonsense"\n', encoding="utf-8")
+    proc = _run("run", str(EXAMPLES / "orders.pb"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown model provider 'nonsense'" in proc.stderr
+
+
+PROGRAM = """\
+# Greeter
+## Main($name)
+### Steps
+- Ask the user where they are
+- Greet them
+"""
+
+RESPONSES = [
+    '```python\nplace = await AskUser(f"Where are you, {name}?")\n```',
+    '```python\nawait Say("user", f"Hello {name} in {place}!")\nawait Return(place)\n```',
+]
+
+
+class _Scripted(LLMProvider):
+    """Hand-written responses, streamed in small chunks."""
+
+    def __init__(self, responses: list[str]) -> None:
+        self.responses = list(responses)
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        text = self.responses.pop(0)
+        for start in range(0, len(text), 5):
+            await anyio.lowlevel.checkpoint()
+            yield text[start : start + 5]
+
+
+def _greeter(tmp_path: Path, responses: list[str], *, keep: int | None = None) -> Path:
+    """The greeter program and its cassette, recorded in-process from ``responses`` (so its requests
+    are exactly what the runtime asks); ``keep`` cuts the cassette to its first interactions."""
+    path = tmp_path / "greeter.pb"
+    path.write_text(PROGRAM, encoding="utf-8")
+    cassette = tmp_path / "greeter.cassette.json"
+    recorder = RecordingProvider(_Scripted(responses), cassette)
+    runtime = ProgramRuntime(
+        load_program(path), llm=recorder, io=ProgramIO(input=["Paris"], output=lambda text: None), temperature=0.0
+    )
+    try:
+        anyio.run(functools.partial(runtime.run, name="Ada"))
+    except PlaybookRunError:
+        pass
+    if keep is not None:
+        recorded = Cassette.load(cassette)
+        Cassette(recorded.interactions[:keep]).save(cassette)
+    return path
+
+
+def test_main_arguments_and_stdin(tmp_path: Path) -> None:
+    program = _greeter(tmp_path, RESPONSES)
+    proc = _run("run", str(program), "--arg", "name=Ada", cwd=tmp_path, input="Paris\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["Where are you, Ada?", "Hello Ada in Paris!"]
+    assert "< Greeter.Main returned 'Paris'" in proc.stderr
+
+
+def test_end_of_input_and_exhausted_cassette_exit_1(tmp_path: Path) -> None:
+    program = _greeter(tmp_path, RESPONSES)
+    eof = _run("run", str(program), "--arg", "name=Ada", cwd=tmp_path, input="")
+    assert eof.returncode == 1
+    assert "AskUser: standard input ended" in eof.stderr
+    short = _greeter(tmp_path, RESPONSES, keep=1)
+    out = _run("run", str(short), "--arg", "name=Ada", cwd=tmp_path, input="Rome\n")
+    assert out.returncode == 1
+    assert "ran out" in out.stderr
+
+
+def test_failing_playbook_exit_1(tmp_path: Path) -> None:
+    program = _greeter(tmp_path, ['```python\nplace = undefined_name\n```'] * 3)
+    proc = _run("run", str(program), "--arg", "name=Ada", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "greeter.pb:2: playbook Greeter.Main failed: the LLM's code failed 3 times in a row" in proc.stderr
+    assert "NameError: name 'undefined_name' is not defined" in proc.stderr
+
+
+def test_init_writes_a_default_config(tmp_path: Path) -> None:
+    proc = _run("init", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    written = tmp_path / "playbooks.toml"
+    assert "[model]" in written.read_text(encoding="utf-8")
+    loaded = load_config(written, env={})
+    assert (loaded.model, loaded.durability) == (Config().model, Config().durability)
+    again = _run("init", cwd=tmp_path)
+    assert again.returncode == 1 and "already exists; use --force" in again.stderr
+    written.write_text("# mine\n", encoding="utf-8")
+    forced = _run("init", "--force", cwd=tmp_path)
+    assert forced.returncode == 0
+    assert "[durability]" in written.read_text(encoding="utf-8")
+    other = _run("init", "--path", str(tmp_path / "sub.toml"), cwd=tmp_path)
+    assert other.returncode == 0 and (tmp_path / "sub.toml").is_file()
+
+
+def test_examples_parse_without_warnings() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("orders", "nested", "two_agents"):
+            program = load_program(EXAMPLES / f"{name}.pb")
+            assert program.agents
+            assert (EXAMPLES / f"{name}.cassette.json").is_file()
