@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-MODULES = ["playbooks", "playbooks.execution", "playbooks.llm", "playbooks.program"]
+MODULES = ["playbooks", "playbooks.checkpoints", "playbooks.execution", "playbooks.llm", "playbooks.program"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -49,11 +49,14 @@ async def test_seq_and_keys_visible_inside_tools():
     assert current_tool_call() is None  # reset after the call
 
 
-async def test_default_interceptor_uses_agent_id_and_frame_0():
+async def test_default_keys_are_unique_per_executor():
     keys: list[str] = []
-    ex = StreamingPythonExecutor(Agent("agentX", {"T": lambda: keys.append(current_tool_call().idempotency_key)}))
-    await ex.add_chunk("T()\nT()\n")
-    assert keys == ["agentX:0:0", "agentX:0:1"]
+    agent = Agent("agentX", {"T": lambda: keys.append(current_tool_call().idempotency_key)})
+    first, second = StreamingPythonExecutor(agent), StreamingPythonExecutor(agent)
+    await first.add_chunk("T()\nT()\n")
+    await second.add_chunk("T()\n")
+    assert keys[:2] == [f"agentX:{first.frame_id}:0", f"agentX:{first.frame_id}:1"]
+    assert keys[2] == f"agentX:{second.frame_id}:0" and first.frame_id != second.frame_id
 
 
 async def test_next_seq_resumes_numbering():
@@ -85,7 +88,8 @@ async def test_gather_numbered_in_call_start_order(anyio_backend):
     res = await ex.finalize()
     assert res.success, res.error
     assert ex.namespace["seqs"] == [0, 1, 2]
-    assert sorted(started) == [(0, "a", "g:0:0"), (1, "b", "g:0:1"), (2, "c", "g:0:2")]
+    f = ex.frame_id
+    assert sorted(started) == [(0, "a", f"g:{f}:0"), (1, "b", f"g:{f}:1"), (2, "c", f"g:{f}:2")]
     assert finished == ["b", "c", "a"]  # finished out of order, numbered by call start
 
 

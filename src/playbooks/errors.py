@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PlaybooksError(Exception):
     """Base class of every exception raised by playbooks."""
@@ -46,6 +48,17 @@ class LLMCodeError(PlaybooksError):
         if self.col_offset is not None:
             where += f", column {self.col_offset}"
         return f"{self.message} ({where} of the LLM response)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The keyword-only arguments are not in ``self.args``; rebuild from the attributes so the error
+        # survives pickling (it is stored in journals and final snapshots).
+        return (_rebuild_llm_code_error, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild_llm_code_error(cls: type[LLMCodeError], message: str, state: dict[str, Any]) -> LLMCodeError:
+    error = cls(message)
+    error.__dict__.update(state)
+    return error
 
 
 class CodeSyntaxError(LLMCodeError):
@@ -98,3 +111,8 @@ class NonDeterminismError(InterpreterError):
 
 class UnrestoredValueError(PlaybooksError, NameError):
     """Raised when LLM code uses a variable that was left out of a checkpoint and so was not restored."""
+
+
+class CheckpointWarning(UserWarning):
+    """Warns about something a checkpoint left out or skipped: an unpicklable variable, a corrupt record
+    that loading fell back from, a call that may have run twice."""

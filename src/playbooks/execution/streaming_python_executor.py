@@ -7,6 +7,11 @@ tracebacks show the LLM's own lines). The executor stops at the first failing st
 raised from the :meth:`~StreamingPythonExecutor.add_chunk` call that completed that statement, nothing
 after it runs, and :meth:`~StreamingPythonExecutor.finalize` reports it in the result.
 
+With a :class:`~playbooks.checkpoints.CheckpointManager` the executor is durable: every tool call
+(and ``print``) is journaled, a snapshot follows every top-level statement that awaited one, and
+:meth:`~StreamingPythonExecutor.resume_from_checkpoint` continues a killed run in a new process (see
+:mod:`playbooks.execution.durable` and docs/durability.md).
+
 The executor is backend-neutral (it awaits only what the LLM's code awaits), so it runs under asyncio
 and trio alike.
 """
@@ -14,29 +19,46 @@ and trio alike.
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import itertools
 import linecache
+import pickle
+import secrets
 import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from playbooks.agent import AgentLike
 from playbooks.errors import (
+    CheckpointCorruptError,
     CodeExecutionError,
     CodeSyntaxError,
     ExecutorStateError,
+    InterpreterError,
     LLMCodeError,
+    NonDeterminismError,
 )
 from playbooks.execution.statement_splitter import END, NEED_DATA, Statement, StatementSplitter
 from playbooks.execution.tool_calls import ToolCallInterceptor, bind_tools
+
+if TYPE_CHECKING:
+    from playbooks.checkpoints.manager import CheckpointManager
+    from playbooks.checkpoints.model import Checkpoint, FrameState
+    from playbooks.execution.durable import DurableFrame
 
 __all__ = ("ExecutionResult", "StreamingPythonExecutor")
 
 _FILENAMES = itertools.count(1)
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+
+def _durable_print(*args: Any, **kwargs: Any) -> None:
+    """``print`` for durable LLM code: the output is flushed, so a line recorded as shown was shown."""
+    kwargs.setdefault("flush", True)
+    builtins.print(*args, **kwargs)
 
 
 @dataclass(slots=True)
@@ -64,6 +86,11 @@ class StreamingPythonExecutor:
     idempotency keys). ``namespace`` is shared with the caller if given, so state can carry over from
     one LLM response to the next. ``on_statement`` is called with each statement just before it runs
     (for progress displays and logs).
+
+    ``checkpoint_manager`` makes the execution durable (then ``interceptor`` must not be given: the
+    frame's own journaling interceptor is used). An executor created while a durable tool call runs
+    (a tool that runs LLM code) is a child frame of that call and uses the parent's manager by
+    default; after a resume it re-attaches to its checkpoints, skipping the code it already ran.
     """
 
     def __init__(
@@ -73,22 +100,183 @@ class StreamingPythonExecutor:
         namespace: dict[str, Any] | None = None,
         interceptor: ToolCallInterceptor | None = None,
         on_statement: Callable[[Statement], None] | None = None,
+        checkpoint_manager: CheckpointManager | None = None,
+        _state: FrameState | None = None,
     ) -> None:
         self.agent = agent
         self.namespace: dict[str, Any] = namespace if namespace is not None else {}
         self.namespace.setdefault("__name__", "__llm__")
-        self.interceptor = interceptor or ToolCallInterceptor(run_id=agent.id)
-        self.namespace.update(bind_tools(agent.tools, self.interceptor))
+        self._frame: DurableFrame | None = None
+        self._resume_offset = 0
+        self._last_statement = ""
+        self._executed_offset = 0
+        self._statements_executed = 0
+        self._fatal: InterpreterError | None = None
+        self._restored_error: LLMCodeError | None = None
+        self._recovered_response = ""
+        frame_id = secrets.token_hex(4)
+        manager = checkpoint_manager
+        if manager is None or _state is None:
+            manager, frame_id, _state = self._attach(agent, manager, _state, frame_id)
+        else:
+            frame_id = _state.frame_id
+        if manager is not None:
+            if interceptor is not None:
+                raise ExecutorStateError(
+                    "a durable executor journals calls with its own interceptor; do not pass interceptor="
+                )
+            self._init_frame(manager, frame_id, _state)
+            assert self._frame is not None
+            self.interceptor: ToolCallInterceptor = self._frame_interceptor
+        else:
+            self.interceptor = interceptor or ToolCallInterceptor(run_id=agent.id, frame_id=frame_id)
+        self.bound = bind_tools(agent.tools, self.interceptor)
+        if self._frame is not None:
+            self.bound["print"] = bind_tools({"print": _durable_print}, self.interceptor)["print"]
+        self.namespace.update(self.bound)
+        if self._frame is not None and _state is not None:
+            self._restore(_state)
         self.filename = f"<llm-response-{agent.id}-{next(_FILENAMES)}>"
         self._splitter = StatementSplitter(filename=self.filename)
         self._chunks: list[str] = []
         self._response_cache: str | None = ""
         self._expected_response: str | None = None
-        self._executed_offset = 0
-        self._statements_executed = 0
-        self._error: LLMCodeError | None = None
+        self._error: LLMCodeError | None = self._restored_error
         self._finalized = False
         self._on_statement = on_statement
+
+    # ----------------------------------------------------------------- durability
+
+    @staticmethod
+    def _attach(
+        agent: AgentLike, manager: CheckpointManager | None, state: FrameState | None, frame_id: str
+    ) -> tuple[CheckpointManager | None, str, FrameState | None]:
+        """Find this executor's manager and frame: a child of the durable call running now, if any."""
+        from playbooks.execution.durable import current_durable_call
+
+        parent = current_durable_call()
+        if parent is None or (manager is not None and manager is not parent.frame.manager):
+            return manager, frame_id, state
+        k = next(parent.children)
+        frame_id = f"{parent.frame.frame_id}/{parent.seq}" + (f".{k}" if k else "")
+        manager = parent.frame.manager
+        state = manager.frame_state(frame_id) if frame_id in manager.loaded_frame_ids() else None
+        return manager, frame_id, state
+
+    def _init_frame(self, manager: CheckpointManager, frame_id: str, state: FrameState | None) -> None:
+        from playbooks.execution.durable import DurableFrame, DurableInterceptor, current_durable_call
+
+        parent = current_durable_call()
+        if parent is not None and parent.frame.manager is not manager:
+            parent = None
+        if parent is not None and not frame_id.startswith(parent.frame.frame_id + "/"):
+            parent = None  # a root frame resumed from inside an unrelated call
+        self._frame = DurableFrame(manager, self, frame_id=frame_id, parent=parent, state=state)
+        self._frame_interceptor = DurableInterceptor(
+            self._frame,
+            run_id=manager.execution_id,
+            frame_id=frame_id,
+            next_seq=state.next_seq if state is not None else 0,
+        )
+
+    def _restore(self, state: FrameState) -> None:
+        from playbooks.checkpoints.namespace import decode_namespace
+
+        assert self._frame is not None
+        values = decode_namespace(state.resolved, self.namespace, bound=self.bound)
+        self._frame.seed(values)
+        self._resume_offset = state.executed_offset
+        self._executed_offset = state.executed_offset
+        self._statements_executed = state.statements_executed
+        self._last_statement = state.statement
+        self._recovered_response = state.response
+        if state.done and state.error is not None:
+            error = pickle.loads(state.error)
+            if isinstance(error, LLMCodeError):
+                self._restored_error = error
+
+    @classmethod
+    async def resume_from_checkpoint(
+        cls,
+        agent: AgentLike,
+        checkpoint: Checkpoint,
+        *,
+        checkpoint_manager: CheckpointManager,
+        namespace: dict[str, Any] | None = None,
+        on_statement: Callable[[Statement], None] | None = None,
+    ) -> StreamingPythonExecutor:
+        """Continue the execution ``checkpoint`` belongs to, in this process.
+
+        The root frame of the checkpoint's call stack is rebuilt (namespace, journal, response), the
+        code of the stored response after the executed offset runs (durable calls in the journal
+        return their recorded results; nested executors re-attach), and the executor is returned as
+        if it had been fed the stored response: feed the rest of the stream, if any, from
+        ``len(executor.response)``, then :meth:`finalize`. LLM code errors are kept for
+        :meth:`finalize`, as with :meth:`add_chunk`.
+        """
+        manager = checkpoint_manager
+        await manager.load_records()
+        state = manager.frame_state(checkpoint.root_frame_id)
+        if state is None:
+            raise CheckpointCorruptError(
+                f"no readable checkpoint of frame {checkpoint.root_frame_id!r} in execution "
+                f"{manager.execution_id!r}"
+            )
+        if state.agent_id != agent.id:
+            raise ExecutorStateError(
+                f"checkpoint {checkpoint.checkpoint_id} belongs to agent {state.agent_id!r}, not {agent.id!r}"
+            )
+        await manager.open()
+        executor = cls(
+            agent, namespace=namespace, on_statement=on_statement, checkpoint_manager=manager, _state=state
+        )
+        if state.done:
+            executor._finalized_from_checkpoint()
+            return executor
+        try:
+            await executor.add_chunk(state.response)
+        except LLMCodeError:
+            pass
+        return executor
+
+    def _finalized_from_checkpoint(self) -> None:
+        """A frame that had finished: nothing runs again; finalize reports what it reported."""
+        self._chunks = [self._recovered_response]
+        self._response_cache = self._recovered_response
+        self._finalized = True
+
+    @property
+    def executed_offset(self) -> int:
+        """Length of the executed prefix of the response."""
+        return self._executed_offset
+
+    @property
+    def statements_executed(self) -> int:
+        return self._statements_executed
+
+    @property
+    def last_statement(self) -> str:
+        """Source of the last statement that ran."""
+        return self._last_statement
+
+    @property
+    def frame_id(self) -> str:
+        """This executor's frame id (part of every idempotency key)."""
+        return self.interceptor.frame_id
+
+    def _check_replayed_text(self, start: int, text: str) -> None:
+        """After a resume, the code fed again must be the code that ran before the crash."""
+        end = min(start + len(text), self._resume_offset)
+        if start >= end:
+            return
+        expected = self._recovered_response[start:end]
+        if text[: end - start] != expected:
+            error = NonDeterminismError(
+                f"frame {self.frame_id!r} resumed with different code than it had run before the crash: "
+                f"at offset {start} expected {expected[:80]!r} but got {text[: end - start][:80]!r}"
+            )
+            self._fatal = error
+            raise error
 
     # ----------------------------------------------------------------- input
 
@@ -118,18 +306,34 @@ class StreamingPythonExecutor:
 
         Raises :class:`~playbooks.errors.CodeSyntaxError` or
         :class:`~playbooks.errors.CodeExecutionError` for the first statement that fails; after that,
-        further chunks are recorded but nothing runs.
+        further chunks are recorded but nothing runs. Durability failures raise an
+        :class:`~playbooks.errors.InterpreterError` (a checkpoint that cannot be written, a replay that
+        diverged) and stop the executor.
         """
+        if self._fatal is not None:
+            raise self._fatal
         if self._finalized:
             raise ExecutorStateError("add_chunk() after finalize()")
         if not text:
             return
+        if self._resume_offset:
+            self._check_replayed_text(len(self.response), text)
         self._chunks.append(text)
         self._response_cache = None
         if self._error is not None:
             return
+        if self._frame is not None:
+            await self._durable(self._frame.start())
         self._splitter.feed(text)
         await self._run_ready()
+
+    async def _durable(self, step: Any) -> None:
+        """Await a durability step; its failure stops the executor."""
+        try:
+            await step
+        except InterpreterError as exc:
+            self._fatal = exc
+            raise
 
     async def finalize(self) -> ExecutionResult:
         """End the stream: run what was pending (a trailing compound statement) and report.
@@ -137,6 +341,8 @@ class StreamingPythonExecutor:
         Errors in the LLM's code are returned in the result, not raised (``add_chunk`` already raised
         them when they happened).
         """
+        if self._fatal is not None:
+            raise self._fatal
         if not self._finalized:
             expected = self._expected_response
             if expected is not None and len(expected) > len(self.response):
@@ -153,6 +359,11 @@ class StreamingPythonExecutor:
                 except LLMCodeError:
                     pass
             self._register_source()
+            if self._frame is not None:
+                if self._fatal is not None:
+                    raise self._fatal
+                await self._durable(self._frame.start())
+                await self._durable(self._frame.finish(self._error))
         return ExecutionResult(
             success=self._error is None,
             error=self._error,
@@ -179,6 +390,8 @@ class StreamingPythonExecutor:
             if item is NEED_DATA or item is END:
                 return
             assert isinstance(item, Statement)
+            if item.end <= self._resume_offset:
+                continue  # ran before the crash; its effects are in the restored namespace
             await self._run(item)
 
     async def _run(self, statement: Statement) -> None:
@@ -202,12 +415,24 @@ class StreamingPythonExecutor:
                 await eval(code, self.namespace)
             else:
                 exec(code, self.namespace)
+        except InterpreterError as exc:
+            self._fatal = exc
+            raise
         except Exception as exc:
+            if self._frame is not None and self._frame.fatal is not None:
+                self._fatal = self._frame.fatal
+                raise self._fatal from exc
             failure = self._execution_error(exc, statement)
             self._fail(failure)
             raise failure from exc
         self._executed_offset = statement.end
         self._statements_executed += 1
+        self._last_statement = statement.source
+        if self._frame is not None:
+            if self._frame.fatal is not None:  # swallowed by the LLM's code: still fatal
+                self._fatal = self._frame.fatal
+                raise self._fatal
+            await self._durable(self._frame.after_statement())
 
     def _fail(self, error: LLMCodeError) -> None:
         error.executed_code = self.get_executed_code()

@@ -1,0 +1,193 @@
+"""What durability costs, measured beside its floor in one run on one disk.
+
+    python benchmarks/bench_checkpoint.py [--awaits 200] [--dir PATH] [--quick]
+
+Prints, all from this run:
+
+* the floor: one 100-byte append with fsync to a file in the same folder as the checkpoints;
+* the per-await overhead of a durable executor (FilesystemCheckpointProvider) over the same code run
+  without checkpoints, for a small namespace and for a namespace holding an untouched 1 MB of data
+  (a str and a list of dicts, so the mutable part is re-pickled and hashed but not rewritten), with
+  ratios against the floor and against the small-namespace overhead (targets: <= 3x each);
+* bytes written per await;
+* cold resume: a new process that recovers an execution and reaches its first remaining statement
+  (target: under 300 ms), and the time ``import playbooks`` adds to a bare interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from typing import Any
+
+from playbooks import Agent
+from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider
+from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
+
+
+async def _work(x: int) -> int:
+    return x
+
+
+class _Counting(FilesystemCheckpointProvider):
+    written = 0
+
+    async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
+        type(self).written += len(data)
+        await super().save_checkpoint(checkpoint_id, data, sync=sync)
+
+
+def floor_us(folder: str, n: int) -> float:
+    """Median time of one small append + fsync, in microseconds."""
+    path = os.path.join(folder, "floor.log")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    samples = []
+    try:
+        for _ in range(n):
+            start = time.perf_counter()
+            os.write(fd, b"x" * 100)
+            os.fsync(fd)
+            samples.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(samples) * 1e6
+
+
+def _code(n: int) -> str:
+    return "".join(f"v{i} = await Work({i})\n" for i in range(n))
+
+
+async def _run(folder: str | None, n: int, prelude: dict[str, Any], execution_id: str) -> tuple[float, int]:
+    agent = Agent(execution_id, tools={"Work": _work})
+    namespace = dict(prelude)
+    manager = None
+    if folder is not None:
+        manager = CheckpointManager(execution_id, _Counting(folder), keep_last_n=10)
+    ex = StreamingPythonExecutor(agent, namespace=namespace, checkpoint_manager=manager)
+    await ex.add_chunk("warm = await Work(-1)\n")
+    _Counting.written = 0
+    code = _code(n)
+    start = time.perf_counter()
+    await ex.add_chunk(code)
+    elapsed = time.perf_counter() - start
+    written = _Counting.written
+    if manager is not None:
+        await manager.close()
+    return elapsed, written
+
+
+def _big_namespace() -> dict[str, Any]:
+    return {
+        "text": "y" * 500_000,
+        "rows": [{"id": i, "name": f"row-{i}"} for i in range(12_000)],
+    }
+
+
+async def overhead(folder: str, n: int, prelude: dict[str, Any], label: str, repeats: int) -> tuple[float, float]:
+    """Median per-await overhead (µs) and bytes written per await."""
+    overheads, sizes = [], []
+    for r in range(repeats):
+        plain, _ = await _run(None, n, prelude, f"{label}-plain-{r}")
+        durable, written = await _run(folder, n, prelude, f"{label}-{r}")
+        overheads.append((durable - plain) / n * 1e6)
+        sizes.append(written / n)
+    return statistics.median(overheads), statistics.median(sizes)
+
+
+_RESUME = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    t0 = time.perf_counter()
+    from playbooks import Agent
+    from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider, RecoveryCoordinator
+    from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
+
+    async def Work(x):
+        return x
+
+    def first(statement):
+        print(f"{(time.perf_counter() - t0) * 1000:.1f}", flush=True)
+        raise SystemExit(0)
+
+    async def main():
+        agent = Agent("resume", tools={"Work": Work})
+        manager = CheckpointManager(execution_id=agent.id, provider=FilesystemCheckpointProvider(sys.argv[1]))
+        coordinator = RecoveryCoordinator(manager)
+        assert await coordinator.can_recover()
+        checkpoint = await manager.get_latest_checkpoint()
+        await coordinator.recover_execution_state(agent)
+        await StreamingPythonExecutor.resume_from_checkpoint(
+            agent, checkpoint, checkpoint_manager=manager, on_statement=first)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def _prepare_resume(folder: str) -> None:
+    agent = Agent("resume", tools={"Work": _work})
+    manager = CheckpointManager("resume", FilesystemCheckpointProvider(folder))
+    ex = StreamingPythonExecutor(agent, namespace=_big_namespace(), checkpoint_manager=manager)
+    await ex.add_chunk(_code(20) + "after = await Work(")  # stops mid-statement, as a crash would
+    await manager.close()
+
+
+def _wall_ms(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True)
+    return (time.perf_counter() - start) * 1000
+
+
+def cold_resume(folder: str, repeats: int) -> tuple[float, float, float]:
+    """Median ms: process start to first remaining statement (wall), the same inside the process,
+    and ``import playbooks`` over a bare interpreter."""
+    asyncio.run(_prepare_resume(folder))
+    script = os.path.join(folder, "resume.py")
+    with open(script, "w") as f:
+        f.write(_RESUME)
+    walls, insides = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, script, folder], check=True, capture_output=True, text=True
+        ).stdout
+        walls.append((time.perf_counter() - start) * 1000)
+        insides.append(float(out.strip()))
+    bare = statistics.median(_wall_ms([sys.executable, "-c", "pass"]) for _ in range(repeats))
+    imported = statistics.median(_wall_ms([sys.executable, "-c", "import playbooks"]) for _ in range(repeats))
+    return statistics.median(walls), statistics.median(insides), imported - bare
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--awaits", type=int, default=200)
+    parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp folder here)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    options = parser.parse_args()
+    repeats = 2 if options.quick else 5
+    n = 40 if options.quick else options.awaits
+    with tempfile.TemporaryDirectory(dir=options.dir or os.getcwd(), prefix=".bench-ckpt-") as folder:
+        floor = floor_us(folder, 50 if options.quick else 300)
+        small, small_bytes = asyncio.run(overhead(folder, n, {"x": 1, "name": "small"}, "small", repeats))
+        big, big_bytes = asyncio.run(overhead(folder, n, _big_namespace(), "big", repeats))
+        wall, inside, import_ms = cold_resume(folder, repeats)
+    print(f"python {sys.version.split()[0]}, {n} awaits x {repeats} repeats, folder on {options.dir or os.getcwd()}")
+    print(f"floor: one fsynced 100-byte append          {floor:9.1f} us")
+    print(f"per-await overhead, small namespace          {small:9.1f} us   {small / floor:5.2f}x floor (target <= 3)")
+    print(f"per-await overhead, untouched 1 MB namespace {big:9.1f} us   {big / small:5.2f}x small (target <= 3)")
+    print(f"bytes written per await, small namespace     {small_bytes:9.0f} B")
+    print(f"bytes written per await, 1 MB namespace      {big_bytes:9.0f} B")
+    print(f"cold resume to first remaining statement     {wall:9.1f} ms wall ({inside:.1f} ms after interpreter start; target < 300)")
+    print(f"import playbooks                              {import_ms:9.1f} ms over a bare interpreter")
+
+
+if __name__ == "__main__":
+    main()

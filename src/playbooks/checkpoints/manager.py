@@ -1,0 +1,409 @@
+"""One execution's checkpoints: numbering, integrity, locking, loading with fallback, and pruning.
+
+The manager is the only writer of an execution id. It numbers records with one counter that never
+restarts (it continues after the newest stored record, across executors, LLM calls and resumes, so the
+latest is always the last), holds the execution's lock from its first write (a second process on the
+same id is refused), signs every record with the codec (checksum or HMAC, checked before anything is
+unpickled), and prunes: ``keep_last_n`` snapshots are kept, plus whatever a kept snapshot refers to and
+whatever an unfinished frame still needs to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from playbooks.checkpoints.codec import decode_record, encode_record, resolve_key
+from playbooks.checkpoints.model import (
+    Checkpoint,
+    FrameState,
+    JournalEntry,
+    Record,
+    StoredVar,
+)
+from playbooks.checkpoints.provider import (
+    CheckpointProvider,
+    ExecutionLock,
+    checkpoint_id,
+    parse_checkpoint_id,
+)
+from playbooks.errors import CheckpointCorruptError, CheckpointTooLargeError, CheckpointWarning
+
+if TYPE_CHECKING:
+    from playbooks.checkpoints.namespace import EncodedNamespace, NamespaceEncoder
+    from playbooks.config import DurabilityConfig
+
+__all__ = ("CheckpointManager",)
+
+_logger = logging.getLogger("playbooks.checkpoints")
+
+UnpicklablePolicy = Literal["skip", "strict"]
+_KEY_FROM_ENV: Any = object()
+
+
+@dataclass(slots=True)
+class _IndexEntry:
+    kind: str
+    frame_id: str
+    hosts: frozenset[int]
+    done: bool
+
+
+class CheckpointManager:
+    """Writes and reads the checkpoints of one execution id through a :class:`CheckpointProvider`.
+
+    ``key`` signs records with an HMAC (default: the ``PLAYBOOKS_CHECKPOINT_KEY`` environment variable,
+    if set); ``unpicklable`` is ``"skip"`` (leave the variable out, warn, and make a later use of it
+    fail clearly) or ``"strict"`` (fail the checkpoint); ``max_checkpoint_size_mb`` bounds a snapshot.
+    """
+
+    def __init__(
+        self,
+        execution_id: str,
+        provider: CheckpointProvider | None = None,
+        *,
+        keep_last_n: int | None = 10,
+        max_checkpoint_size_mb: float = 100.0,
+        unpicklable: UnpicklablePolicy = "skip",
+        key: str | bytes | None = _KEY_FROM_ENV,
+    ) -> None:
+        if not isinstance(execution_id, str) or not execution_id:
+            raise ValueError("execution_id must be a non-empty string")
+        if keep_last_n is not None and keep_last_n < 1:
+            raise ValueError("keep_last_n must be at least 1 (or None to keep every checkpoint)")
+        if unpicklable not in ("skip", "strict"):
+            raise ValueError('unpicklable must be "skip" or "strict"')
+        if provider is None:
+            from playbooks.checkpoints.providers.filesystem import FilesystemCheckpointProvider
+
+            provider = FilesystemCheckpointProvider()
+        self.execution_id = execution_id
+        self.provider = provider
+        self.keep_last_n = keep_last_n
+        self.max_checkpoint_size_mb = max_checkpoint_size_mb
+        self.unpicklable: UnpicklablePolicy = unpicklable
+        self._key = resolve_key() if key is _KEY_FROM_ENV else resolve_key(key)
+        self._lock: ExecutionLock | None = None
+        self._next_counter: int | None = None
+        self._index: dict[int, _IndexEntry] = {}
+        self._records: dict[int, Record] = {}
+        self._stale: set[int] = set()
+        self._unsynced = False
+        self._warned_skips: set[tuple[str, str]] = set()
+        self.fallbacks: list[str] = []
+        """Every corrupt or missing checkpoint that loading skipped, as a message (newest last)."""
+
+    @classmethod
+    def from_config(
+        cls, durability: DurabilityConfig, execution_id: str, *, provider: CheckpointProvider | None = None
+    ) -> CheckpointManager:
+        """A manager with the settings of a ``[durability]`` table (its provider and storage path)."""
+        import os
+
+        from playbooks.checkpoints.providers import create_provider
+
+        if provider is None:
+            if durability.provider == "memory":
+                provider = create_provider("memory")
+            elif durability.provider == "sqlite":
+                path = durability.storage_path
+                if not path.endswith((".sqlite3", ".sqlite", ".db")):
+                    path = os.path.join(path, "checkpoints.sqlite3")
+                provider = create_provider("sqlite", path=path)
+            else:
+                provider = create_provider(durability.provider, base_path=durability.storage_path)
+        return cls(
+            execution_id,
+            provider,
+            keep_last_n=durability.keep_last_n,
+            max_checkpoint_size_mb=durability.max_checkpoint_size_mb,
+            unpicklable=durability.unpicklable,
+            key=os.environ.get(durability.hmac_key_env) or None,
+        )
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.execution_id!r}, {self.provider!r})"
+
+    # ----------------------------------------------------------------- writing
+
+    async def open(self) -> None:
+        """Take the execution's lock and find where numbering continues; idempotent.
+
+        Raises :class:`~playbooks.errors.ExecutionLockedError` when another live process (or another
+        manager in this one) holds the execution.
+        """
+        if self._lock is None:
+            self._lock = await self.provider.acquire_lock(self.execution_id)
+        if self._next_counter is None:
+            counters = await self._stored_counters()
+            self._next_counter = (max(counters) + 1) if counters else 1
+            self._stale = set(counters) - set(self._records) - set(self._index)
+            if self._stale:
+                _logger.info(
+                    "execution %s has %d checkpoint(s) from an earlier run that were not resumed; "
+                    "numbering continues at %d",
+                    self.execution_id, len(self._stale), self._next_counter,
+                )
+
+    def allocate_counter(self) -> int:
+        """Reserve the next counter (call :meth:`open` first)."""
+        if self._next_counter is None:
+            raise RuntimeError("CheckpointManager.open() must be awaited before writing")
+        counter = self._next_counter
+        self._next_counter += 1
+        return counter
+
+    async def write(self, record: Record, *, sync: bool) -> None:
+        """Store ``record`` (its counter comes from :meth:`allocate_counter`).
+
+        ``sync=False`` survives a killed process but not a power loss until :meth:`sync`; a failed
+        write raises :class:`~playbooks.errors.CheckpointWriteError` and leaves earlier records intact.
+        """
+        data = encode_record(record.encode(), key=self._key)
+        await self.provider.save_checkpoint(checkpoint_id(self.execution_id, record.counter), data, sync=sync)
+        self._index[record.counter] = _IndexEntry(
+            record.kind, record.frame_id, frozenset(record.hosts), record.done
+        )
+        if sync:
+            self._unsynced = False
+        else:
+            self._unsynced = True
+
+    async def sync(self) -> None:
+        """Make every record written with ``sync=False`` durable (fsync) before going on."""
+        if self._unsynced:
+            await self.provider.sync(self.execution_id)
+            self._unsynced = False
+
+    def new_encoder(self) -> NamespaceEncoder:
+        """A namespace encoder with this manager's unpicklable-value policy."""
+        from playbooks.checkpoints.namespace import NamespaceEncoder
+
+        return NamespaceEncoder(policy=self.unpicklable)
+
+    def check_snapshot(self, encoded: EncodedNamespace, frame_id: str) -> None:
+        """Refuse a snapshot over ``max_checkpoint_size_mb``; warn once per skipped variable."""
+        limit = int(self.max_checkpoint_size_mb * 1024 * 1024)
+        total = encoded.total_size()
+        if total > limit:
+            largest = ", ".join(f"{name} ({size / 1048576:.2f} MB)" for name, size in encoded.largest(3))
+            raise CheckpointTooLargeError(
+                f"the checkpoint of frame {frame_id!r} of execution {self.execution_id!r} would be "
+                f"{total / 1048576:.2f} MB, over max_checkpoint_size_mb = {self.max_checkpoint_size_mb:g}. "
+                f"Largest variables: {largest}. Delete what is not needed (del name) or raise the limit; "
+                f"the previous checkpoint is intact."
+            )
+        for skipped in encoded.skipped:
+            if (frame_id, skipped.name) in self._warned_skips:
+                continue
+            self._warned_skips.add((frame_id, skipped.name))
+            warnings.warn(
+                f"variable {skipped.name!r} ({skipped.type_name}) is not saved in the checkpoints of "
+                f"execution {self.execution_id!r}: {skipped.reason}. After a resume, using it raises "
+                f"UnrestoredValueError; set durability.unpicklable = \"strict\" to fail instead.",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+
+    async def prune(self) -> int:
+        """Delete what no kept snapshot and no unfinished frame needs; return how many were deleted."""
+        if self.keep_last_n is None or not self._index:
+            return 0
+        needed = self._needed()
+        newest = max(self._index)
+        doomed = sorted((set(self._index) | self._stale) - needed - {newest})
+        for counter in doomed:
+            await self.provider.delete_checkpoint(checkpoint_id(self.execution_id, counter))
+            self._index.pop(counter, None)
+            self._records.pop(counter, None)
+            self._stale.discard(counter)
+        return len(doomed)
+
+    def _needed(self) -> set[int]:
+        assert self.keep_last_n is not None
+        snapshots = sorted(c for c, e in self._index.items() if e.kind == "snapshot")
+        kept = set(snapshots[-self.keep_last_n :])
+        by_frame: dict[str, list[int]] = {}
+        for counter, entry in self._index.items():
+            by_frame.setdefault(entry.frame_id, []).append(counter)
+        finished = {e.frame_id for e in self._index.values() if e.done}
+        needed = set(kept)
+        for frame_id, counters in by_frame.items():
+            if frame_id in finished:
+                continue
+            own = sorted(c for c in counters if self._index[c].kind == "snapshot")
+            if not own:
+                needed.update(counters)
+                continue
+            kept_own = [c for c in own if c in kept]
+            base = kept_own[0] if kept_own else own[-1]
+            needed.update(c for c in counters if c >= base)
+        for counter in list(needed):
+            kept_entry = self._index.get(counter)
+            if kept_entry is not None:
+                needed |= kept_entry.hosts
+        return needed
+
+    async def close(self) -> None:
+        """Flush unsynced records and release the execution's lock."""
+        try:
+            await self.sync()
+        finally:
+            if self._lock is not None:
+                lock, self._lock = self._lock, None
+                await lock.release()
+
+    # ----------------------------------------------------------------- reading
+
+    async def list_checkpoints(self) -> list[str]:
+        """The ids of every stored record of this execution, oldest first."""
+        return await self.provider.list_checkpoints(self.execution_id)
+
+    async def _stored_counters(self) -> list[int]:
+        return [parse_checkpoint_id(cid)[1] for cid in await self.list_checkpoints()]
+
+    async def load_records(self) -> dict[int, Record]:
+        """Load and verify every stored record not loaded yet; corrupt ones are skipped and reported."""
+        for counter in await self._stored_counters():
+            if counter in self._records:
+                continue
+            cid = checkpoint_id(self.execution_id, counter)
+            try:
+                data = await self.provider.load_checkpoint(cid)
+                if data is None:
+                    continue
+                record = Record.decode(decode_record(data, key=self._key), cid)
+            except CheckpointCorruptError as exc:
+                self._report(f"checkpoint {cid} is unreadable and was skipped: {exc}")
+                continue
+            self._records[counter] = record
+            self._index.setdefault(
+                counter, _IndexEntry(record.kind, record.frame_id, frozenset(record.hosts), record.done)
+            )
+            self._stale.discard(counter)
+        return self._records
+
+    def _report(self, message: str) -> None:
+        if message not in self.fallbacks:
+            self.fallbacks.append(message)
+            warnings.warn(message, CheckpointWarning, stacklevel=3)
+
+    async def get_latest_checkpoint(self) -> Checkpoint | None:
+        """The newest valid checkpoint (a corrupt newest one is skipped, with a warning), or ``None``."""
+        records = await self.load_records()
+        if not records:
+            return None
+        return self._checkpoint(max(records))
+
+    async def load_checkpoint(self, checkpoint: str | int) -> Checkpoint:
+        """The checkpoint with this id or counter, as the frame's state at that record.
+
+        Raises :class:`~playbooks.errors.CheckpointCorruptError` if it is missing or unreadable.
+        """
+        counter = checkpoint if isinstance(checkpoint, int) else parse_checkpoint_id(checkpoint)[1]
+        records = await self.load_records()
+        if counter not in records:
+            raise CheckpointCorruptError(
+                f"checkpoint {checkpoint_id(self.execution_id, counter)} is missing or unreadable"
+            )
+        return self._checkpoint(counter)
+
+    def _checkpoint(self, counter: int) -> Checkpoint:
+        record = self._records[counter]
+        state = self.frame_state(record.frame_id, upto=counter)
+        assert state is not None
+        return Checkpoint(checkpoint_id(self.execution_id, counter), counter, record.kind, state)
+
+    def loaded_frame_ids(self) -> set[str]:
+        """Frames with at least one loaded record."""
+        return {r.frame_id for r in self._records.values()}
+
+    def frame_state(self, frame_id: str, *, upto: int | None = None) -> FrameState | None:
+        """Rebuild ``frame_id`` from the loaded records (up to counter ``upto``), or ``None``.
+
+        The newest snapshot whose variables all resolve is the base (a broken newer one is reported and
+        skipped); the journal is every call record of the frame after it; the response is the
+        snapshot's plus the text carried by the later records, as far as it is contiguous.
+        """
+        own = sorted(
+            (r for c, r in self._records.items() if r.frame_id == frame_id and (upto is None or c <= upto)),
+            key=lambda r: r.counter,
+        )
+        if not own:
+            return None
+        base: Record | None = None
+        resolved: dict[str, bytes] = {}
+        for record in reversed(own):
+            if record.kind != "snapshot":
+                continue
+            try:
+                resolved = self._resolve(record)
+            except CheckpointCorruptError as exc:
+                self._report(f"{exc}; falling back to an earlier snapshot of frame {frame_id!r}")
+                continue
+            base = record
+            break
+        if base is None:
+            self._report(
+                f"frame {frame_id!r} of execution {self.execution_id!r} has no readable snapshot: "
+                f"it starts again from the beginning of its code, with the journal of its calls"
+            )
+        start = base.counter if base is not None else 0
+        next_seq = base.next_seq if base is not None else 0
+        response = base.response_text if base is not None else ""
+        journal: dict[int, JournalEntry] = {}
+        for record in own:
+            if record.counter <= start:
+                continue
+            if record.response_start <= len(response):
+                response = response[: record.response_start] + record.response_text
+            if record.kind == "snapshot" or record.seq < next_seq:
+                continue
+            finished = record.kind == "result"
+            if not finished and record.seq in journal:
+                continue
+            journal[record.seq] = JournalEntry(
+                record.seq, record.name, record.fingerprint, record.display, record.key,
+                record.outcome if finished else None, record.value, record.counter,
+            )
+        last = own[-1]
+        return FrameState(
+            execution_id=self.execution_id,
+            frame_id=frame_id,
+            agent_id=last.agent_id,
+            call_stack=last.call_stack,
+            snapshot_counter=start,
+            last_counter=last.counter,
+            timestamp=last.timestamp,
+            response=response,
+            executed_offset=base.executed_offset if base is not None else 0,
+            statement=base.statement if base is not None else "",
+            next_seq=next_seq,
+            statements_executed=base.statements_executed if base is not None else 0,
+            variables=dict(base.variables) if base is not None else {},
+            resolved=resolved,
+            skipped=base.skipped if base is not None else (),
+            journal=journal,
+            done=base.done if base is not None else False,
+            error=base.error if base is not None else None,
+        )
+
+    def _resolve(self, snapshot: Record) -> dict[str, bytes]:
+        resolved: dict[str, bytes] = {}
+        for name, var in snapshot.variables.items():
+            data = var.data
+            if data is None:
+                host = self._records.get(var.host) if var.host is not None else None
+                hosted: StoredVar | None = host.variables.get(name) if host is not None else None
+                data = hosted.data if hosted is not None else None
+                if data is None or hosted is None or hosted.digest != var.digest:
+                    raise CheckpointCorruptError(
+                        f"checkpoint {checkpoint_id(self.execution_id, snapshot.counter)} refers to "
+                        f"variable {name!r} in checkpoint "
+                        f"{checkpoint_id(self.execution_id, var.host or 0)}, which is missing or unreadable"
+                    )
+            resolved[name] = data
+        return resolved
+

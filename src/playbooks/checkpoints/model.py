@@ -1,0 +1,280 @@
+"""What a checkpoint holds: records as stored, a frame's state rebuilt from them, and the user's view.
+
+Every stored record (one checkpoint id, one counter) is one of three kinds:
+
+* ``snapshot``: a frame's state at a statement boundary: the executed offset, the whole response so far,
+  the next call sequence number and the namespace, one pickle per variable. A variable that did not
+  change since the frame's previous snapshot is stored as a reference (``host``) to the snapshot that
+  holds its bytes, so an untouched namespace is not copied on every await.
+* ``intent``: a durable call is about to run (sequence number, name, argument fingerprint).
+* ``result``: a durable call finished; its value or exception, pickled.
+
+Each record also carries the part of the frame's LLM response received since the frame's previous
+record, so the response is stored as it streams, and the frame's place in the call stack.
+
+A :class:`FrameState` is a frame rebuilt from its newest valid snapshot plus the journal after it; a
+:class:`Checkpoint` is the mapping users read (``checkpoint["namespace"]``,
+``checkpoint["execution_state"]["call_stack"]``, ``checkpoint["metadata"]["llm_response"]``, ...).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from playbooks.errors import CheckpointCorruptError
+
+__all__ = ("Checkpoint", "FrameState", "JournalEntry", "Record", "RecordKind", "StoredVar")
+
+RECORD_VERSION = 1
+
+RecordKind = Literal["snapshot", "intent", "result"]
+Outcome = Literal["value", "raise", "unrecorded"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVar:
+    """One variable of a snapshot: its pickle inline, or a reference to the snapshot that holds it."""
+
+    digest: str
+    size: int
+    data: bytes | None
+    host: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRef:
+    """One frame of a call stack, as seen when a record was written."""
+
+    frame_id: str
+    agent_id: str
+    parent_seq: int | None
+    executed_offset: int
+    statement: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "frame_id": self.frame_id,
+            "agent_id": self.agent_id,
+            "parent_seq": self.parent_seq,
+            "executed_offset": self.executed_offset,
+            "statement": self.statement,
+        }
+
+
+@dataclass(slots=True)
+class Record:
+    """One stored record, decoded (its integrity was checked by the codec before it was unpickled)."""
+
+    kind: RecordKind
+    execution_id: str
+    counter: int
+    timestamp: float
+    frame_id: str
+    agent_id: str
+    call_stack: tuple[FrameRef, ...]
+    response_start: int
+    response_text: str
+    # snapshot
+    executed_offset: int = 0
+    statement: str = ""
+    next_seq: int = 0
+    statements_executed: int = 0
+    variables: dict[str, StoredVar] = field(default_factory=dict)
+    skipped: tuple[tuple[str, str, str], ...] = ()
+    done: bool = False
+    error: bytes | None = None
+    # intent / result
+    seq: int = -1
+    name: str = ""
+    fingerprint: str = ""
+    display: str = ""
+    key: str = ""
+    outcome: Outcome = "unrecorded"
+    value: bytes | None = None
+
+    @property
+    def parent_frame(self) -> str | None:
+        return self.call_stack[-2].frame_id if len(self.call_stack) > 1 else None
+
+    @property
+    def hosts(self) -> set[int]:
+        """Counters of the earlier snapshots this snapshot's variables refer to."""
+        return {v.host for v in self.variables.values() if v.data is None and v.host is not None}
+
+    def encode(self) -> bytes:
+        """The record as a payload for :func:`playbooks.checkpoints.codec.encode_record`."""
+        state = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        state["call_stack"] = [ref.to_dict() for ref in self.call_stack]
+        state["variables"] = {
+            n: (v.digest, v.size, v.data, v.host) for n, v in self.variables.items()
+        }
+        return pickle.dumps({"v": RECORD_VERSION, "record": state}, protocol=5)
+
+    @classmethod
+    def decode(cls, payload: bytes, checkpoint_id: str) -> Record:
+        """Rebuild a record from a verified payload; a payload of the wrong shape is corrupt."""
+        try:
+            envelope = pickle.loads(payload)
+            if envelope.get("v") != RECORD_VERSION:
+                raise CheckpointCorruptError(
+                    f"checkpoint {checkpoint_id} has record version {envelope.get('v')!r}; this "
+                    f"version of playbooks reads version {RECORD_VERSION}"
+                )
+            state = dict(envelope["record"])
+            state["call_stack"] = tuple(FrameRef(**ref) for ref in state["call_stack"])
+            state["variables"] = {n: StoredVar(*v) for n, v in state["variables"].items()}
+            state["skipped"] = tuple(tuple(s) for s in state["skipped"])
+            return cls(**state)
+        except CheckpointCorruptError:
+            raise
+        except Exception as exc:
+            raise CheckpointCorruptError(
+                f"checkpoint {checkpoint_id} passed its checksum but does not hold a playbooks "
+                f"record ({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """A durable call of a frame after its snapshot: started (``outcome is None``) or finished."""
+
+    seq: int
+    name: str
+    fingerprint: str
+    display: str
+    key: str
+    outcome: Outcome | None
+    value: bytes | None
+    counter: int
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+
+@dataclass(slots=True)
+class FrameState:
+    """A frame rebuilt from its newest valid snapshot and the journal written after it."""
+
+    execution_id: str
+    frame_id: str
+    agent_id: str
+    call_stack: tuple[FrameRef, ...]
+    snapshot_counter: int
+    last_counter: int
+    timestamp: float
+    response: str
+    executed_offset: int
+    statement: str
+    next_seq: int
+    statements_executed: int
+    variables: dict[str, StoredVar]
+    resolved: dict[str, bytes]
+    skipped: tuple[tuple[str, str, str], ...]
+    journal: dict[int, JournalEntry]
+    done: bool
+    error: bytes | None
+
+    @property
+    def in_flight(self) -> list[JournalEntry]:
+        """Calls that had started but not finished when the process stopped: they may have run."""
+        return [e for e in self.journal.values() if not e.finished]
+
+
+class Checkpoint(Mapping[str, Any]):
+    """A stored checkpoint as users read it: a mapping with ``namespace``, ``execution_state`` and
+    ``metadata``, plus attributes (:attr:`checkpoint_id`, :attr:`counter`, :attr:`state`).
+
+    The namespace is unpickled on first access, into a fresh dict (tools are not in it: they are bound
+    again by the executor that resumes).
+    """
+
+    def __init__(self, checkpoint_id: str, counter: int, kind: RecordKind, state: FrameState) -> None:
+        self.checkpoint_id = checkpoint_id
+        self.counter = counter
+        self.kind = kind
+        self.state = state
+        self._namespace: dict[str, Any] | None = None
+
+    @property
+    def execution_id(self) -> str:
+        return self.state.execution_id
+
+    @property
+    def frame_id(self) -> str:
+        return self.state.frame_id
+
+    @property
+    def root_frame_id(self) -> str:
+        return self.state.call_stack[0].frame_id if self.state.call_stack else self.state.frame_id
+
+    def _load_namespace(self) -> dict[str, Any]:
+        if self._namespace is None:
+            from playbooks.checkpoints.namespace import decode_namespace
+
+            target: dict[str, Any] = {}
+            decode_namespace(self.state.resolved, target)
+            self._namespace = target
+        return self._namespace
+
+    def _execution_state(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "frame_id": s.frame_id,
+            "call_stack": [ref.to_dict() for ref in s.call_stack],
+            "executed_offset": s.executed_offset,
+            "next_seq": s.next_seq,
+            "statements_executed": s.statements_executed,
+            "done": s.done,
+            "journal": [
+                {"seq": e.seq, "name": e.name, "args": e.display, "idempotency_key": e.key,
+                 "finished": e.finished}
+                for e in sorted(s.journal.values(), key=lambda e: e.seq)
+            ],
+            "skipped_variables": [
+                {"name": n, "type": t, "reason": r} for n, t, r in s.skipped
+            ],
+        }
+
+    def _metadata(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "execution_id": s.execution_id,
+            "agent_id": s.agent_id,
+            "frame_id": s.frame_id,
+            "kind": self.kind,
+            "counter": self.counter,
+            "snapshot_counter": s.snapshot_counter,
+            "timestamp": s.timestamp,
+            "llm_response": s.response,
+            "executed_code": s.response[: s.executed_offset],
+            "statement": s.statement,
+        }
+
+    _KEYS = ("namespace", "execution_state", "metadata")
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "namespace":
+            return self._load_namespace()
+        if key == "execution_state":
+            return self._execution_state()
+        if key == "metadata":
+            return self._metadata()
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
+    def __repr__(self) -> str:
+        s = self.state
+        return (
+            f"<Checkpoint {self.checkpoint_id} frame={s.frame_id!r} offset={s.executed_offset} "
+            f"statement={s.statement[:40]!r}{' done' if s.done else ''}>"
+        )

@@ -1,0 +1,354 @@
+"""Durable frames: the journal of awaits, snapshots, replay and the call stack of nested executors.
+
+A :class:`DurableFrame` is the durability side of one :class:`StreamingPythonExecutor`. Its
+:class:`DurableInterceptor` sees every call of a tool (and ``print``) by the LLM's code:
+
+* live, an async call is preceded by an ``intent`` record and followed by a ``result`` record, both
+  written without fsync (a killed process loses neither: they are in the kernel's page cache); the
+  records of earlier calls are fsynced before a new call starts, so a power loss can only lose a call
+  that produced no later side effect. Sync calls (``print``, sync tools) cannot await a write: their
+  records are written at the frame's next await or statement end.
+* after a top-level statement that awaited a durable call, the frame writes a synced ``snapshot``
+  (namespace, executed offset, response, next sequence number), which supersedes the journal.
+* resumed, the frame starts from its newest snapshot; a call whose sequence number is in the journal
+  returns the recorded result (or raises the recorded exception) instead of running; a call that had
+  started but not finished runs again with the same idempotency key; a call whose name or arguments
+  differ from the journal raises :class:`~playbooks.errors.NonDeterminismError`.
+
+A tool that creates an executor while it runs makes a *child frame*: its id is the parent's frame id
+plus the call's sequence number, so after a resume the parent's replay re-enters the tool and the child
+executor re-attaches to its own checkpoints. That is how the whole call stack comes back.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import itertools
+import logging
+import pickle
+import re
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from playbooks.checkpoints.manager import CheckpointManager
+from playbooks.checkpoints.model import FrameRef, FrameState, JournalEntry, Record, StoredVar
+from playbooks.errors import CheckpointWarning, InterpreterError, NonDeterminismError
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor
+
+if TYPE_CHECKING:
+    from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
+
+__all__ = ("DurableFrame", "DurableInterceptor", "current_durable_call")
+
+_logger = logging.getLogger("playbooks.checkpoints")
+
+
+@dataclass(slots=True)
+class _CallContext:
+    """The durable call being served: which frame made it, its sequence number, and how many child
+    executors it has created so far."""
+
+    frame: DurableFrame
+    seq: int
+    children: Iterator[int]
+
+
+_ACTIVE_CALL: contextvars.ContextVar[_CallContext | None] = contextvars.ContextVar(
+    "playbooks_durable_call", default=None
+)
+
+
+def current_durable_call() -> _CallContext | None:
+    """The durable call whose tool is running now (``None`` outside one)."""
+    return _ACTIVE_CALL.get()
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _canonical(value: Any, depth: int = 0) -> str:
+    """A text for ``value`` that is the same in every process: sets and dicts sorted, no addresses."""
+    if depth > 20:
+        return "..."
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_canonical(v, depth + 1) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(_canonical(v, depth + 1) for v in value)) + "}"
+    if isinstance(value, dict):
+        items = sorted(f"{_canonical(k, depth + 1)}: {_canonical(v, depth + 1)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__qualname__}>"
+    return _ADDRESS.sub("", text)
+
+
+def fingerprint(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, str]:
+    """``(digest, display)`` of a call: equal across processes for equal arguments."""
+    parts = [_canonical(a) for a in args] + [f"{k}={_canonical(v)}" for k, v in sorted(kwargs.items())]
+    display = f"{name}({', '.join(parts)})"
+    digest = hashlib.blake2b(display.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    if len(display) > 300:
+        display = display[:297] + "..."
+    return digest, display
+
+
+def _dump_outcome(value: Any) -> bytes | None:
+    import cloudpickle
+
+    try:
+        return bytes(cloudpickle.dumps(value))
+    except Exception:
+        return None
+
+
+class DurableFrame:
+    """The checkpoints of one executor: its id, place in the call stack, journal and snapshots."""
+
+    def __init__(
+        self,
+        manager: CheckpointManager,
+        executor: StreamingPythonExecutor,
+        *,
+        frame_id: str,
+        parent: _CallContext | None,
+        state: FrameState | None,
+    ) -> None:
+        self.manager = manager
+        self.executor = executor
+        self.frame_id = frame_id
+        self.parent = parent
+        self.state = state
+        self.journal: dict[int, JournalEntry] = dict(state.journal) if state else {}
+        self.encoder = manager.new_encoder()
+        self.fatal: InterpreterError | None = None
+        self.awaited = False
+        self.reran: list[JournalEntry] = []
+        self._saved_response = len(state.response) if state else 0
+        self._started = state is not None
+        self._pending: list[Record] = []
+        self._seeded = False
+
+    @property
+    def agent_id(self) -> str:
+        return self.executor.agent.id
+
+    def call_stack(self) -> tuple[FrameRef, ...]:
+        """The frames from the root to this one, each with its executed offset and last statement."""
+        ex = self.executor
+        me = FrameRef(
+            self.frame_id,
+            self.agent_id,
+            self.parent.seq if self.parent else None,
+            ex.executed_offset,
+            ex.last_statement,
+        )
+        return (self.parent.frame.call_stack() if self.parent else ()) + (me,)
+
+    def seed(self, values: Mapping[str, Any]) -> None:
+        """Start the encoder from the restored snapshot, so unchanged variables stay references."""
+        if self.state is not None and not self._seeded:
+            blobs = {
+                name: _var_blob(var) for name, var in self.state.variables.items()
+            }
+            self.encoder.seed(blobs, values, self.state.snapshot_counter)
+            self._seeded = True
+
+    # ----------------------------------------------------------------- records
+
+    def _record(self, kind: str, **fields: Any) -> Record:
+        text = self.executor.response
+        if kind == "snapshot":
+            start, delta = 0, text
+        else:
+            start, delta = self._saved_response, text[self._saved_response :]
+        self._saved_response = len(text)
+        return Record(
+            kind=kind,  # type: ignore[arg-type]
+            execution_id=self.manager.execution_id,
+            counter=self.manager.allocate_counter(),
+            timestamp=time.time(),
+            frame_id=self.frame_id,
+            agent_id=self.agent_id,
+            call_stack=self.call_stack(),
+            response_start=start,
+            response_text=delta,
+            **fields,
+        )
+
+    async def start(self) -> None:
+        """Take the lock and, for a new frame, write its starting snapshot (the namespace it got)."""
+        await self.manager.open()
+        if not self._started:
+            self._started = True
+            await self.snapshot(sync=False)
+
+    async def snapshot(self, *, sync: bool = True, done: bool = False, error: bytes | None = None) -> None:
+        """Write the frame's state at its current statement boundary; it supersedes the journal."""
+        ex = self.executor
+        encoded = self.encoder.encode(ex.namespace, bound=ex.bound)
+        self.manager.check_snapshot(encoded, self.frame_id)
+        record = self._record(
+            "snapshot",
+            executed_offset=ex.executed_offset,
+            statement=ex.last_statement,
+            next_seq=ex.interceptor.next_seq,
+            statements_executed=ex.statements_executed,
+            variables={n: StoredVar(b.digest, b.size, b.data, b.host) for n, b in encoded.blobs.items()},
+            skipped=tuple((s.name, s.type_name, s.reason) for s in encoded.skipped),
+            done=done,
+            error=error,
+        )
+        await self.manager.write(record, sync=sync)
+        self.encoder.commit(encoded, record.counter)
+        self._pending.clear()
+        if sync:
+            await self.manager.prune()
+
+    async def flush(self) -> None:
+        """Write the records of sync calls made since the last await (unsynced)."""
+        while self._pending:
+            await self.manager.write(self._pending.pop(0), sync=False)
+
+    async def after_statement(self) -> None:
+        """Snapshot after a statement that awaited a durable call; otherwise just flush."""
+        if self.awaited:
+            self.awaited = False
+            await self.snapshot()
+        else:
+            await self.flush()
+
+    async def finish(self, error: BaseException | None) -> None:
+        """The executor finished: a final, synced snapshot marks the frame done."""
+        await self.snapshot(done=True, error=_dump_outcome(error) if error is not None else None)
+
+    # ----------------------------------------------------------------- calls
+
+    def replay(self, call: ToolCall) -> JournalEntry | None:
+        """The recorded outcome of ``call`` if it finished before the crash; ``None`` to run it live.
+
+        Raises :class:`NonDeterminismError` if the journal has a different call at this number.
+        """
+        entry = self.journal.pop(call.seq, None)
+        if entry is None:
+            return None
+        digest, display = fingerprint(call.name, call.args, call.kwargs)
+        if entry.name != call.name or entry.fingerprint != digest:
+            error = NonDeterminismError(
+                f"replay of frame {self.frame_id!r} diverged at call #{call.seq}: the journal has "
+                f"{entry.display} but the code now calls {display}. The code before this call must "
+                f"make the same durable calls with the same arguments as before the crash (do not "
+                f"read clocks or random numbers outside a tool)."
+            )
+            self.fatal = error
+            raise error
+        if entry.outcome is None or entry.outcome == "unrecorded":
+            self.reran.append(entry)
+            reason = "had started but not finished" if entry.outcome is None else "returned a value that could not be saved"
+            warnings.warn(
+                f"call {entry.display} (idempotency key {entry.key}) {reason} when the process stopped; "
+                f"it may have run, and runs again with the same idempotency key",
+                CheckpointWarning,
+                stacklevel=4,
+            )
+            return None
+        return entry
+
+    def _outcome_fields(self, call: ToolCall, value: Any, raised: BaseException | None) -> dict[str, Any]:
+        digest, display = fingerprint(call.name, call.args, call.kwargs)
+        blob = _dump_outcome(raised if raised is not None else value)
+        outcome = "unrecorded" if blob is None else ("raise" if raised is not None else "value")
+        return dict(
+            seq=call.seq, name=call.name, fingerprint=digest, display=display,
+            key=call.idempotency_key, outcome=outcome, value=blob,
+        )
+
+    async def before_call(self, call: ToolCall) -> None:
+        """Make earlier calls durable (fsync), then record that this one starts."""
+        await self.flush()
+        await self.manager.sync()
+        digest, display = fingerprint(call.name, call.args, call.kwargs)
+        record = self._record(
+            "intent", seq=call.seq, name=call.name, fingerprint=digest, display=display,
+            key=call.idempotency_key,
+        )
+        await self.manager.write(record, sync=False)
+
+    async def after_call(self, call: ToolCall, value: Any, raised: BaseException | None) -> None:
+        """Record how the call ended (unsynced: the next call or snapshot makes it durable)."""
+        await self.manager.write(self._record("result", **self._outcome_fields(call, value, raised)), sync=False)
+
+    def after_sync_call(self, call: ToolCall, value: Any, raised: BaseException | None) -> None:
+        """Queue the record of a sync call; it is written at the next await or statement end."""
+        self._pending.append(self._record("result", **self._outcome_fields(call, value, raised)))
+
+
+def _var_blob(var: StoredVar) -> Any:
+    from playbooks.checkpoints.namespace import VarBlob
+
+    return VarBlob(var.digest, var.size, var.data, var.host)
+
+
+def _unwrap(entry: JournalEntry) -> Any:
+    value = pickle.loads(entry.value) if entry.value is not None else None
+    if entry.outcome == "raise":
+        assert isinstance(value, BaseException)
+        raise value
+    return value
+
+
+class DurableInterceptor(ToolCallInterceptor):
+    """Journals live calls and replays recorded ones for a :class:`DurableFrame`."""
+
+    def __init__(self, frame: DurableFrame, *, run_id: str, frame_id: str, next_seq: int = 0) -> None:
+        super().__init__(run_id=run_id, frame_id=frame_id, next_seq=next_seq)
+        self.frame = frame
+
+    async def call_async(self, call: ToolCall, fn: Callable[..., Awaitable[Any]]) -> Any:
+        frame = self.frame
+        entry = frame.replay(call)
+        frame.awaited = True
+        if entry is not None:
+            return _unwrap(entry)
+        await frame.before_call(call)
+        token = _ACTIVE_CALL.set(_CallContext(frame, call.seq, itertools.count()))
+        try:
+            value = await super().call_async(call, fn)
+        except InterpreterError as exc:  # the interpreter failed (a child's storage, a divergence)
+            _ACTIVE_CALL.reset(token)
+            frame.fatal = frame.fatal or exc
+            raise
+        except Exception as exc:
+            _ACTIVE_CALL.reset(token)
+            await frame.after_call(call, None, exc)
+            raise
+        except BaseException:
+            _ACTIVE_CALL.reset(token)
+            raise
+        _ACTIVE_CALL.reset(token)
+        await frame.after_call(call, value, None)
+        return value
+
+    def call_sync(self, call: ToolCall, fn: Callable[..., Any]) -> Any:
+        frame = self.frame
+        entry = frame.replay(call)
+        if entry is not None:
+            return _unwrap(entry)
+        try:
+            value = super().call_sync(call, fn)
+        except InterpreterError as exc:
+            frame.fatal = frame.fatal or exc
+            raise
+        except Exception as exc:
+            frame.after_sync_call(call, None, exc)
+            raise
+        frame.after_sync_call(call, value, None)
+        return value
