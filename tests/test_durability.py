@@ -329,6 +329,31 @@ async def test_write_error_is_clear_and_earlier_checkpoints_stay(tmp_path: Path)
     assert latest is not None and latest["namespace"]["a"] == 10
 
 
+async def test_disk_full_is_clear_and_earlier_checkpoints_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from playbooks.checkpoints.providers import filesystem
+
+    manager = CheckpointManager(execution_id="full", provider=FilesystemCheckpointProvider(tmp_path))
+    ex = StreamingPythonExecutor(Agent("full", tools=Ledger().tools()), checkpoint_manager=manager)
+    await ex.add_chunk("a = await Work(1)\n")
+    kept = {p: p.read_bytes() for p in (tmp_path / "full").glob("*.pkl")}
+
+    def no_space(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem.os, "write", no_space)
+    with pytest.raises(CheckpointWriteError, match=r"disk full \(ENOSPC\); earlier checkpoints are intact"):
+        await ex.add_chunk("b = await Work(2)\n")
+    monkeypatch.undo()
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert not list((tmp_path / "full").glob(".*.tmp"))  # no temporary file left behind
+    latest = await manager.get_latest_checkpoint()
+    assert latest is not None and latest["namespace"]["a"] == 10
+
+
 @pytest.mark.parametrize("damage", ["truncate", "bitflip", "empty", "garbage"])
 async def test_corrupt_latest_checkpoint_falls_back_and_says_so(tmp_path: Path, damage: str) -> None:
     ledger = Ledger()

@@ -483,7 +483,10 @@ async def test_fs_fsync_only_when_asked(
     assert calls == []
     await fs.save_checkpoint("run_ckpt_3", b"c", sync=False)
     await fs.save_checkpoint("run_ckpt_4", b"d")
-    assert len(calls) == 3  # the new file, the pending one, the folder
+    assert len(calls) == 2  # the new file and the folder; the pending one waits for sync()
+    calls.clear()
+    await fs.sync("run")
+    assert len(calls) == 2  # the pending file, the folder
     calls.clear()
     await fs.save_checkpoint("run_ckpt_5", b"e", sync=False)
     await fs.delete_checkpoint("run_ckpt_5")

@@ -1,7 +1,7 @@
 """A frame's namespace as per-variable pickles, so unchanged variables are not written again.
 
 Each variable is pickled on its own with cloudpickle, which stores functions, lambdas and classes the
-LLM defined by value. Two things are not stored but *referred to* (pickle persistent ids), because the
+LLM defined by value. Two things are not stored but *referred to*, because the
 process that resumes has its own: the namespace dict itself (every function the LLM defined has it as
 its ``__globals__``; restored functions get the live namespace back, not a private copy) and the
 *bound* objects (the tool wrappers and ``print``), which the resuming executor binds again.
@@ -37,8 +37,6 @@ __all__ = (
 
 _logger = logging.getLogger("playbooks.checkpoints")
 
-_NAMESPACE_ID = "namespace"
-_BOUND_PREFIX = "bound:"
 _IMMUTABLE_SCALARS = (int, float, complex, bool, str, bytes, range, type(None))
 _REF_MIN_SIZE = 4096
 """Smaller pickles are stored inline every time: a reference would pin an old snapshot for nothing."""
@@ -157,22 +155,43 @@ def _restore_function(func: types.FunctionType, state: dict[str, Any]) -> types.
     return func
 
 
+def _live_namespace() -> dict[str, Any]:
+    """Stands, in a pickle, for the namespace being restored into; the unpickler supplies it."""
+    raise pickle.UnpicklingError("a namespace pickle must be loaded with decode_namespace()")
+
+
+def _live_bound(key: str) -> Any:
+    """Stands, in a pickle, for the host's bound object ``key`` (a tool); the unpickler supplies it."""
+    raise pickle.UnpicklingError("a namespace pickle must be loaded with decode_namespace()")
+
+
+class _LiveNamespace:
+    """Pickles as a reference to the namespace that the value is loaded into."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_live_namespace, ())
+
+
+_LIVE_NAMESPACE = _LiveNamespace()
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, with the namespace and the bound objects as persistent references, and the
-    LLM's functions rebuilt around whatever namespace they are loaded into."""
+    """cloudpickle, with the bound objects as references and the LLM's functions rebuilt around
+    whatever namespace they are loaded into.
+
+    Only ``reducer_override`` is hooked (no ``persistent_id``): the C pickler does not call it for
+    plain data (dicts, lists, strings, numbers), so big plain values pickle at C speed.
+    """
 
     def __init__(self, file: io.BytesIO, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> None:
         super().__init__(file, protocol=5)
         self._namespace = namespace
         self._bound_ids = bound_ids
 
-    def persistent_id(self, obj: Any) -> str | None:
-        if obj is self._namespace:
-            return _NAMESPACE_ID
-        key = self._bound_ids.get(id(obj))
-        return None if key is None else _BOUND_PREFIX + key
-
     def reducer_override(self, obj: Any) -> Any:
+        key = self._bound_ids.get(id(obj))
+        if key is not None:
+            return (_live_bound, (key,))
         if isinstance(obj, types.FunctionType) and obj.__globals__ is self._namespace:
             state = {
                 "__qualname__": obj.__qualname__,
@@ -182,7 +201,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
                 "__annotations__": obj.__annotations__,
                 "__dict__": dict(obj.__dict__),
             }
-            args = (obj.__code__, self._namespace, obj.__name__, obj.__defaults__, obj.__closure__)
+            args = (obj.__code__, _LIVE_NAMESPACE, obj.__name__, obj.__defaults__, obj.__closure__)
             return (types.FunctionType, args, state, None, None, _restore_function)
         return super().reducer_override(obj)
 
@@ -193,15 +212,17 @@ class _Unpickler(pickle.Unpickler):
         self._target = target
         self._bound = bound
 
-    def persistent_load(self, pid: Any) -> Any:
-        if pid == _NAMESPACE_ID:
-            return self._target
-        if isinstance(pid, str) and pid.startswith(_BOUND_PREFIX):
-            key = pid[len(_BOUND_PREFIX) :]
-            if key in self._bound:
-                return self._bound[key]
-            return UnrestoredValue(key, "tool", "the agent has no tool of that name any more")
-        raise pickle.UnpicklingError(f"unknown persistent reference {pid!r}")
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "_live_namespace":
+            return lambda: self._target
+        if module == __name__ and name == "_live_bound":
+            return self._bound_object
+        return super().find_class(module, name)
+
+    def _bound_object(self, key: str) -> Any:
+        if key in self._bound:
+            return self._bound[key]
+        return UnrestoredValue(key, "tool", "the agent has no tool of that name any more")
 
 
 def _deeply_immutable(value: Any, depth: int = 0) -> bool:
@@ -238,13 +259,13 @@ class NamespaceEncoder:
         self._memory: dict[str, _Remembered] = {}
 
     def encode(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> EncodedNamespace:
-        """Pickle every variable but ``__builtins__`` and the bound objects (tools, print)."""
+        """Pickle every variable but ``__builtins__`` and the bound objects under their own names."""
         bound = bound or {}
         bound_ids = {id(v): k for k, v in bound.items()}
         encoded = EncodedNamespace()
         for name, value in namespace.items():
-            if name == "__builtins__" or id(value) in bound_ids:
-                continue
+            if name == "__builtins__" or (name in bound and bound[name] is value):
+                continue  # bound again by the resuming executor (an alias is stored as a reference)
             remembered = self._memory.get(name)
             if remembered is not None and remembered.immutable and remembered.value is value:
                 if remembered.data is not None:
@@ -273,7 +294,7 @@ class NamespaceEncoder:
     ) -> bytes:
         buffer = io.BytesIO()
         try:
-            _Pickler(buffer, namespace, bound_ids).dump(value)
+            _Pickler(buffer, namespace, bound_ids).dump(_LIVE_NAMESPACE if value is namespace else value)
             return buffer.getvalue()
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"

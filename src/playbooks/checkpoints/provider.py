@@ -68,11 +68,12 @@ class CheckpointProvider(abc.ABC):
     async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
         """Store ``data`` under ``checkpoint_id`` atomically (replacing a record of the same id).
 
-        With ``sync=True`` the record, and every record of the same execution saved before it with
-        ``sync=False``, is on stable storage when this returns (fsync). With ``sync=False`` it
-        survives the death of this process (it is in the OS) but may be lost by a power failure until
-        the next synced save or :meth:`sync`; the manager uses that for records whose loss costs only
-        a report.
+        With ``sync=True`` the record is on stable storage when this returns (fsync). With
+        ``sync=False`` it survives the death of this process (it is in the OS) but may be lost by a
+        power failure until :meth:`sync`; a later synced save need not make it durable (a provider may
+        do so when it costs nothing, as a database commit does). The manager saves snapshots synced
+        and journal records unsynced, and calls :meth:`sync` before a new durable call starts, so the
+        journal records a snapshot supersedes never cost an fsync each.
         """
 
     async def sync(self, execution_id: str) -> None:

@@ -252,9 +252,9 @@ class FilesystemCheckpointProvider(CheckpointProvider):
                 await anyio.to_thread.run_sync(self._write_file, folder, name, data, sync)
             else:
                 self._write_file(folder, name, data, sync)
-            if sync:
+            if sync:  # this record only: the unsynced ones wait for sync()
                 self._pending.get(execution_id, set()).discard(name)
-                self._flush(execution_id, folder)
+                _fsync_path(folder, _DIR_FLAGS)
         except OSError as exc:
             raise CheckpointWriteError(
                 f"cannot write checkpoint {path}: {_describe(exc)}; earlier checkpoints are intact"
