@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -117,11 +118,46 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert bad_arg.returncode == 2 and "NAME=VALUE" in bad_arg.stderr
 
 
-def test_resume_is_not_available_yet(tmp_path: Path) -> None:
-    for extra in (["--resume"], ["--resume", "run-1", "--force"]):
-        proc = _run("run", str(EXAMPLES / "orders.pb"), *extra, cwd=tmp_path)
-        assert proc.returncode == 2
-        assert "resume is not available yet" in proc.stderr
+def test_resume_without_checkpoints_warns_and_runs_afresh(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLES / "orders.pb", tmp_path)
+    shutil.copy(EXAMPLES / "orders.cassette.json", tmp_path)
+    proc = _run("run", "orders.pb", "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "no unfinished run of orders.pb to resume (no checkpoints); starting a fresh run" in proc.stderr
+    assert "All your orders together come to 160.40." in proc.stdout
+
+
+def test_resume_of_an_unknown_run_is_a_usage_error(tmp_path: Path) -> None:
+    proc = _run("run", str(EXAMPLES / "orders.pb"), "--resume", "no-such-run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no run 'no-such-run'" in proc.stderr and "playbooks runs" in proc.stderr
+
+
+def test_resume_with_durability_off_says_how_to_turn_it_on(tmp_path: Path) -> None:
+    (tmp_path / "playbooks.toml").write_text("[durability]\nenabled = false\n", encoding="utf-8")
+    proc = _run("run", str(EXAMPLES / "orders.pb"), "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "set durability.enabled = true" in proc.stderr
+    assert not (tmp_path / ".checkpoints").exists()
+
+
+def test_resume_refuses_a_changed_program_unless_forced(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLES / "orders.pb", tmp_path)
+    shutil.copy(EXAMPLES / "orders.cassette.json", tmp_path)
+    first = _run("run", "orders.pb", cwd=tmp_path)
+    assert first.returncode == 0
+    run_file = next((tmp_path / ".checkpoints" / ".runs").glob("*.json"))
+    record = json.loads(run_file.read_text())
+    record["status"] = "failed"  # as if it had stopped before the end
+    run_file.write_text(json.dumps(record))
+    program = tmp_path / "orders.pb"
+    program.write_text(program.read_text() + "\n", encoding="utf-8")
+    refused = _run("run", "orders.pb", "--resume", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "orders.pb changed since run" in refused.stderr and "--force" in refused.stderr
+    forced = _run("run", "orders.pb", "--resume", record["run_id"], "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert f"resuming run {record['run_id']}" in forced.stderr
 
 
 def test_bad_config_exits_2(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ whatever an unfinished frame still needs to resume.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -97,23 +98,28 @@ class CheckpointManager:
 
     @classmethod
     def from_config(
-        cls, durability: DurabilityConfig, execution_id: str, *, provider: CheckpointProvider | None = None
+        cls,
+        durability: DurabilityConfig,
+        execution_id: str,
+        *,
+        provider: CheckpointProvider | None = None,
+        storage_path: str | os.PathLike[str] | None = None,
     ) -> CheckpointManager:
-        """A manager with the settings of a ``[durability]`` table (its provider and storage path)."""
-        import os
-
+        """A manager with the settings of a ``[durability]`` table (its provider and storage path;
+        ``storage_path`` overrides the table's, for a path resolved against the config file)."""
         from playbooks.checkpoints.providers import create_provider
 
         if provider is None:
+            storage = os.fspath(storage_path) if storage_path is not None else durability.storage_path
             if durability.provider == "memory":
                 provider = create_provider("memory")
             elif durability.provider == "sqlite":
-                path = durability.storage_path
+                path = storage
                 if not path.endswith((".sqlite3", ".sqlite", ".db")):
                     path = os.path.join(path, "checkpoints.sqlite3")
                 provider = create_provider("sqlite", path=path)
             else:
-                provider = create_provider(durability.provider, base_path=durability.storage_path)
+                provider = create_provider(durability.provider, base_path=storage)
         return cls(
             execution_id,
             provider,

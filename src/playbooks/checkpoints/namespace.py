@@ -155,6 +155,14 @@ def _restore_function(func: types.FunctionType, state: dict[str, Any]) -> types.
     return func
 
 
+def _tool_name(value: Any) -> str | None:
+    """The name of a tool wrapper (``bind_tools`` marks them), bound again on resume, else ``None``."""
+    if isinstance(value, types.FunctionType):
+        name = getattr(value, "__playbooks_tool__", None)
+        return name if isinstance(name, str) else None
+    return None
+
+
 def _live_namespace() -> dict[str, Any]:
     """Stands, in a pickle, for the namespace being restored into; the unpickler supplies it."""
     raise pickle.UnpicklingError("a namespace pickle must be loaded with decode_namespace()")
@@ -189,7 +197,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self._bound_ids = bound_ids
 
     def reducer_override(self, obj: Any) -> Any:
-        key = self._bound_ids.get(id(obj))
+        key = self._bound_ids.get(id(obj)) or _tool_name(obj)
         if key is not None:
             return (_live_bound, (key,))
         if isinstance(obj, types.FunctionType) and obj.__globals__ is self._namespace:
@@ -264,7 +272,7 @@ class NamespaceEncoder:
         bound_ids = {id(v): k for k, v in bound.items()}
         encoded = EncodedNamespace()
         for name, value in namespace.items():
-            if name == "__builtins__" or (name in bound and bound[name] is value):
+            if name == "__builtins__" or (name in bound and bound[name] is value) or _tool_name(value) == name:
                 continue  # bound again by the resuming executor (an alias is stored as a reference)
             remembered = self._memory.get(name)
             if remembered is not None and remembered.immutable and remembered.value is value:

@@ -78,6 +78,19 @@ class RecoveryCoordinator:
         root = self.manager.frame_state(latest.root_frame_id)
         return root is not None and not root.done
 
+    def in_flight(self) -> list[InFlightCall]:
+        """The calls of unfinished frames (of the loaded records) that had started but not finished."""
+        calls: list[InFlightCall] = []
+        for frame_id in sorted(self.manager.loaded_frame_ids()):
+            state = self.manager.frame_state(frame_id)
+            if state is None or state.done:
+                continue
+            calls.extend(
+                InFlightCall(frame_id, e.seq, e.display, e.key)
+                for e in sorted(state.in_flight, key=lambda e: e.seq)
+            )
+        return calls
+
     async def recover_execution_state(self, agent: AgentLike) -> RecoveryReport:
         """Load the checkpoints, take the execution's lock and report where ``agent``'s run stopped.
 
@@ -98,15 +111,7 @@ class RecoveryCoordinator:
                 f"execution {manager.execution_id!r} was run by agent {root.agent_id!r}, not {agent.id!r}"
             )
         await manager.open()
-        in_flight: list[InFlightCall] = []
-        for frame_id in sorted(manager.loaded_frame_ids()):
-            state = manager.frame_state(frame_id)
-            if state is None or state.done:
-                continue
-            in_flight.extend(
-                InFlightCall(frame_id, e.seq, e.display, e.key)
-                for e in sorted(state.in_flight, key=lambda e: e.seq)
-            )
+        in_flight = self.in_flight()
         report = RecoveryReport(
             execution_id=manager.execution_id,
             checkpoint=latest,

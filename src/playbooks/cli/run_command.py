@@ -25,6 +25,8 @@ from typing import Any, TextIO
 
 import anyio
 
+from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
+from playbooks.cli.run_store import RunRecord, RunStore, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import PlaybooksError
 from playbooks.llm import CassetteError, LLMProvider, create_llm_provider
@@ -226,9 +228,6 @@ def _load(path: Path) -> Program | int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.resume is not None:
-        _error("resume is not available yet")
-        return EXIT_USAGE
     path: Path = args.program
     if not path.is_file():
         _error(f"cannot read program {str(path)!r}: " + ("it is a directory" if path.is_dir() else "no such file"))
@@ -257,7 +256,11 @@ def _run(args: argparse.Namespace) -> int:
     except PlaybooksError as exc:
         _error(str(exc))
         return EXIT_PROGRAM_ERROR
+    run = _choose_run(args, config, program)
+    if isinstance(run, int):
+        return run
     progress = Progress(verbose=args.verbose, agents=len(program.agents) > 1)
+    store = RunStore(runs_folder(config))
     try:
         runtime = ProgramRuntime(
             program,
@@ -265,17 +268,92 @@ def _run(args: argparse.Namespace) -> int:
             on_event=progress,
             temperature=config.model.temperature,
             stream=args.stream,
+            run_id=run.run_id if run is not None else None,
         )
-        result = anyio.run(_main, runtime, main_args)
+        result = anyio.run(_main, runtime, main_args, config, run, args.resume is not None)
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
     except PlaybooksError as exc:
         _error(f"error: {exc}")
+        if run is not None:
+            run.status, run.error = "failed", str(exc)
+            store.save(run)
         return EXIT_PROGRAM_ERROR
+    if run is not None:
+        run.status, run.llm_calls = "completed", result.llm_calls
+        store.save(run)
     print(f"done: {result.agent}.{result.playbook} finished after {result.llm_calls} LLM calls", file=sys.stderr)
     return EXIT_OK
 
 
-async def _main(runtime: ProgramRuntime, kwargs: dict[str, Any]) -> Any:
-    return await runtime.run(**kwargs)
+def _choose_run(args: argparse.Namespace, config: Config, program: Program) -> RunRecord | None | int:
+    """The run to record checkpoints in: a new one, or the one ``--resume`` names (``None``: durability
+    is off); an exit code when ``--resume`` cannot go on."""
+    if not config.durability.enabled:
+        if args.resume is not None:
+            _warn("--resume needs checkpoints, and durability is off: set durability.enabled = true in "
+                  "playbooks.toml (or PLAYBOOKS_DURABILITY_ENABLED=true). Starting a fresh run without them.")
+        return None
+    store = RunStore(runs_folder(config))
+    if args.resume is None:
+        return store.new_run(program.path, program.source_hash)
+    if args.resume == "latest":
+        run = store.latest_unfinished(program.path)
+        if run is None:
+            _warn(f"no unfinished run of {program.path} to resume (no checkpoints); starting a fresh run")
+            return store.new_run(program.path, program.source_hash)
+    else:
+        run = store.get(args.resume)
+        if run is None:
+            _error(f"no run {args.resume!r} in {store.folder} (see: playbooks runs)")
+            return EXIT_USAGE
+        if run.program != os.path.abspath(program.path):
+            _error(f"run {run.run_id} is a run of {run.program}, not of {program.path}")
+            return EXIT_USAGE
+        if run.effective_status == "running":
+            _error(f"run {run.run_id} is still running (pid {run.pid}); it cannot be resumed twice")
+            return EXIT_USAGE
+    if run.source_hash != program.source_hash and not args.force:
+        _error(f"{program.path} changed since run {run.run_id} was checkpointed; resuming it could replay "
+               "the old run into the new program. Run it afresh, or pass --force to resume anyway.")
+        return EXIT_USAGE
+    run.status, run.pid, run.error = "running", os.getpid(), ""
+    store.save(run)
+    return run
+
+
+def _warn(message: str) -> None:
+    print(f"playbooks run: warning: {message}", file=sys.stderr, flush=True)
+
+
+async def _main(
+    runtime: ProgramRuntime, kwargs: dict[str, Any], config: Config, run: RunRecord | None, resume: bool
+) -> Any:
+    if run is None:
+        return await runtime.run(**kwargs)
+    manager = CheckpointManager.from_config(
+        config.durability, run.run_id, storage_path=config.resolve_path(config.durability.storage_path)
+    )
+    if resume:
+        await manager.load_records()
+        latest = await manager.get_latest_checkpoint()
+        if latest is None:
+            _warn(f"run {run.run_id} has no readable checkpoint; it starts from the beginning")
+        else:
+            statement = latest["metadata"]["statement"].strip().splitlines()
+            shown = statement[0][:100] if statement else "(no statement had completed)"
+            print(
+                f"resuming run {run.run_id} from checkpoint {latest.checkpoint_id} "
+                f"(frame {latest.frame_id}); last statement: {shown}",
+                file=sys.stderr,
+                flush=True,
+            )
+            for call in RecoveryCoordinator(manager).in_flight():
+                _warn(f"{call.call} was running when the process stopped; it may have run and runs again "
+                      f"(idempotency key {call.idempotency_key})")
+    runtime.manager = manager
+    try:
+        return await runtime.run(**kwargs)
+    finally:
+        await manager.close()

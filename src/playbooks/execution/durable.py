@@ -273,6 +273,7 @@ class DurableFrame:
 
     async def before_call(self, call: ToolCall) -> None:
         """Make earlier calls durable (fsync), then record that this one starts."""
+        await self.start()  # a host may call tools before feeding any code
         await self.flush()
         await self.manager.sync()
         digest, display = fingerprint(call.name, call.args, call.kwargs)

@@ -101,6 +101,7 @@ class StreamingPythonExecutor:
         interceptor: ToolCallInterceptor | None = None,
         on_statement: Callable[[Statement], None] | None = None,
         checkpoint_manager: CheckpointManager | None = None,
+        frame_id: str | None = None,
         _state: FrameState | None = None,
     ) -> None:
         self.agent = agent
@@ -114,12 +115,16 @@ class StreamingPythonExecutor:
         self._fatal: InterpreterError | None = None
         self._restored_error: LLMCodeError | None = None
         self._recovered_response = ""
-        frame_id = secrets.token_hex(4)
         manager = checkpoint_manager
-        if manager is None or _state is None:
-            manager, frame_id, _state = self._attach(agent, manager, _state, frame_id)
-        else:
+        if _state is not None:
             frame_id = _state.frame_id
+        elif frame_id is not None:
+            if manager is None:
+                raise ExecutorStateError("frame_id= names a durable frame; pass checkpoint_manager= too")
+            if frame_id in manager.loaded_frame_ids():
+                _state = manager.frame_state(frame_id)
+        else:
+            manager, frame_id, _state = self._attach(agent, manager, secrets.token_hex(4))
         if manager is not None:
             if interceptor is not None:
                 raise ExecutorStateError(
@@ -131,7 +136,7 @@ class StreamingPythonExecutor:
         else:
             self.interceptor = interceptor or ToolCallInterceptor(run_id=agent.id, frame_id=frame_id)
         self.bound = bind_tools(agent.tools, self.interceptor)
-        if self._frame is not None:
+        if self._frame is not None and "print" not in self.bound:
             self.bound["print"] = bind_tools({"print": _durable_print}, self.interceptor)["print"]
         self.namespace.update(self.bound)
         if self._frame is not None and _state is not None:
@@ -144,19 +149,21 @@ class StreamingPythonExecutor:
         self._error: LLMCodeError | None = self._restored_error
         self._finalized = False
         self._on_statement = on_statement
+        if _state is not None and _state.done:
+            self._finalized_from_checkpoint()
 
     # ----------------------------------------------------------------- durability
 
     @staticmethod
     def _attach(
-        agent: AgentLike, manager: CheckpointManager | None, state: FrameState | None, frame_id: str
+        agent: AgentLike, manager: CheckpointManager | None, frame_id: str
     ) -> tuple[CheckpointManager | None, str, FrameState | None]:
         """Find this executor's manager and frame: a child of the durable call running now, if any."""
         from playbooks.execution.durable import current_durable_call
 
         parent = current_durable_call()
         if parent is None or (manager is not None and manager is not parent.frame.manager):
-            return manager, frame_id, state
+            return manager, frame_id, None
         k = next(parent.children)
         frame_id = f"{parent.frame.frame_id}/{parent.seq}" + (f".{k}" if k else "")
         manager = parent.frame.manager
@@ -231,7 +238,6 @@ class StreamingPythonExecutor:
             agent, namespace=namespace, on_statement=on_statement, checkpoint_manager=manager, _state=state
         )
         if state.done:
-            executor._finalized_from_checkpoint()
             return executor
         try:
             await executor.add_chunk(state.response)
@@ -244,6 +250,24 @@ class StreamingPythonExecutor:
         self._chunks = [self._recovered_response]
         self._response_cache = self._recovered_response
         self._finalized = True
+
+    @property
+    def restored(self) -> bool:
+        """Whether this executor continues a frame from its checkpoints (resumed or re-attached)."""
+        return self._frame is not None and self._frame.state is not None
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`finalize` ran (in this process, or before the crash for a restored frame)."""
+        return self._finalized
+
+    async def checkpoint(self) -> None:
+        """Take a snapshot now (durable executors only): for hosts that change the namespace between
+        responses, so the change is saved before the next durable call."""
+        if self._frame is None:
+            raise ExecutorStateError("checkpoint() needs an executor created with checkpoint_manager=")
+        await self._durable(self._frame.start())
+        await self._durable(self._frame.snapshot())
 
     @property
     def executed_offset(self) -> int:

@@ -115,4 +115,5 @@ def _wrap(name: str, fn: Callable[..., Any], interceptor: ToolCallInterceptor) -
         pass
     wrapper.__name__ = name
     wrapper.__qualname__ = name
+    wrapper.__playbooks_tool__ = name  # type: ignore[attr-defined]  # not saved in checkpoints: bound again
     return wrapper

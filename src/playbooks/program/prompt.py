@@ -197,3 +197,12 @@ def error_prompt(
     lines += _report_lines(report)
     lines += ["", f"Write code that fixes this and continues the playbook {spec.name}."]
     return "\n".join(lines) + "\n"
+
+
+def continuation_note() -> str:
+    """Asks the LLM to go on with a response that a crash cut off (its text is the message before)."""
+    return (
+        "Your previous response was cut off after the text above, and the code in it up to the last "
+        "complete statement has already run. Continue exactly where it stopped: write only the rest, "
+        "without repeating anything."
+    )

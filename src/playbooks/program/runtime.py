@@ -48,15 +48,20 @@ from typing import Any, Literal
 import anyio
 import anyio.to_thread
 
-from playbooks.errors import InterpreterError, LLMCodeError, PlaybooksError
+from playbooks.agent import Agent
+from playbooks.checkpoints.manager import CheckpointManager
+from playbooks.errors import InterpreterError, LLMCodeError, NonDeterminismError, PlaybooksError
+from playbooks.execution.durable import current_durable_call
 from playbooks.execution.statement_splitter import Statement
 from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
 from playbooks.execution.tool_calls import ToolCallInterceptor
 from playbooks.llm.base import LLMProvider, LLMRequest, Message
+from playbooks.llm.replay import ReplayProvider
 from playbooks.program.builtins import AgentMessage, PlaybookReturn, make_builtins, playbook
 from playbooks.program.model import AgentSpec, PlaybookSpec, Program, ProgramError
 from playbooks.program.prompt import (
     ResponseReport,
+    continuation_note,
     continuation_prompt,
     describe_value,
     error_prompt,
@@ -430,6 +435,27 @@ def _call_text(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> s
 # The runtime.
 
 
+_LOOP = "__playbook_loop__"
+_POSITIONS = "__llm_positions__"
+_TURN = "__llm_turn__"
+
+
+@dataclass
+class _TurnOutcome:
+    """One LLM call of a markdown playbook and the run of its response: what the loop needs next.
+
+    It is the result of a durable call, so after a crash a finished turn is replayed from the journal
+    (no new request) and only the turn that was cut off runs again.
+    """
+
+    response: str
+    error: LLMCodeError | None
+    returned: bool
+    return_value: Any
+    report: ResponseReport
+    position_after: int | None
+
+
 class ProgramRuntime:
     """Run ``program`` with ``llm`` writing the code of its markdown playbooks.
 
@@ -443,6 +469,11 @@ class ProgramRuntime:
     * ``stream``: run statements as the response streams (default); ``False`` receives the whole
       response before running any of it.
     * ``run_id``: scopes the tool calls' idempotency keys (default: the program file's name).
+    * ``checkpoint_manager``: makes the run durable. Every markdown playbook call is a frame whose
+      LLM calls are durable calls (a finished response is never requested again after a crash) and
+      whose responses run in child executors; built-ins and playbook calls are journaled tool calls.
+      A runtime built on a manager whose records were loaded (``await manager.load_records()``)
+      resumes the run: each frame re-attaches to its checkpoints.
 
     The agents' python blocks run when the runtime is built; a failure there raises
     :class:`PlaybookRunError` naming the file and line.
@@ -462,6 +493,7 @@ class ProgramRuntime:
         temperature: float | None = None,
         stream: bool = True,
         run_id: str | None = None,
+        checkpoint_manager: CheckpointManager | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -479,6 +511,7 @@ class ProgramRuntime:
         self.temperature = temperature
         self.stream = stream
         self.run_id = run_id or os.path.basename(program.path)
+        self.manager = checkpoint_manager
         self.entry = program.agent(entry_agent) if entry_agent is not None else program.agents[0]
         self.agents: dict[str, RuntimeAgent] = {spec.name: RuntimeAgent(spec) for spec in program.agents}
         self._system_prompts = {
@@ -739,48 +772,66 @@ class ProgramRuntime:
     async def _run_markdown(self, frame: PlaybookFrame) -> Any:
         """The LLM loop of a markdown playbook; return what its code passed to ``Return``."""
         agent, spec = frame.agent, frame.spec
-        messages = [
-            Message("system", self._system_prompts[agent.name]),
-            Message("user", playbook_prompt(spec, frame.args)),
-        ]
-        failures = 0
-        for number in range(1, self.max_llm_calls + 1):
-            frame.trace = []
-            frame.printed = []
-            frame.llm_calls = number
-            self.llm_calls += 1
-            request = LLMRequest(list(messages), model=self.model, temperature=self.temperature)
-            self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
-            executor = self._new_executor(frame, number)
-            result = await self._run_response(frame, executor, request)
-            messages.append(Message("assistant", result.response))
-            if frame.returned:
-                return frame.return_value
-            report = self._report(frame, result)
-            if result.error is None:
+        scope = self._new_scope(frame)
+        loop = frame.namespace.setdefault(
+            _LOOP,
+            {
+                "messages": [
+                    Message("system", self._system_prompts[agent.name]),
+                    Message("user", playbook_prompt(spec, frame.args)),
+                ],
+                "failures": 0,
+                "number": 0,
+            },
+        )
+        if isinstance(self.llm, ReplayProvider) and "llm_position" in loop:
+            self.llm.seek(max(self.llm.position, loop["llm_position"]))  # a resumed frame: the cassette too
+        while loop["number"] < self.max_llm_calls:
+            number = loop["number"] + 1
+            if scope is not None:
+                outcome: _TurnOutcome = await scope.bound[_TURN](number)
+            else:
+                outcome = await self._turn(frame, number)
+            if isinstance(self.llm, ReplayProvider) and outcome.position_after is not None:
+                self.llm.seek(max(self.llm.position, outcome.position_after))
+            messages = loop["messages"] + [Message("assistant", outcome.response)]
+            if outcome.returned:
+                if scope is not None:
+                    await scope.finalize()
+                return outcome.return_value
+            error = outcome.error
+            if error is None:
                 failures = 0
-                messages.append(Message("user", continuation_prompt(spec, report)))
-                continue
-            failures += 1
-            self._emit(
-                CodeFailed(
-                    agent.name, spec.name, result.error.message, result.error.lineno,
-                    self.max_retries - failures, frame.depth,
+                messages.append(Message("user", continuation_prompt(spec, outcome.report)))
+            else:
+                failures = loop["failures"] + 1
+                self._emit(
+                    CodeFailed(
+                        agent.name, spec.name, error.message, error.lineno,
+                        self.max_retries - failures, frame.depth,
+                    )
                 )
-            )
-            if failures > self.max_retries:
-                error = result.error
-                statement = error.statement.strip().splitlines()[0] if error.statement.strip() else ""
-                raise PlaybookRunError(
-                    f"{self.program.path}:{spec.line}: playbook {agent.name}.{spec.name} failed: the LLM's code "
-                    f"failed {failures} times in a row (max_retries={self.max_retries}); last error: {error}"
-                    + (f"\n    {statement}" if statement else ""),
-                    agent=agent.name,
-                    playbook=spec.name,
-                ) from error
-            retries_left = self.max_retries - failures
-            prompt = error_prompt(spec, result.error, report, retries_left, result.response)
-            messages.append(Message("user", prompt))
+                if failures > self.max_retries:
+                    statement = error.statement.strip().splitlines()[0] if error.statement.strip() else ""
+                    raise PlaybookRunError(
+                        f"{self.program.path}:{spec.line}: playbook {agent.name}.{spec.name} failed: the LLM's code "
+                        f"failed {failures} times in a row (max_retries={self.max_retries}); last error: {error}"
+                        + (f"\n    {statement}" if statement else ""),
+                        agent=agent.name,
+                        playbook=spec.name,
+                    ) from error
+                retries_left = self.max_retries - failures
+                messages.append(
+                    Message("user", error_prompt(spec, error, outcome.report, retries_left, outcome.response))
+                )
+            frame.namespace[_LOOP] = loop = {
+                "messages": messages,
+                "failures": failures,
+                "number": number,
+                "llm_position": outcome.position_after,
+            }
+            if scope is not None:
+                await scope.checkpoint()  # the loop's state, before the next LLM call
         raise PlaybookRunError(
             f"{self.program.path}:{spec.line}: playbook {agent.name}.{spec.name} made {self.max_llm_calls} LLM "
             "calls without calling Return(...); giving up (max_llm_calls)",
@@ -788,11 +839,62 @@ class ProgramRuntime:
             playbook=spec.name,
         )
 
+    def _new_scope(self, frame: PlaybookFrame) -> StreamingPythonExecutor | None:
+        """The durable frame of one markdown playbook call (``None`` when the run is not durable).
+
+        Its one tool is the LLM turn, so every turn is a durable call; the responses run in child
+        executors of those calls, sharing the playbook's namespace. A start playbook's frame is named
+        after its agent (so a resumed run finds it again); a nested one derives from its caller's call.
+        """
+        if self.manager is None:
+            return None
+
+        async def turn(number: int) -> _TurnOutcome:
+            return await self._turn(frame, number)
+
+        scope_agent = Agent(frame.agent.name, tools={_TURN: turn})
+        explicit = frame.agent.name if current_durable_call() is None else None
+        return StreamingPythonExecutor(
+            scope_agent, namespace=frame.namespace, checkpoint_manager=self.manager, frame_id=explicit
+        )
+
+    async def _turn(self, frame: PlaybookFrame, number: int) -> _TurnOutcome:
+        """Ask the LLM for the ``number``-th response of ``frame`` and run it as it streams."""
+        agent, spec = frame.agent, frame.spec
+        frame.trace = []
+        frame.printed = []
+        frame.llm_calls = number
+        self.llm_calls += 1
+        request = LLMRequest(list(frame.namespace[_LOOP]["messages"]), model=self.model, temperature=self.temperature)
+        self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
+        executor = self._new_executor(frame, number)
+        if isinstance(self.llm, ReplayProvider):
+            positions: dict[int, int] = frame.namespace.setdefault(_POSITIONS, {})
+            if executor.restored and number in positions:
+                self.llm.seek(positions[number])  # the response cut off by the crash, from its start
+            else:
+                positions[number] = self.llm.position
+        result = await self._run_response(frame, executor, request)
+        return _TurnOutcome(
+            response=result.response,
+            error=result.error,
+            returned=frame.returned,
+            return_value=frame.return_value,
+            report=self._report(frame, result),
+            position_after=self.llm.position if isinstance(self.llm, ReplayProvider) else None,
+        )
+
     async def _run_response(
         self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest
     ) -> ExecutionResult:
-        """Stream one response into ``executor``; stop reading at the first failing statement (or Return)."""
-        chunks = self._stream_llm(request)
+        """Stream one response into ``executor``; stop reading at the first failing statement (or Return).
+
+        A restored executor already holds the start of the response (cut off by a crash) and has run
+        its complete statements: only the rest is streamed into it.
+        """
+        if executor.finished:
+            return await executor.finalize()
+        chunks = self._stream_llm(request) if not executor.response else self._continue_llm(request, executor.response)
         try:
             if self.stream:
                 async for chunk in chunks:
@@ -848,6 +950,34 @@ class ProgramRuntime:
             if aclose is not None:
                 await aclose()
 
+    async def _continue_llm(self, request: LLMRequest, prefix: str) -> AsyncIterator[str]:
+        """The rest of a response that a crash cut off after ``prefix`` (whose code already ran).
+
+        A replayed response is requested again and its first ``len(prefix)`` characters are dropped
+        (they must be the same); a live model is told what it had written and asked to go on.
+        """
+        if isinstance(self.llm, ReplayProvider):
+            skip = len(prefix)
+            seen = ""
+            async for chunk in self._stream_llm(request):
+                if skip:
+                    head, chunk = chunk[:skip], chunk[skip:]
+                    seen += head
+                    skip -= len(head)
+                    if not skip and seen != prefix:
+                        raise NonDeterminismError(
+                            "the replayed response differs from the one the run had received before the crash"
+                        )
+                if chunk:
+                    yield chunk
+            return
+        messages = list(request.messages) + [
+            Message("assistant", prefix),
+            Message("user", continuation_note()),
+        ]
+        async for chunk in self._stream_llm(LLMRequest(messages, model=request.model, temperature=request.temperature)):
+            yield chunk
+
     def _new_executor(self, frame: PlaybookFrame, number: int) -> StreamingPythonExecutor:
         """Every executor of the run: the one running the ``number``-th response of ``frame``."""
         agent = frame.agent
@@ -855,12 +985,17 @@ class ProgramRuntime:
         def on_statement(statement: Statement) -> None:
             self._emit(CodeStatement(agent.name, frame.spec.name, statement.lineno, statement.source, frame.depth))
 
-        executor = StreamingPythonExecutor(
-            agent,
-            namespace=frame.namespace,
-            interceptor=ToolCallInterceptor(run_id=self.run_id, frame_id=f"{frame.frame_id}/{number}"),
-            on_statement=on_statement,
-        )
+        if self.manager is not None:  # a child frame of the durable LLM turn that is running
+            executor = StreamingPythonExecutor(
+                agent, namespace=frame.namespace, checkpoint_manager=self.manager, on_statement=on_statement
+            )
+        else:
+            executor = StreamingPythonExecutor(
+                agent,
+                namespace=frame.namespace,
+                interceptor=ToolCallInterceptor(run_id=self.run_id, frame_id=f"{frame.frame_id}/{number}"),
+                on_statement=on_statement,
+            )
         executor.namespace.update(self._handles(agent))
         return executor
 
