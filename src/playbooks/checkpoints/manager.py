@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,6 +44,7 @@ _logger = logging.getLogger("playbooks.checkpoints")
 
 UnpicklablePolicy = Literal["skip", "strict"]
 _KEY_FROM_ENV: Any = object()
+_STATE_PREFIX = "@"
 
 
 @dataclass(slots=True)
@@ -183,6 +186,35 @@ class CheckpointManager:
             await self.provider.sync(self.execution_id)
             self._unsynced = False
 
+    async def save_state(self, name: str, value: Any) -> None:
+        """Store a value of the whole execution under ``name`` (unsynced, like a journal record: it
+        survives a killed process, and the next durable call fsyncs it); the newest one counts."""
+        import cloudpickle
+
+        await self.open()
+        record = Record(
+            kind="state",
+            execution_id=self.execution_id,
+            counter=self.allocate_counter(),
+            timestamp=time.time(),
+            frame_id=_STATE_PREFIX + name,
+            agent_id="",
+            call_stack=(),
+            response_start=0,
+            response_text="",
+            name=name,
+            value=bytes(cloudpickle.dumps(value)),
+        )
+        await self.write(record, sync=False)
+
+    def loaded_state(self, name: str) -> Any:
+        """The newest stored value of ``name`` among the loaded records (``None`` if there is none)."""
+        found = [r for r in self._records.values() if r.kind == "state" and r.name == name]
+        if not found:
+            return None
+        newest = max(found, key=lambda r: r.counter)
+        return pickle.loads(newest.value) if newest.value is not None else None
+
     def new_encoder(self) -> NamespaceEncoder:
         """A namespace encoder with this manager's unpicklable-value policy."""
         from playbooks.checkpoints.namespace import NamespaceEncoder
@@ -232,10 +264,14 @@ class CheckpointManager:
         snapshots = sorted(c for c, e in self._index.items() if e.kind == "snapshot")
         kept = set(snapshots[-self.keep_last_n :])
         by_frame: dict[str, list[int]] = {}
+        states: dict[str, int] = {}
         for counter, entry in self._index.items():
+            if entry.kind == "state":  # only the newest value of each state counts
+                states[entry.frame_id] = max(counter, states.get(entry.frame_id, 0))
+                continue
             by_frame.setdefault(entry.frame_id, []).append(counter)
         finished = {e.frame_id for e in self._index.values() if e.done}
-        needed = set(kept)
+        needed = set(kept) | set(states.values())
         for frame_id, counters in by_frame.items():
             if frame_id in finished:
                 continue
@@ -299,9 +335,10 @@ class CheckpointManager:
     async def get_latest_checkpoint(self) -> Checkpoint | None:
         """The newest valid checkpoint (a corrupt newest one is skipped, with a warning), or ``None``."""
         records = await self.load_records()
-        if not records:
+        frames = [c for c, r in records.items() if r.kind != "state"]
+        if not frames:
             return None
-        return self._checkpoint(max(records))
+        return self._checkpoint(max(frames))
 
     async def load_checkpoint(self, checkpoint: str | int) -> Checkpoint:
         """The checkpoint with this id or counter, as the frame's state at that record.
@@ -324,7 +361,7 @@ class CheckpointManager:
 
     def loaded_frame_ids(self) -> set[str]:
         """Frames with at least one loaded record."""
-        return {r.frame_id for r in self._records.values()}
+        return {r.frame_id for r in self._records.values() if r.kind != "state"}
 
     def frame_state(self, frame_id: str, *, upto: int | None = None) -> FrameState | None:
         """Rebuild ``frame_id`` from the loaded records (up to counter ``upto``), or ``None``.

@@ -8,6 +8,8 @@ Every stored record (one checkpoint id, one counter) is one of three kinds:
   holds its bytes, so an untouched namespace is not copied on every await.
 * ``intent``: a durable call is about to run (sequence number, name, argument fingerprint).
 * ``result``: a durable call finished; its value or exception, pickled.
+* ``state``: a value the host keeps for the whole execution (``name``; the newest one counts), such as
+  the messages between agents that are not read yet.
 
 Each record also carries the part of the frame's LLM response received since the frame's previous
 record, so the response is stored as it streams, and the frame's place in the call stack.
@@ -30,7 +32,7 @@ __all__ = ("Checkpoint", "FrameState", "JournalEntry", "Record", "RecordKind", "
 
 RECORD_VERSION = 1
 
-RecordKind = Literal["snapshot", "intent", "result"]
+RecordKind = Literal["snapshot", "intent", "result", "state"]
 Outcome = Literal["value", "raise", "unrecorded"]
 
 

@@ -1,25 +1,40 @@
 """A frame's namespace as per-variable pickles, so unchanged variables are not written again.
 
 Each variable is pickled on its own with cloudpickle, which stores functions, lambdas and classes the
-LLM defined by value. Two things are not stored but *referred to*, because the
-process that resumes has its own: the namespace dict itself (every function the LLM defined has it as
-its ``__globals__``; restored functions get the live namespace back, not a private copy) and the
-*bound* objects (the tool wrappers and ``print``), which the resuming executor binds again.
+LLM defined by value. Two things are not stored but *referred to*, because the process that resumes
+has its own:
+
+* the namespace dict itself: every function the LLM defined has it as its ``__globals__``, and a
+  variable may hold it (``g = globals()``). Restored functions get the namespace they are loaded into,
+  not a private copy, so after a resume they see later assignments and call the re-bound tools.
+* the *bound* objects (the tool wrappers and ``print``), which the resuming executor binds again; a
+  variable that holds one under another name (``alias = Work``, ``[Work]``) gets the new one.
 
 :class:`NamespaceEncoder` remembers what the frame's previous snapshot stored: an immutable value that is
 still the same object is not even pickled again, and any value whose pickle has the same digest is
 stored as a reference to the snapshot that holds its bytes.
+
+How the namespace reference is stored: the pickler's memo is seeded with the namespace at index 0, so
+every reference to it is written as a memo lookup (``BINGET 0``), and every stored pickle starts with a
+tiny prefix that loads a persistent id and memoizes it at index 0, which :func:`decode_namespace`
+resolves to the target dict. The pickler hooks only ``reducer_override``, not ``persistent_id``: the
+C pickler calls ``persistent_id`` for every object (each int of a big list), but skips
+``reducer_override`` for plain data, so big plain values pickle at C speed.
 """
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
+import inspect
 import io
 import logging
 import pickle
+import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Literal
 
 import cloudpickle
@@ -37,14 +52,40 @@ __all__ = (
 
 _logger = logging.getLogger("playbooks.checkpoints")
 
+_slotnames: Callable[[type], list[str]] = getattr(copyreg, "_slotnames")  # not in typeshed
+
+_PROTOCOL = 5
+_NAMESPACE_PID = "namespace"
+_PREFIX = (
+    pickle.PROTO
+    + bytes([_PROTOCOL])
+    + pickle.SHORT_BINUNICODE
+    + bytes([len(_NAMESPACE_PID)])
+    + _NAMESPACE_PID.encode("ascii")
+    + pickle.BINPERSID
+    + pickle.MEMOIZE
+    + pickle.POP
+)
+"""Starts every stored pickle: load the namespace (a persistent id) and memoize it at index 0, where
+the pickler's seeded memo refers to it. The pickle that follows has its own ``PROTO`` opcode, which
+is allowed anywhere in a stream."""
+
 _IMMUTABLE_SCALARS = (int, float, complex, bool, str, bytes, range, type(None))
 _REF_MIN_SIZE = 4096
 """Smaller pickles are stored inline every time: a reference would pin an old snapshot for nothing."""
 
+_SAVE_PROBLEM = "it could not be saved in the checkpoint"
+_LOAD_PROBLEM = "it could not be loaded from the checkpoint"
+_TOOL_PROBLEM = "it refers to a tool that the resumed agent does not have"
+
 
 @dataclass(frozen=True, slots=True)
 class VarBlob:
-    """One variable as stored in a snapshot: its pickle, or where an earlier snapshot holds it."""
+    """One variable as stored in a snapshot: its pickle, or where an earlier snapshot holds it.
+
+    ``digest`` is the hex blake2b (16 bytes) of the pickle and ``size`` its length; ``data`` is the
+    pickle itself, or ``None`` when the snapshot numbered ``host`` holds it.
+    """
 
     digest: str
     size: int
@@ -63,11 +104,12 @@ class SkippedVar:
 
 @dataclass(slots=True)
 class EncodedNamespace:
-    """The variables of one snapshot."""
+    """The variables of one snapshot, and the ones that could not be pickled."""
 
     blobs: dict[str, VarBlob] = field(default_factory=dict)
     skipped: list[SkippedVar] = field(default_factory=list)
     _values: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The encoded objects, for :meth:`NamespaceEncoder.commit` (identity reuse of immutable values)."""
 
     def total_size(self) -> int:
         """Bytes of every variable, stored here or referred to."""
@@ -78,7 +120,7 @@ class EncodedNamespace:
         return sum(b.size for b in self.blobs.values() if b.data is not None)
 
     def largest(self, n: int = 3) -> list[tuple[str, int]]:
-        """The ``n`` biggest variables, biggest first."""
+        """The ``n`` biggest variables as ``(name, size)``, biggest first."""
         return sorted(((k, b.size) for k, b in self.blobs.items()), key=lambda kv: -kv[1])[:n]
 
 
@@ -87,72 +129,137 @@ def _type_name(value: Any) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _unrestored_message(name: str, type_name: str, reason: str) -> str:
+def _unrestored_message(name: str, type_name: str, reason: str, problem: str) -> str:
     return (
-        f"variable {name!r} ({type_name}) was not restored after the resume: it could not be saved in "
-        f"the checkpoint ({reason}). Re-create it before using it."
+        f"variable {name!r} ({type_name}) was not restored after the resume: {problem} ({reason}). "
+        f"Re-create it before using it."
     )
 
 
 class UnrestoredValue:
     """Stands for a variable that was left out of a checkpoint; any use raises
-    :class:`~playbooks.errors.UnrestoredValueError` saying why it is missing."""
+    :class:`~playbooks.errors.UnrestoredValueError` saying which variable it was and why it is missing.
 
-    __slots__ = ("_name", "_type_name", "_reason")
+    Only what pickling and copying need works (so the placeholder survives later snapshots), and
+    ``repr``. Dunder attributes that are not defined (``__deepcopy__``, ...) raise ``AttributeError``,
+    the answer protocol probes expect; any other attribute raises ``UnrestoredValueError``.
+    """
 
-    def __init__(self, name: str, type_name: str, reason: str) -> None:
+    __slots__ = ("_name", "_type_name", "_reason", "_problem")
+
+    def __init__(self, name: str, type_name: str, reason: str, problem: str = _SAVE_PROBLEM) -> None:
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_type_name", type_name)
         object.__setattr__(self, "_reason", reason)
+        object.__setattr__(self, "_problem", problem)
+
+    def _fields(self) -> tuple[str, str, str, str]:
+        get = object.__getattribute__
+        return (get(self, "_name"), get(self, "_type_name"), get(self, "_reason"), get(self, "_problem"))
+
+    def _message(self) -> str:
+        return _unrestored_message(*self._fields())
 
     def _fail(self, *args: Any, **kwargs: Any) -> Any:
-        raise UnrestoredValueError(
-            _unrestored_message(
-                object.__getattribute__(self, "_name"),
-                object.__getattribute__(self, "_type_name"),
-                object.__getattribute__(self, "_reason"),
-            )
-        )
+        raise UnrestoredValueError(self._message())
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(self._message())
         return self._fail()
 
     def __setattr__(self, attr: str, value: Any) -> None:
         self._fail()
 
+    def __delattr__(self, attr: str) -> None:
+        self._fail()
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            UnrestoredValue,
-            (
-                object.__getattribute__(self, "_name"),
-                object.__getattribute__(self, "_type_name"),
-                object.__getattribute__(self, "_reason"),
-            ),
-        )
+        return (UnrestoredValue, self._fields())
 
     def __repr__(self) -> str:
         short = object.__getattribute__(self, "_type_name").rsplit(".", 1)[-1]
         return f"<unrestored {object.__getattribute__(self, '_name')!r}: {short}>"
 
-    __call__ = __iter__ = __aiter__ = __next__ = __anext__ = __len__ = __bool__ = _fail
+    __call__ = __iter__ = __aiter__ = __next__ = __anext__ = __len__ = __bool__ = __reversed__ = _fail
     __contains__ = __getitem__ = __setitem__ = __delitem__ = _fail
     __enter__ = __exit__ = __aenter__ = __aexit__ = __await__ = _fail
-    __str__ = __format__ = __bytes__ = __int__ = __float__ = __index__ = _fail
+    __str__ = __format__ = __bytes__ = __int__ = __float__ = __complex__ = __index__ = __round__ = _fail
+    __trunc__ = __floor__ = __ceil__ = _fail
     __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _fail
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __matmul__ = __rmatmul__ = _fail
     __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _fail
-    __pow__ = __rpow__ = __neg__ = __pos__ = __abs__ = __invert__ = _fail
-    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __lshift__ = __rshift__ = _fail
-    __iadd__ = __isub__ = __imul__ = __itruediv__ = _fail
+    __divmod__ = __rdivmod__ = __pow__ = __rpow__ = __neg__ = __pos__ = __abs__ = __invert__ = _fail
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = _fail
+    __lshift__ = __rlshift__ = __rshift__ = __rrshift__ = _fail
+    __iadd__ = __isub__ = __imul__ = __itruediv__ = __ifloordiv__ = __imod__ = __ior__ = __iand__ = _fail
     __hash__ = _fail
 
 
+# --- pickling -------------------------------------------------------------------------------------
+
+
 def _restore_function(func: types.FunctionType, state: dict[str, Any]) -> types.FunctionType:
-    """Put back what ``types.FunctionType(...)`` does not take as arguments."""
-    func.__dict__.update(state.pop("__dict__", {}))
+    """Put back what ``types.FunctionType(...)`` does not take as arguments (the pickle's state setter)."""
     for attr, value in state.items():
-        setattr(func, attr, value)
+        if attr == "__dict__":
+            func.__dict__.update(value)
+        else:
+            setattr(func, attr, value)
     return func
+
+
+def _reduce_function(func: types.FunctionType, namespace: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Reduce a function of the LLM's code so that it loads with the target namespace as its globals.
+
+    Only the code, the namespace (a memo reference), the name and the closure cells are arguments;
+    the rest is state set after the function is memoized, so a default that refers back to the
+    function does not recurse.
+
+    Names are copied (``"".join``) as cloudpickle does: whether two equal strings are one object
+    (interned) or not decides whether the pickle repeats or memo-references them, and that differs
+    between the process that defined a function and one that restored it. Fresh copies make a
+    restored, unchanged function pickle to the same bytes, so it stays a reference after a resume.
+    """
+    module = func.__module__
+    state: dict[str, Any] = {
+        "__qualname__": "".join(func.__qualname__),
+        "__module__": "".join(module) if isinstance(module, str) else module,
+        "__doc__": func.__doc__,
+        "__defaults__": func.__defaults__,
+        "__kwdefaults__": func.__kwdefaults__,
+        "__annotations__": func.__annotations__,
+        "__dict__": {"".join(k): v for k, v in func.__dict__.items()},
+    }
+    type_params = getattr(func, "__type_params__", None)  # Python 3.12+
+    if type_params:
+        state["__type_params__"] = type_params
+    args = (func.__code__, namespace, "".join(func.__name__), None, func.__closure__)
+    return (types.FunctionType, args, state, None, None, _restore_function)
+
+
+def _empty_cell() -> types.CellType:
+    """A new empty closure cell (filled by :func:`_fill_cell` once it is memoized)."""
+    return types.CellType()
+
+
+def _fill_cell(cell: types.CellType, state: tuple[Any]) -> types.CellType:
+    cell.cell_contents = state[0]
+    return cell
+
+
+def _reduce_cell(cell: types.CellType) -> tuple[Any, ...]:
+    """Reduce a closure cell to "an empty cell, then its contents".
+
+    The cell is memoized before its contents are pickled, so a closure that refers to itself (a
+    recursive inner function) does not recurse forever, and two closures that share a cell (two inner
+    functions of one call, ``nonlocal``) still share it after loading.
+    """
+    try:
+        contents = cell.cell_contents
+    except ValueError:  # not assigned yet
+        return (_empty_cell, ())
+    return (_empty_cell, (), (contents,), None, None, _fill_cell)
 
 
 def _tool_name(value: Any) -> str | None:
@@ -163,74 +270,134 @@ def _tool_name(value: Any) -> str | None:
     return None
 
 
-def _live_namespace() -> dict[str, Any]:
-    """Stands, in a pickle, for the namespace being restored into; the unpickler supplies it."""
-    raise pickle.UnpicklingError("a namespace pickle must be loaded with decode_namespace()")
-
-
 def _live_bound(key: str) -> Any:
     """Stands, in a pickle, for the host's bound object ``key`` (a tool); the unpickler supplies it."""
     raise pickle.UnpicklingError("a namespace pickle must be loaded with decode_namespace()")
 
 
-class _LiveNamespace:
-    """Pickles as a reference to the namespace that the value is loaded into."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_live_namespace, ())
-
-
-_LIVE_NAMESPACE = _LiveNamespace()
-
-
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, with the bound objects as references and the LLM's functions rebuilt around
-    whatever namespace they are loaded into.
-
-    Only ``reducer_override`` is hooked (no ``persistent_id``): the C pickler does not call it for
-    plain data (dicts, lists, strings, numbers), so big plain values pickle at C speed.
-    """
+    """cloudpickle, with the namespace and the bound objects as references, and the LLM's functions
+    rebuilt around whatever namespace they are loaded into."""
 
     def __init__(self, file: io.BytesIO, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> None:
-        super().__init__(file, protocol=5)
+        super().__init__(file, protocol=_PROTOCOL)
         self._namespace = namespace
+        self._module_name = namespace.get("__name__")
         self._bound_ids = bound_ids
+        # An exact dict never reaches reducer_override; a memo entry makes every reference to the
+        # namespace a lookup of index 0, which the stored prefix binds to the target on loading.
+        self.memo = {id(namespace): (0, namespace)}
 
     def reducer_override(self, obj: Any) -> Any:
-        key = self._bound_ids.get(id(obj)) or _tool_name(obj)
+        key = self._bound_ids.get(id(obj))
+        if key is None:
+            key = _tool_name(obj)
         if key is not None:
             return (_live_bound, (key,))
         if isinstance(obj, types.FunctionType) and obj.__globals__ is self._namespace:
-            state = {
-                "__qualname__": obj.__qualname__,
-                "__module__": obj.__module__,
-                "__doc__": obj.__doc__,
-                "__kwdefaults__": obj.__kwdefaults__,
-                "__annotations__": obj.__annotations__,
-                "__dict__": dict(obj.__dict__),
-            }
-            args = (obj.__code__, _LIVE_NAMESPACE, obj.__name__, obj.__defaults__, obj.__closure__)
-            return (types.FunctionType, args, state, None, None, _restore_function)
+            return _reduce_function(obj, self._namespace)
+        if isinstance(obj, types.CellType):
+            return _reduce_cell(obj)
+        if isinstance(obj, type) and obj.__module__ == self._module_name:
+            # Pickling an instance caches ``__slotnames__`` on its class; do it before the class is
+            # pickled, so that the class's pickle (and digest) does not change after its first snapshot.
+            _slotnames(obj)
+        elif isinstance(obj, io.TextIOWrapper) and obj is not sys.stdout and obj is not sys.stderr:
+            # cloudpickle would store a copy of a readable file's whole contents as a StringIO (and
+            # writes after the resume would go there, not to the file): a file is not checkpointed.
+            raise TypeError(f"cannot pickle {_type_name(obj)!r} object")
         return super().reducer_override(obj)
 
 
+def _dump(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> bytes:
+    buffer = io.BytesIO()
+    buffer.write(_PREFIX)
+    _Pickler(buffer, namespace, bound_ids).dump(value)
+    return buffer.getvalue()
+
+
+# --- unpickling -----------------------------------------------------------------------------------
+
+
+@cache
+def _tracker_index(factory: Callable[..., Any]) -> int | None:
+    """Where a cloudpickle class factory takes ``class_tracker_id``, or ``None`` if it does not."""
+    try:
+        params = list(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("class_tracker_id") if "class_tracker_id" in params else None
+
+
+def _isolated_factory(factory: Callable[..., Any], index: int, classes: dict[str, Any]) -> Callable[..., Any]:
+    """Wrap a cloudpickle class factory so that one decode shares classes among its own variables only.
+
+    cloudpickle keys classes it pickles by value with a process-wide tracker id, and on loading
+    returns the class the process already has under that id, then sets the pickled methods on it.
+    Loaded into a second namespace in the same process (the live run's own classes, a checkpoint
+    opened for inspection), that would re-point the methods of classes in use to the new namespace.
+    Here a decode builds its own class the first time it meets an id and reuses it for the other
+    variables; the class is registered with cloudpickle only if the process has none under that id
+    (a fresh process after a crash), so that pickling it again gives the same bytes.
+    """
+
+    def make(*args: Any) -> Any:
+        tracker_id = args[index] if len(args) > index else None
+        if tracker_id is None:
+            return factory(*args)
+        if tracker_id in classes:
+            return classes[tracker_id]
+        fresh = factory(*args[:index], None, *args[index + 1 :])
+        track = getattr(cloudpickle.cloudpickle, "_lookup_class_or_track", None)
+        if track is not None:
+            track(tracker_id, fresh)  # a no-op when the process already has a class with this id
+        classes[tracker_id] = fresh
+        return fresh
+
+    return make
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, target: dict[str, Any], bound: Mapping[str, Any]) -> None:
+    """Loads one variable: the namespace reference is ``target``, bound references are ``bound``."""
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        name: str,
+        target: dict[str, Any],
+        bound: Mapping[str, Any],
+        classes: dict[str, Any],
+    ) -> None:
         super().__init__(file)
+        self._name = name
         self._target = target
         self._bound = bound
+        self._classes = classes
+        self.missing_tools: list[str] = []
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid == _NAMESPACE_PID:
+            return self._target
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r} in a namespace pickle")
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == __name__ and name == "_live_namespace":
-            return lambda: self._target
         if module == __name__ and name == "_live_bound":
             return self._bound_object
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if module == "cloudpickle.cloudpickle" and callable(found):
+            index = _tracker_index(found)
+            if index is not None:
+                return _isolated_factory(found, index, self._classes)
+        return found
 
     def _bound_object(self, key: str) -> Any:
         if key in self._bound:
             return self._bound[key]
-        return UnrestoredValue(key, "tool", "the agent has no tool of that name any more")
+        self.missing_tools.append(key)
+        return UnrestoredValue(self._name, f"tool {key!r}", f"no tool named {key!r} is bound", _TOOL_PROBLEM)
+
+
+# --- encoder --------------------------------------------------------------------------------------
 
 
 def _deeply_immutable(value: Any, depth: int = 0) -> bool:
@@ -258,8 +425,9 @@ class _Remembered:
 class NamespaceEncoder:
     """Encodes one frame's namespace again and again, reusing what the last committed snapshot stored.
 
-    ``policy`` is what to do with a value that cannot be pickled: ``"skip"`` (store a placeholder and
-    report it) or ``"strict"`` (raise :class:`~playbooks.errors.UnpicklableValueError`).
+    ``policy`` is what to do with a value that cannot be pickled: ``"skip"`` (store an
+    :class:`UnrestoredValue` placeholder and report it in ``skipped``) or ``"strict"`` (raise
+    :class:`~playbooks.errors.UnpicklableValueError`).
     """
 
     def __init__(self, *, policy: Literal["skip", "strict"] = "skip") -> None:
@@ -267,21 +435,25 @@ class NamespaceEncoder:
         self._memory: dict[str, _Remembered] = {}
 
     def encode(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> EncodedNamespace:
-        """Pickle every variable but ``__builtins__`` and the bound objects under their own names."""
+        """Pickle every variable but ``__builtins__`` and the bound objects under their own names.
+
+        A variable that is unchanged since the last committed snapshot is a reference to the snapshot
+        that holds it (``data`` is ``None``), unless its pickle is small (under 4 KiB), which is
+        stored inline again rather than pin an old snapshot.
+        """
         bound = bound or {}
         bound_ids = {id(v): k for k, v in bound.items()}
         encoded = EncodedNamespace()
         for name, value in namespace.items():
             if name == "__builtins__" or (name in bound and bound[name] is value) or _tool_name(value) == name:
                 continue  # bound again by the resuming executor (an alias is stored as a reference)
+            encoded._values[name] = value
             remembered = self._memory.get(name)
             if remembered is not None and remembered.immutable and remembered.value is value:
                 if remembered.data is not None:
-                    blob = VarBlob(remembered.digest, remembered.size, remembered.data, None)
+                    encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, remembered.data, None)
                 else:
-                    blob = VarBlob(remembered.digest, remembered.size, None, remembered.host)
-                encoded.blobs[name] = blob
-                encoded._values[name] = value
+                    encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, None, remembered.host)
                 continue
             data = self._pickle(name, value, namespace, bound_ids, encoded)
             digest = _digest(data)
@@ -289,7 +461,6 @@ class NamespaceEncoder:
                 encoded.blobs[name] = VarBlob(digest, len(data), None, remembered.host)
             else:
                 encoded.blobs[name] = VarBlob(digest, len(data), data, None)
-            encoded._values[name] = value
         return encoded
 
     def _pickle(
@@ -300,10 +471,8 @@ class NamespaceEncoder:
         bound_ids: Mapping[int, str],
         encoded: EncodedNamespace,
     ) -> bytes:
-        buffer = io.BytesIO()
         try:
-            _Pickler(buffer, namespace, bound_ids).dump(_LIVE_NAMESPACE if value is namespace else value)
-            return buffer.getvalue()
+            return _dump(value, namespace, bound_ids)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             type_name = _type_name(value)
@@ -314,53 +483,62 @@ class NamespaceEncoder:
                     f'"skip" to leave it out'
                 ) from exc
             encoded.skipped.append(SkippedVar(name, type_name, reason))
-            return pickle.dumps(UnrestoredValue(name, type_name, reason), protocol=5)
+            return _dump(UnrestoredValue(name, type_name, reason), namespace, bound_ids)
 
     def commit(self, encoded: EncodedNamespace, counter: int) -> None:
-        """Remember ``encoded`` as written at ``counter``; its inline variables are hosted there."""
+        """Remember ``encoded`` as written at ``counter``; its inline variables are hosted there and
+        variables it does not have are forgotten."""
         memory: dict[str, _Remembered] = {}
         for name, blob in encoded.blobs.items():
             host = counter if blob.data is not None else blob.host
             assert host is not None
-            value = encoded._values.get(name)
-            immutable = _deeply_immutable(value)
-            small = blob.data if blob.data is not None and blob.size < _REF_MIN_SIZE else None
-            memory[name] = _Remembered(blob.digest, blob.size, host, value if immutable else None, immutable, small)
+            memory[name] = self._remember(blob, host, name in encoded._values, encoded._values.get(name))
         self._memory = memory
 
     def seed(self, blobs: Mapping[str, VarBlob], values: Mapping[str, Any], counter_of_inline: int) -> None:
-        """Start from a restored snapshot: its inline variables live at ``counter_of_inline``."""
+        """Start from a restored snapshot: its inline variables live at ``counter_of_inline``, the others
+        where they refer to; ``values`` are the restored objects."""
         memory: dict[str, _Remembered] = {}
         for name, blob in blobs.items():
             host = counter_of_inline if blob.data is not None else blob.host
-            if host is None:
-                continue
-            value = values.get(name)
-            immutable = name in values and _deeply_immutable(value)
-            small = blob.data if blob.data is not None and blob.size < _REF_MIN_SIZE else None
-            memory[name] = _Remembered(blob.digest, blob.size, host, value if immutable else None, immutable, small)
+            if host is not None:
+                memory[name] = self._remember(blob, host, name in values, values.get(name))
         self._memory = memory
+
+    @staticmethod
+    def _remember(blob: VarBlob, host: int, known: bool, value: Any) -> _Remembered:
+        immutable = known and _deeply_immutable(value)
+        small = blob.data if blob.data is not None and blob.size < _REF_MIN_SIZE else None
+        return _Remembered(blob.digest, blob.size, host, value if immutable else None, immutable, small)
+
+
+# --- decoding -------------------------------------------------------------------------------------
 
 
 def decode_namespace(
     blobs: Mapping[str, bytes], target: dict[str, Any], *, bound: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Unpickle each variable into ``target``; return the decoded values.
+    """Unpickle each variable (name to the bytes :class:`NamespaceEncoder` produced) into ``target``;
+    return the decoded values.
 
-    Functions the LLM defined get ``target`` as their globals; references to bound objects get the
-    objects in ``bound``. A variable that cannot be unpickled (a class whose module is gone) becomes an
+    Functions the LLM defined get ``target`` as their globals, and a stored reference to the namespace
+    is ``target``; references to bound objects get the objects in ``bound`` (a placeholder when the key
+    is missing). A variable that cannot be unpickled (a class whose module is gone) becomes an
     :class:`UnrestoredValue` that explains why, with a warning in the log; the others still load.
     """
     bound = bound or {}
+    classes: dict[str, Any] = {}
     decoded: dict[str, Any] = {}
     for name, data in blobs.items():
+        unpickler = _Unpickler(io.BytesIO(data), name, target, bound, classes)
         try:
-            value = _Unpickler(io.BytesIO(data), target, bound).load()
+            value = unpickler.load()
         except Exception as exc:
-            reason = f"it could not be unpickled: {type(exc).__name__}: {exc}"
-            _logger.warning("variable %r is not restored: %s", name, reason)
-            value = UnrestoredValue(name, "unknown", reason)
+            reason = f"{type(exc).__name__}: {exc}"
+            _logger.warning("variable %r is not restored: it could not be unpickled (%s)", name, reason)
+            value = UnrestoredValue(name, "type unknown", reason, _LOAD_PROBLEM)
+        for key in unpickler.missing_tools:
+            _logger.warning("variable %r refers to the unbound tool %r: a placeholder stands in", name, key)
         decoded[name] = value
     target.update(decoded)
     return decoded
-

@@ -184,14 +184,20 @@ class DurableFrame:
             **fields,
         )
 
-    async def start(self) -> None:
-        """Take the lock and, for a new frame, write its starting snapshot (the namespace it got)."""
+    async def start(self, *, next_seq: int | None = None) -> None:
+        """Take the lock and, for a new frame, write its starting snapshot (the namespace it got).
+
+        ``next_seq`` is the first call the snapshot does not cover, when a call was numbered before the
+        frame started (a host calling a tool before feeding any code).
+        """
         await self.manager.open()
         if not self._started:
             self._started = True
-            await self.snapshot(sync=False)
+            await self.snapshot(sync=False, next_seq=next_seq)
 
-    async def snapshot(self, *, sync: bool = True, done: bool = False, error: bytes | None = None) -> None:
+    async def snapshot(
+        self, *, sync: bool = True, done: bool = False, error: bytes | None = None, next_seq: int | None = None
+    ) -> None:
         """Write the frame's state at its current statement boundary; it supersedes the journal."""
         ex = self.executor
         encoded = self.encoder.encode(ex.namespace, bound=ex.bound)
@@ -200,7 +206,7 @@ class DurableFrame:
             "snapshot",
             executed_offset=ex.executed_offset,
             statement=ex.last_statement,
-            next_seq=ex.interceptor.next_seq,
+            next_seq=ex.interceptor.next_seq if next_seq is None else next_seq,
             statements_executed=ex.statements_executed,
             variables={n: StoredVar(b.digest, b.size, b.data, b.host) for n, b in encoded.blobs.items()},
             skipped=tuple((s.name, s.type_name, s.reason) for s in encoded.skipped),
@@ -273,7 +279,7 @@ class DurableFrame:
 
     async def before_call(self, call: ToolCall) -> None:
         """Make earlier calls durable (fsync), then record that this one starts."""
-        await self.start()  # a host may call tools before feeding any code
+        await self.start(next_seq=call.seq)  # a host may call tools before feeding any code
         await self.flush()
         await self.manager.sync()
         digest, display = fingerprint(call.name, call.args, call.kwargs)
@@ -298,19 +304,30 @@ def _var_blob(var: StoredVar) -> Any:
     return VarBlob(var.digest, var.size, var.data, var.host)
 
 
-def _unwrap(entry: JournalEntry) -> Any:
+def _unwrap(interceptor: ToolCallInterceptor, call: ToolCall, entry: JournalEntry) -> Any:
+    """The recorded outcome of a replayed call: its value, or its exception raised again."""
     value = pickle.loads(entry.value) if entry.value is not None else None
     if entry.outcome == "raise":
         assert isinstance(value, BaseException)
+        interceptor.observe(call, None, value)
         raise value
+    interceptor.observe(call, value, None)
     return value
 
 
 class DurableInterceptor(ToolCallInterceptor):
     """Journals live calls and replays recorded ones for a :class:`DurableFrame`."""
 
-    def __init__(self, frame: DurableFrame, *, run_id: str, frame_id: str, next_seq: int = 0) -> None:
-        super().__init__(run_id=run_id, frame_id=frame_id, next_seq=next_seq)
+    def __init__(
+        self,
+        frame: DurableFrame,
+        *,
+        run_id: str,
+        frame_id: str,
+        next_seq: int = 0,
+        observer: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+    ) -> None:
+        super().__init__(run_id=run_id, frame_id=frame_id, next_seq=next_seq, observer=observer)
         self.frame = frame
 
     async def call_async(self, call: ToolCall, fn: Callable[..., Awaitable[Any]]) -> Any:
@@ -318,7 +335,7 @@ class DurableInterceptor(ToolCallInterceptor):
         entry = frame.replay(call)
         frame.awaited = True
         if entry is not None:
-            return _unwrap(entry)
+            return _unwrap(self, call, entry)
         await frame.before_call(call)
         token = _ACTIVE_CALL.set(_CallContext(frame, call.seq, itertools.count()))
         try:
@@ -342,7 +359,7 @@ class DurableInterceptor(ToolCallInterceptor):
         frame = self.frame
         entry = frame.replay(call)
         if entry is not None:
-            return _unwrap(entry)
+            return _unwrap(self, call, entry)
         try:
             value = super().call_sync(call, fn)
         except InterpreterError as exc:

@@ -42,7 +42,7 @@ from playbooks.errors import (
     NonDeterminismError,
 )
 from playbooks.execution.statement_splitter import END, NEED_DATA, Statement, StatementSplitter
-from playbooks.execution.tool_calls import ToolCallInterceptor, bind_tools
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, bind_tools
 
 if TYPE_CHECKING:
     from playbooks.checkpoints.manager import CheckpointManager
@@ -85,7 +85,8 @@ class StreamingPythonExecutor:
     every call to it goes through ``interceptor`` (by default one that numbers calls and gives them
     idempotency keys). ``namespace`` is shared with the caller if given, so state can carry over from
     one LLM response to the next. ``on_statement`` is called with each statement just before it runs
-    (for progress displays and logs).
+    (for progress displays and logs); ``on_call`` after every tool call ends, with its value or
+    exception, including calls replayed from the journal after a resume.
 
     ``checkpoint_manager`` makes the execution durable (then ``interceptor`` must not be given: the
     frame's own journaling interceptor is used). An executor created while a durable tool call runs
@@ -100,6 +101,7 @@ class StreamingPythonExecutor:
         namespace: dict[str, Any] | None = None,
         interceptor: ToolCallInterceptor | None = None,
         on_statement: Callable[[Statement], None] | None = None,
+        on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
         checkpoint_manager: CheckpointManager | None = None,
         frame_id: str | None = None,
         _state: FrameState | None = None,
@@ -130,11 +132,13 @@ class StreamingPythonExecutor:
                 raise ExecutorStateError(
                     "a durable executor journals calls with its own interceptor; do not pass interceptor="
                 )
-            self._init_frame(manager, frame_id, _state)
+            self._init_frame(manager, frame_id, _state, on_call)
             assert self._frame is not None
             self.interceptor: ToolCallInterceptor = self._frame_interceptor
         else:
             self.interceptor = interceptor or ToolCallInterceptor(run_id=agent.id, frame_id=frame_id)
+            if on_call is not None:
+                self.interceptor.observer = on_call
         self.bound = bind_tools(agent.tools, self.interceptor)
         if self._frame is not None and "print" not in self.bound:
             self.bound["print"] = bind_tools({"print": _durable_print}, self.interceptor)["print"]
@@ -170,7 +174,13 @@ class StreamingPythonExecutor:
         state = manager.frame_state(frame_id) if frame_id in manager.loaded_frame_ids() else None
         return manager, frame_id, state
 
-    def _init_frame(self, manager: CheckpointManager, frame_id: str, state: FrameState | None) -> None:
+    def _init_frame(
+        self,
+        manager: CheckpointManager,
+        frame_id: str,
+        state: FrameState | None,
+        on_call: Callable[[ToolCall, Any, BaseException | None], None] | None,
+    ) -> None:
         from playbooks.execution.durable import DurableFrame, DurableInterceptor, current_durable_call
 
         parent = current_durable_call()
@@ -184,6 +194,7 @@ class StreamingPythonExecutor:
             run_id=manager.execution_id,
             frame_id=frame_id,
             next_seq=state.next_seq if state is not None else 0,
+            observer=on_call,
         )
 
     def _restore(self, state: FrameState) -> None:

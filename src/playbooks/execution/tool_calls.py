@@ -46,10 +46,24 @@ class ToolCallInterceptor:
     same key on every attempt, including after a resume.
     """
 
-    def __init__(self, *, run_id: str, frame_id: str = "0", next_seq: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        frame_id: str = "0",
+        next_seq: int = 0,
+        observer: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.frame_id = frame_id
         self.next_seq = next_seq
+        self.observer = observer
+        """Called after every call ends, with its value or exception (also for replayed calls)."""
+
+    def observe(self, call: ToolCall, value: Any, error: BaseException | None) -> None:
+        """Tell the observer, if any, how ``call`` ended."""
+        if self.observer is not None:
+            self.observer(call, value, error)
 
     def start(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ToolCall:
         """Assign the next sequence number to a call that is about to run."""
@@ -61,17 +75,27 @@ class ToolCallInterceptor:
         """Run an async tool for ``call``; override to journal or replay."""
         token = _CURRENT.set(call)
         try:
-            return await fn(*call.args, **call.kwargs)
+            value = await fn(*call.args, **call.kwargs)
+        except Exception as exc:
+            self.observe(call, None, exc)
+            raise
         finally:
             _CURRENT.reset(token)
+        self.observe(call, value, None)
+        return value
 
     def call_sync(self, call: ToolCall, fn: Callable[..., Any]) -> Any:
         """Run a sync tool for ``call``; override to journal or replay."""
         token = _CURRENT.set(call)
         try:
-            return fn(*call.args, **call.kwargs)
+            value = fn(*call.args, **call.kwargs)
+        except Exception as exc:
+            self.observe(call, None, exc)
+            raise
         finally:
             _CURRENT.reset(token)
+        self.observe(call, value, None)
+        return value
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

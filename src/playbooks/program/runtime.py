@@ -54,7 +54,7 @@ from playbooks.errors import InterpreterError, LLMCodeError, NonDeterminismError
 from playbooks.execution.durable import current_durable_call
 from playbooks.execution.statement_splitter import Statement
 from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
-from playbooks.execution.tool_calls import ToolCallInterceptor
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, current_tool_call
 from playbooks.llm.base import LLMProvider, LLMRequest, Message
 from playbooks.llm.replay import ReplayProvider
 from playbooks.program.builtins import AgentMessage, PlaybookReturn, make_builtins, playbook
@@ -366,7 +366,6 @@ class PlaybookFrame:
     """One call of a playbook: what runs, its arguments and namespace, and what its code has done.
 
     ``frame_id`` is a stable path (``"Agent"``, then ``"Agent.1"`` for its first child call, ...).
-    ``trace``/``printed`` collect the calls and output of the response being run.
     """
 
     agent: RuntimeAgent
@@ -379,8 +378,6 @@ class PlaybookFrame:
     returned: bool = False
     return_value: Any = None
     llm_calls: int = 0
-    trace: list[str] = field(default_factory=list)
-    printed: list[str] = field(default_factory=list)
     children: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
 
@@ -436,6 +433,11 @@ def _call_text(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> s
 
 
 _LOOP = "__playbook_loop__"
+_TRACE = "__turn_calls__"
+_PRINTED = "__turn_printed__"
+_RETURNED = "__playbook_returned__"
+_STEP = "__current_step__"
+_MAILBOX = "mailbox"
 _POSITIONS = "__llm_positions__"
 _TURN = "__llm_turn__"
 
@@ -532,9 +534,12 @@ class ProgramRuntime:
         self._entry_done = False
         self._scope: anyio.CancelScope | None = None
         self._failure: BaseException | None = None
+        self._sent: set[str] = set()
+        self._received: dict[str, AgentMessage] = {}
         for agent in self.agents.values():
             agent.inbox.clear()
             agent.changed = None
+        self._load_mailbox()
 
     # ------------------------------------------------------------------ set-up
 
@@ -542,16 +547,16 @@ class ProgramRuntime:
         """The agent's tools: its playbooks, other agents' public playbooks, built-ins and ``print``."""
         tools: dict[str, Callable[..., Any]] = {}
         for spec in agent.spec.playbooks.values():
-            tools[spec.name] = self._traced(spec.name, self._playbook_tool(agent, spec))
+            tools[spec.name] = self._playbook_tool(agent, spec)
         for other in self.agents.values():
             if other is agent:
                 continue
             for spec in other.spec.playbooks.values():
                 if spec.public:
                     name = f"{other.name}.{spec.name}"
-                    tools[name] = self._traced(name, self._playbook_tool(other, spec))
+                    tools[name] = self._playbook_tool(other, spec)
         for name, builtin in make_builtins(self).items():
-            tools[name] = builtin if name == "Return" else self._traced(name, builtin)
+            tools[name] = builtin
         tools["print"] = self._print
         return tools
 
@@ -562,27 +567,6 @@ class ProgramRuntime:
         call.__name__ = call.__qualname__ = spec.name
         call.__doc__ = spec.description or None
         return call
-
-    def _traced(self, name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        """Wrap ``fn`` so each call and its result are noted in the calling frame's trace."""
-
-        @functools.wraps(fn)
-        async def traced(*args: Any, **kwargs: Any) -> Any:
-            frame = _CURRENT_FRAME.get()
-            try:
-                result = await fn(*args, **kwargs)
-            except PlaybookReturn:
-                raise
-            except Exception as exc:
-                if frame is not None:
-                    frame.trace.append(f"{_call_text(name, args, kwargs)} raised {type(exc).__name__}: {exc}")
-                raise
-            if frame is not None:
-                text = _call_text(name, args, kwargs)
-                frame.trace.append(text if result is None else f"{text} -> {describe_value(result)}")
-            return result
-
-        return traced
 
     def _handles(self, agent: RuntimeAgent) -> dict[str, AgentHandle]:
         """``OtherAgent`` objects for ``agent``'s code, one per other agent."""
@@ -773,6 +757,8 @@ class ProgramRuntime:
         """The LLM loop of a markdown playbook; return what its code passed to ``Return``."""
         agent, spec = frame.agent, frame.spec
         scope = self._new_scope(frame)
+        if scope is not None and scope.finished:
+            return frame.namespace.get(_RETURNED)  # it had returned before the crash
         loop = frame.namespace.setdefault(
             _LOOP,
             {
@@ -861,8 +847,12 @@ class ProgramRuntime:
     async def _turn(self, frame: PlaybookFrame, number: int) -> _TurnOutcome:
         """Ask the LLM for the ``number``-th response of ``frame`` and run it as it streams."""
         agent, spec = frame.agent, frame.spec
-        frame.trace = []
-        frame.printed = []
+        # What this turn's code does is kept in the namespace, so a response cut off by a crash and
+        # resumed reports the calls and output of its statements that ran before the crash too.
+        frame.namespace[_TRACE] = []
+        frame.namespace[_PRINTED] = []
+        frame.namespace.pop(_RETURNED, None)
+        frame.returned = False
         frame.llm_calls = number
         self.llm_calls += 1
         request = LLMRequest(list(frame.namespace[_LOOP]["messages"]), model=self.model, temperature=self.temperature)
@@ -875,11 +865,12 @@ class ProgramRuntime:
             else:
                 positions[number] = self.llm.position
         result = await self._run_response(frame, executor, request)
+        returned = _RETURNED in frame.namespace
         return _TurnOutcome(
             response=result.response,
             error=result.error,
-            returned=frame.returned,
-            return_value=frame.return_value,
+            returned=returned,
+            return_value=frame.namespace[_RETURNED] if returned else None,
             report=self._report(frame, result),
             position_after=self.llm.position if isinstance(self.llm, ReplayProvider) else None,
         )
@@ -931,9 +922,9 @@ class ProgramRuntime:
         }
         return ResponseReport(
             statements=result.statements_executed,
-            calls=list(frame.trace),
-            printed=list(frame.printed),
-            current_step=frame.current_step,
+            calls=list(frame.namespace.get(_TRACE, [])),
+            printed=list(frame.namespace.get(_PRINTED, [])),
+            current_step=frame.namespace.get(_STEP),
             variables=variables,
         )
 
@@ -985,9 +976,32 @@ class ProgramRuntime:
         def on_statement(statement: Statement) -> None:
             self._emit(CodeStatement(agent.name, frame.spec.name, statement.lineno, statement.source, frame.depth))
 
+        def on_call(call: ToolCall, value: Any, error: BaseException | None) -> None:
+            """Note each call (live or replayed) for the next message to the LLM."""
+            namespace = frame.namespace
+            if call.name == "Return" or isinstance(error, PlaybookReturn):
+                return
+            if call.name == "print":
+                if call.kwargs.get("file") is None:
+                    sep = call.kwargs.get("sep", " ")
+                    namespace.setdefault(_PRINTED, []).append(
+                        (" " if sep is None else sep).join(str(v) for v in call.args)
+                    )
+                return
+            text = _call_text(call.name, call.args, call.kwargs)
+            if error is not None:
+                text = f"{text} raised {type(error).__name__}: {error}"
+            elif value is not None:
+                text = f"{text} -> {describe_value(value)}"
+            namespace.setdefault(_TRACE, []).append(text)
+
         if self.manager is not None:  # a child frame of the durable LLM turn that is running
             executor = StreamingPythonExecutor(
-                agent, namespace=frame.namespace, checkpoint_manager=self.manager, on_statement=on_statement
+                agent,
+                namespace=frame.namespace,
+                checkpoint_manager=self.manager,
+                on_statement=on_statement,
+                on_call=on_call,
             )
         else:
             executor = StreamingPythonExecutor(
@@ -995,6 +1009,7 @@ class ProgramRuntime:
                 namespace=frame.namespace,
                 interceptor=ToolCallInterceptor(run_id=self.run_id, frame_id=f"{frame.frame_id}/{number}"),
                 on_statement=on_statement,
+                on_call=on_call,
             )
         executor.namespace.update(self._handles(agent))
         return executor
@@ -1010,10 +1025,43 @@ class ProgramRuntime:
         await self._write_output(frame, question)
         return await self.io.read_line()
 
+    async def _save_mailbox(self) -> None:
+        """With durability, store the unread messages and what each wait received (run-level state),
+        so a resumed run loses no message and a wait that runs again gets the same one."""
+        if self.manager is not None:
+            await self.manager.save_state(
+                _MAILBOX,
+                {
+                    "inboxes": {name: list(agent.inbox) for name, agent in self.agents.items()},
+                    "sent": set(self._sent),
+                    "received": dict(self._received),
+                },
+            )
+
+    def _load_mailbox(self) -> None:
+        state = self.manager.loaded_state(_MAILBOX) if self.manager is not None else None
+        if state is None:
+            return
+        for name, messages in state["inboxes"].items():
+            if name in self.agents:
+                self.agents[name].inbox[:] = messages
+        self._sent = set(state["sent"])
+        self._received = dict(state["received"])
+
     async def _deliver(self, sender: str, recipient: str, message: Any) -> None:
-        """Every message between agents: put it in ``recipient``'s inbox and wake its waiters."""
+        """Every message between agents: put it in ``recipient``'s inbox and wake its waiters.
+
+        A send that runs again after a crash (same idempotency key) is not delivered twice.
+        """
         target = self.agents[recipient]
+        call = current_tool_call()
+        key = call.idempotency_key if call is not None else None
+        if key is not None and key in self._sent:
+            return
         target.inbox.append(AgentMessage(sender, message))
+        if key is not None:
+            self._sent.add(key)
+        await self._save_mailbox()
         for root, (agent, expected) in list(self._waiting.items()):
             if agent == recipient and expected in (None, sender):
                 del self._waiting[root]  # at once, so no one mistakes it for idle meanwhile
@@ -1026,10 +1074,17 @@ class ProgramRuntime:
         """Every wait for a message: the first one in the frame's agent's inbox (from ``from_agent``)."""
         agent = frame.agent
         root = _ROOT_AGENT.get() or agent.name
+        call = current_tool_call()
+        key = call.idempotency_key if call is not None else None
+        if key is not None and key in self._received:
+            return self._received[key]  # this wait had taken its message before a crash
         while True:
             for index, message in enumerate(agent.inbox):
                 if from_agent is None or message.sender == from_agent:
                     del agent.inbox[index]
+                    if key is not None:
+                        self._received[key] = message
+                    await self._save_mailbox()
                     return message
             if agent.changed is None:
                 agent.changed = anyio.Event()
@@ -1070,6 +1125,7 @@ class ProgramRuntime:
                 raise ValueError(f"Step({step_id!r}): playbook {spec.name} has no such step (its steps: {ids})")
             text = step.text
         frame.current_step = step_id
+        frame.namespace[_STEP] = step_id  # saved with the frame
         self._emit(StepStarted(frame.agent.name, spec.name, step_id, text, frame.depth))
 
     async def builtin_say(self, target: str, message: Any) -> None:
@@ -1084,6 +1140,7 @@ class ProgramRuntime:
         frame = self._frame("Return")
         frame.returned = True
         frame.return_value = value
+        frame.namespace[_RETURNED] = value  # saved with the frame: a resumed turn knows it returned
         raise PlaybookReturn(value)
 
     async def builtin_ask_user(self, question: str) -> str:
@@ -1110,7 +1167,6 @@ class ProgramRuntime:
             print(*values, sep=sep, end=end, file=file, flush=flush)
             return
         text = (" " if sep is None else sep).join(str(value) for value in values)
-        frame.printed.append(text)
         self._emit(Printed(frame.agent.name, frame.spec.name, text, frame.depth))
 
 
