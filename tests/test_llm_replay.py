@@ -384,3 +384,30 @@ def test_request_roundtrip() -> None:
     data: dict[str, Any] = {"messages": [{"role": "user"}]}
     with pytest.raises(ValueError, match="content"):
         LLMRequest.from_dict(data)
+
+
+# --- match="request": any order, and a request made again --------------------------------------------
+
+
+async def test_request_matching_serves_in_any_order(cassette: Path) -> None:
+    provider = ReplayProvider(cassette, match="request")
+    assert await provider.complete(ask("second")) == "short answer"
+    assert await provider.complete(ask("first")) == LONG
+    assert await provider.complete(ask("first")) == LONG  # asked again (a resumed run): served again
+    assert await provider.complete(ask("third")) == ""
+
+
+async def test_request_matching_serves_equal_requests_in_recorded_order(tmp_path: Path) -> None:
+    path = write_cassette(tmp_path / "c.json", [(ask("same"), "one"), (ask("same"), "two")])
+    provider = ReplayProvider(path, match="request")
+    assert [await provider.complete(ask("same")) for _ in range(3)] == ["one", "two", "two"]
+
+
+async def test_request_matching_says_what_differs_and_when_it_ran_out(cassette: Path) -> None:
+    provider = ReplayProvider(cassette, match="request")
+    with pytest.raises(CassetteError, match=r"no interaction .* was recorded for this request.*differs"):
+        await provider.complete(ask("fourth"))
+    for text in ("first", "second", "third"):
+        await provider.complete(ask(text))
+    with pytest.raises(CassetteError, match="ran out: all 3 recorded interactions were served"):
+        await provider.complete(ask("fourth"))

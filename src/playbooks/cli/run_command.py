@@ -131,7 +131,11 @@ def make_provider(config: Config, program_path: Path, cassette: Path | None = No
         "api_key": os.environ.get(model.api_key_env),
     }
     if model.provider == "replay":
-        return create_llm_provider("replay", cassette_path=cassette_for(config, program_path, cassette))
+        # Matched by request, not by order: agents running concurrently, and a resumed run, may ask
+        # in another order than the recording did.
+        return create_llm_provider(
+            "replay", cassette_path=cassette_for(config, program_path, cassette), match="request"
+        )
     if model.provider == "record":
         path = cassette_for(config, program_path, cassette)
         return create_llm_provider("record", cassette_path=path, inner="openai", **remote)

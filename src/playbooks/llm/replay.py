@@ -43,8 +43,8 @@ __all__ = ("CASSETTE_VERSION", "Cassette", "Interaction", "MatchMode", "Recordin
 
 CASSETTE_VERSION = 1
 
-MatchMode = Literal["sequence", "strict", "none"]
-_MATCH_MODES: tuple[MatchMode, ...] = ("sequence", "strict", "none")
+MatchMode = Literal["sequence", "strict", "none", "request"]
+_MATCH_MODES: tuple[MatchMode, ...] = ("sequence", "strict", "none", "request")
 
 _logger = logging.getLogger("playbooks.llm")
 
@@ -207,7 +207,11 @@ class ReplayProvider(LLMProvider):
 
     ``match`` says how a request is checked against the interaction it receives: ``"sequence"``
     compares the last user message, ``"strict"`` every message (roles and contents), ``"none"``
-    nothing. A request the cassette cannot serve raises :class:`CassetteError`.
+    nothing. ``"request"`` does not serve in order: a request gets the first interaction not served
+    yet whose recorded request is the same (every message), else one already served (a request made
+    again, as a resumed run does for the response a crash cut off); so agents that call the LLM
+    concurrently replay whatever order their requests come in. A request the cassette cannot serve
+    raises :class:`CassetteError`.
 
     ``start_index`` (or :meth:`seek`) makes the next request receive that interaction: a resumed run
     passes the :attr:`position` it saved so it does not consume interactions twice.
@@ -241,6 +245,7 @@ class ReplayProvider(LLMProvider):
         self.match: MatchMode = match
         self.delay = delay
         self._position = 0
+        self._served: set[int] = set()
         self.seek(start_index)
 
     def __repr__(self) -> str:
@@ -265,8 +270,44 @@ class ReplayProvider(LLMProvider):
             )
         self._position = index
 
+    def _find(self, request: LLMRequest) -> tuple[int, Interaction]:
+        """``match="request"``: the interaction recorded for this very request."""
+        interactions = self.cassette.interactions
+        same = [
+            i for i, interaction in enumerate(interactions)
+            if [m.to_dict() for m in interaction.messages()] == [m.to_dict() for m in request.messages]
+        ]
+        fresh = [i for i in same if i not in self._served]
+        if not same and len(self._served) >= len(interactions):
+            raise CassetteError(
+                f"cassette {self.path!r} ran out: all {len(interactions)} recorded interactions were served "
+                f"and another request was made; its last user message is {_show(request.last_user_message())}. "
+                f"The program makes more LLM calls than when the cassette was recorded. "
+                f"{_rerecord_hint(self.path)}",
+                path=self.path,
+                index=len(interactions),
+            )
+        if not same:
+            nearest = min(len(interactions) - 1, self._position)
+            detail = (
+                self._mismatch_strict(interactions[nearest], request) if interactions else "the cassette is empty"
+            )
+            raise CassetteError(
+                f"no interaction of cassette {self.path!r} was recorded for this request (match='request'); "
+                f"compared with interaction {nearest}: {detail}\nThe program asks something else than when "
+                f"the cassette was recorded. {_rerecord_hint(self.path)}",
+                path=self.path,
+                index=nearest,
+            )
+        index = fresh[0] if fresh else same[-1]
+        self._served.add(index)
+        self._position = max(self._position, index + 1)
+        return index, interactions[index]
+
     def _take(self, request: LLMRequest) -> tuple[int, Interaction]:
         """Check ``request`` against the next interaction and consume it."""
+        if self.match == "request":
+            return self._find(request)
         index = self._position
         interactions = self.cassette.interactions
         if index >= len(interactions):
@@ -304,6 +345,10 @@ class ReplayProvider(LLMProvider):
             if expected is None or got is None:
                 return f"the last user message differs:\n  expected: {_show(expected)}\n  got:      {_show(got)}"
             return "the last user message differs; " + _first_difference(expected, got)
+        return self._mismatch_strict(interaction, request)
+
+    def _mismatch_strict(self, interaction: Interaction, request: LLMRequest) -> str | None:
+        recorded = interaction.messages()
         for number, (want, have) in enumerate(zip(recorded, request.messages)):
             if want.role != have.role:
                 return f"message {number} has role {have.role!r}, the recording has {want.role!r}"

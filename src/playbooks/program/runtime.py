@@ -438,7 +438,6 @@ _PRINTED = "__turn_printed__"
 _RETURNED = "__playbook_returned__"
 _STEP = "__current_step__"
 _MAILBOX = "mailbox"
-_POSITIONS = "__llm_positions__"
 _TURN = "__llm_turn__"
 
 
@@ -455,7 +454,6 @@ class _TurnOutcome:
     returned: bool
     return_value: Any
     report: ResponseReport
-    position_after: int | None
 
 
 class ProgramRuntime:
@@ -770,16 +768,12 @@ class ProgramRuntime:
                 "number": 0,
             },
         )
-        if isinstance(self.llm, ReplayProvider) and "llm_position" in loop:
-            self.llm.seek(max(self.llm.position, loop["llm_position"]))  # a resumed frame: the cassette too
         while loop["number"] < self.max_llm_calls:
             number = loop["number"] + 1
             if scope is not None:
                 outcome: _TurnOutcome = await scope.bound[_TURN](number)
             else:
                 outcome = await self._turn(frame, number)
-            if isinstance(self.llm, ReplayProvider) and outcome.position_after is not None:
-                self.llm.seek(max(self.llm.position, outcome.position_after))
             messages = loop["messages"] + [Message("assistant", outcome.response)]
             if outcome.returned:
                 if scope is not None:
@@ -814,7 +808,6 @@ class ProgramRuntime:
                 "messages": messages,
                 "failures": failures,
                 "number": number,
-                "llm_position": outcome.position_after,
             }
             if scope is not None:
                 await scope.checkpoint()  # the loop's state, before the next LLM call
@@ -858,12 +851,6 @@ class ProgramRuntime:
         request = LLMRequest(list(frame.namespace[_LOOP]["messages"]), model=self.model, temperature=self.temperature)
         self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
         executor = self._new_executor(frame, number)
-        if isinstance(self.llm, ReplayProvider):
-            positions: dict[int, int] = frame.namespace.setdefault(_POSITIONS, {})
-            if executor.restored and number in positions:
-                self.llm.seek(positions[number])  # the response cut off by the crash, from its start
-            else:
-                positions[number] = self.llm.position
         result = await self._run_response(frame, executor, request)
         returned = _RETURNED in frame.namespace
         return _TurnOutcome(
@@ -872,7 +859,6 @@ class ProgramRuntime:
             returned=returned,
             return_value=frame.namespace[_RETURNED] if returned else None,
             report=self._report(frame, result),
-            position_after=self.llm.position if isinstance(self.llm, ReplayProvider) else None,
         )
 
     async def _run_response(
@@ -979,8 +965,13 @@ class ProgramRuntime:
         def on_call(call: ToolCall, value: Any, error: BaseException | None) -> None:
             """Note each call (live or replayed) for the next message to the LLM."""
             namespace = frame.namespace
-            if call.name == "Return" or isinstance(error, PlaybookReturn):
+            if isinstance(error, PlaybookReturn):  # also when replayed: the turn returned
+                namespace[_RETURNED] = error.value
                 return
+            if call.name == "Return":
+                return
+            if call.name == "Step" and call.args:
+                namespace[_STEP] = call.args[0]
             if call.name == "print":
                 if call.kwargs.get("file") is None:
                     sep = call.kwargs.get("sep", " ")
