@@ -271,3 +271,33 @@ def test_examples_parse_without_warnings() -> None:
             program = load_program(EXAMPLES / f"{name}.pb")
             assert program.agents
             assert (EXAMPLES / f"{name}.cassette.json").is_file()
+
+
+def test_cassette_that_does_not_match_exit_1(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLES / "orders.pb", tmp_path)
+    cassette = json.loads((EXAMPLES / "orders.cassette.json").read_text())
+    for message in cassette["interactions"][0]["request"]["messages"]:
+        message["content"] = message["content"].replace("orders", "invoices")
+    (tmp_path / "orders.cassette.json").write_text(json.dumps(cassette))
+    proc = _run("run", "orders.pb", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "no interaction of cassette" in proc.stderr and "was recorded for this request" in proc.stderr
+
+
+def test_openai_endpoint_down_exit_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "playbooks.toml").write_text(
+        f'[model]\nprovider = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\n', encoding="utf-8"
+    )
+    env_key = {"OPENAI_API_KEY": "test"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "playbooks.cli", "run", str(EXAMPLES / "orders.pb")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}, **env_key},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr

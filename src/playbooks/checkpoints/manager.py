@@ -359,6 +359,14 @@ class CheckpointManager:
         assert state is not None
         return Checkpoint(checkpoint_id(self.execution_id, counter), counter, record.kind, state)
 
+    def last_statement(self) -> str:
+        """The source of the newest statement that ran, among the loaded records (``""`` if none)."""
+        for counter in sorted(self._records, reverse=True):
+            record = self._records[counter]
+            if record.kind == "snapshot" and record.statement:
+                return record.statement
+        return ""
+
     def loaded_frame_ids(self) -> set[str]:
         """Frames with at least one loaded record."""
         return {r.frame_id for r in self._records.values() if r.kind != "state"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from playbooks.cli.checkpoints_command import add_checkpoints_parser, add_runs_parser
 from playbooks.cli.exec_command import add_exec_parser
 from playbooks.cli.init_command import add_init_parser
 from playbooks.cli.run_command import add_run_parser
@@ -24,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_exec_parser(commands)
     add_run_parser(commands)
     add_init_parser(commands)
+    add_runs_parser(commands)
+    add_checkpoints_parser(commands)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code

@@ -28,7 +28,7 @@ import anyio
 from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
 from playbooks.cli.run_store import RunRecord, RunStore, runs_folder
 from playbooks.config import Config, ConfigError, load_config
-from playbooks.errors import PlaybooksError
+from playbooks.errors import CheckpointWarning, PlaybooksError
 from playbooks.llm import CassetteError, LLMProvider, create_llm_provider
 from playbooks.program import (
     Program,
@@ -342,10 +342,12 @@ async def _main(
     if resume:
         await manager.load_records()
         latest = await manager.get_latest_checkpoint()
+        for message in manager.fallbacks:
+            _warn(message)
         if latest is None:
             _warn(f"run {run.run_id} has no readable checkpoint; it starts from the beginning")
         else:
-            statement = latest["metadata"]["statement"].strip().splitlines()
+            statement = manager.last_statement().strip().splitlines()
             shown = statement[0][:100] if statement else "(no statement had completed)"
             print(
                 f"resuming run {run.run_id} from checkpoint {latest.checkpoint_id} "
@@ -354,10 +356,25 @@ async def _main(
                 flush=True,
             )
             for call in RecoveryCoordinator(manager).in_flight():
-                _warn(f"{call.call} was running when the process stopped; it may have run and runs again "
-                      f"(idempotency key {call.idempotency_key})")
+                if call.call.startswith("__llm_turn__("):
+                    number = call.call.removeprefix("__llm_turn__(").rstrip(")")
+                    _warn(f"LLM call {number} of frame {call.frame_id} was cut off; it goes on after the "
+                          "code that already ran")
+                else:
+                    _warn(f"{call.call} was running when the process stopped; it may have run and runs "
+                          f"again (idempotency key {call.idempotency_key})")
     runtime.manager = manager
     try:
-        return await runtime.run(**kwargs)
+        with warnings.catch_warnings():
+            # Reported above, in this command's words; other checkpoint warnings (a variable that
+            # cannot be saved) are shown as they happen.
+            warnings.filterwarnings("ignore", message=".*may have run", category=CheckpointWarning)
+            warnings.filterwarnings("ignore", message=".*is unreadable and was skipped", category=CheckpointWarning)
+            warnings.showwarning = _show_warning
+            return await runtime.run(**kwargs)
     finally:
         await manager.close()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    _warn(str(message))

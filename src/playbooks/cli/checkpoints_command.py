@@ -1,0 +1,239 @@
+"""``playbooks checkpoints list|show|prune|clear`` and ``playbooks runs``: look at and tidy stored runs.
+
+Both read the storage of ``[durability]`` in ``playbooks.toml`` (``--config``). ``runs`` prints one line
+per run of ``playbooks run``: its id, status (running, crashed, failed, completed), progress and last
+statement. ``checkpoints show`` prints a checkpoint's metadata, call stack, journal and variables as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from playbooks.checkpoints import Checkpoint, CheckpointManager
+from playbooks.checkpoints.provider import parse_checkpoint_id
+from playbooks.cli.run_store import RunStore, runs_folder
+from playbooks.config import Config, ConfigError, load_config
+from playbooks.errors import PlaybooksError
+
+__all__ = ("add_checkpoints_parser", "add_runs_parser")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _error(command: str, message: str) -> None:
+    print(f"playbooks {command}: {message}", file=sys.stderr, flush=True)
+
+
+def add_runs_parser(commands: Any) -> None:
+    """Register ``playbooks runs``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "runs", help="list the runs of playbooks run", description="List the runs of playbooks run."
+    )
+    parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
+    parser.set_defaults(handler=_runs)
+
+
+def add_checkpoints_parser(commands: Any) -> None:
+    """Register ``playbooks checkpoints list|show|prune|clear``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "checkpoints", help="list, show, prune or clear stored checkpoints",
+        description="List, show, prune or clear the checkpoints of runs.",
+    )
+    parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="the runs with checkpoints, or the checkpoints of one run")
+    listing.add_argument("run_id", nargs="?")
+    show = actions.add_parser("show", help="a checkpoint (or a run's latest) as JSON")
+    show.add_argument("checkpoint", help="a checkpoint id (RUN_ckpt_N) or a run id (its latest checkpoint)")
+    prune = actions.add_parser("prune", help="keep only the newest snapshots of a run (and what they need)")
+    prune.add_argument("run_id")
+    prune.add_argument("--keep", type=int, default=None, help="snapshots to keep (default: durability.keep_last_n)")
+    clear = actions.add_parser("clear", help="delete every checkpoint of a run (or of all runs)")
+    clear.add_argument("run_id", nargs="?")
+    clear.add_argument("--all", action="store_true", help="every run")
+    parser.set_defaults(handler=_checkpoints)
+
+
+def _config(args: argparse.Namespace, command: str) -> Config | None:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        _error(command, f"configuration error: {exc}")
+        return None
+
+
+def _manager(config: Config, run_id: str, keep_last_n: int | None = None) -> CheckpointManager:
+    manager = CheckpointManager.from_config(
+        config.durability, run_id, storage_path=config.resolve_path(config.durability.storage_path)
+    )
+    if keep_last_n is not None:
+        manager.keep_last_n = keep_last_n
+    return manager
+
+
+def _first_line(text: str, width: int = 60) -> str:
+    lines = text.strip().splitlines()
+    if not lines:
+        return ""
+    line = lines[0] + (" ..." if len(lines) > 1 else "")
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+# ----------------------------------------------------------------------- runs
+
+
+def _runs(args: argparse.Namespace) -> int:
+    config = _config(args, "runs")
+    if config is None:
+        return EXIT_USAGE
+    records = RunStore(runs_folder(config)).all()
+    if not records:
+        print(f"no runs in {runs_folder(config)}")
+        return EXIT_OK
+    rows = [("RUN", "STATUS", "CHECKPOINTS", "STARTED", "PROGRAM", "LAST STATEMENT")]
+    for record in records:
+        count, statement = anyio.run(_progress, config, record.run_id)
+        rows.append((
+            record.run_id,
+            record.effective_status,
+            str(count),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started)),
+            record.program,
+            statement,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return EXIT_OK
+
+
+async def _progress(config: Config, run_id: str) -> tuple[int, str]:
+    manager = _manager(config, run_id)
+    try:
+        ids = await manager.list_checkpoints()
+        if not ids:
+            return 0, ""
+        await manager.load_records()
+        return len(ids), _first_line(manager.last_statement())
+    finally:
+        await manager.provider.close()
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    config = _config(args, "checkpoints")
+    if config is None:
+        return EXIT_USAGE
+    try:
+        code: int = anyio.run(_checkpoint_action, args, config)
+    except PlaybooksError as exc:
+        _error("checkpoints", str(exc))
+        return EXIT_ERROR
+    return code
+
+
+async def _checkpoint_action(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "list":
+        return await _list(config, args.run_id)
+    if args.action == "show":
+        return await _show(config, args.checkpoint)
+    if args.action == "prune":
+        return await _prune(config, args.run_id, args.keep)
+    return await _clear(config, args.run_id, args.all)
+
+
+async def _list(config: Config, run_id: str | None) -> int:
+    if run_id is None:
+        manager = _manager(config, "_")
+        executions = await manager.provider.list_executions()
+        for execution in executions:
+            count = len(await manager.provider.list_checkpoints(execution))
+            print(f"{execution}  {count} checkpoints")
+        if not executions:
+            print("no checkpoints")
+        return EXIT_OK
+    manager = _manager(config, run_id)
+    records = await manager.load_records()
+    if not records:
+        _error("checkpoints", f"run {run_id!r} has no checkpoints")
+        return EXIT_USAGE
+    for counter, record in sorted(records.items()):
+        what = record.display or _first_line(record.statement) or record.name
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.timestamp))
+        print(f"{run_id}_ckpt_{counter}  {stamp}  {record.kind:<8}  {record.frame_id:<24}  {what}")
+    return EXIT_OK
+
+
+def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
+    namespace = {
+        name: repr(value)[:200]
+        for name, value in checkpoint["namespace"].items()
+        if not name.startswith("__")
+    }
+    return {
+        "metadata": checkpoint["metadata"],
+        "execution_state": checkpoint["execution_state"],
+        "namespace": namespace,
+    }
+
+
+async def _show(config: Config, name: str) -> int:
+    try:
+        run_id, counter = parse_checkpoint_id(name)
+    except ValueError:
+        run_id, counter = name, None
+    manager = _manager(config, run_id)
+    checkpoint = await manager.get_latest_checkpoint() if counter is None else await manager.load_checkpoint(counter)
+    if checkpoint is None:
+        _error("checkpoints", f"run {run_id!r} has no readable checkpoint")
+        return EXIT_USAGE
+    print(json.dumps(_describe(checkpoint), indent=2, default=repr))
+    return EXIT_OK
+
+
+async def _prune(config: Config, run_id: str, keep: int | None) -> int:
+    if keep is not None and keep < 1:
+        _error("checkpoints", "--keep must be at least 1")
+        return EXIT_USAGE
+    manager = _manager(config, run_id, keep or config.durability.keep_last_n)
+    await manager.load_records()
+    await manager.open()  # the lock: a running run is not pruned under its feet
+    try:
+        deleted = await manager.prune()
+    finally:
+        await manager.close()
+    print(f"deleted {deleted} checkpoints of {run_id}")
+    return EXIT_OK
+
+
+async def _clear(config: Config, run_id: str | None, every: bool) -> int:
+    if (run_id is None) == (not every):
+        _error("checkpoints", "clear needs a run id, or --all")
+        return EXIT_USAGE
+    probe = _manager(config, "_")
+    run_ids = await probe.provider.list_executions() if every else [run_id]
+    store = RunStore(runs_folder(config))
+    total = 0
+    for rid in run_ids:
+        assert rid is not None
+        manager = _manager(config, rid)
+        lock = await manager.provider.acquire_lock(rid)  # refuse a running run
+        try:
+            for cid in await manager.list_checkpoints():
+                total += bool(await manager.provider.delete_checkpoint(cid))
+        finally:
+            await lock.release()
+        store.delete(rid)
+    print(f"deleted {total} checkpoints of {len(run_ids)} run(s)")
+    return EXIT_OK
