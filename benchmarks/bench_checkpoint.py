@@ -43,6 +43,10 @@ class _Counting(FilesystemCheckpointProvider):
         type(self).written += len(data)
         await super().save_checkpoint(checkpoint_id, data, sync=sync)
 
+    async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
+        type(self).written += len(data)
+        await super().append_journal(execution_id, counter, data)
+
 
 def floor_us(folder: str, n: int) -> float:
     """Median time of one small append + fsync, in microseconds."""

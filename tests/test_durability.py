@@ -116,7 +116,8 @@ async def test_contract_resume_after_a_crash_mid_stream(tmp_path: Path, capsys: 
     await _crash(manager)
     assert capsys.readouterr().out == "total 60\n"
     files = sorted(os.listdir(tmp_path / ".checkpoints" / "agent_1"))
-    assert files and all(f.startswith("agent_1_ckpt_") and f.endswith(".pkl") for f in files if not f.startswith("."))
+    snapshots = [f for f in files if f.startswith("agent_1_ckpt_") and f.endswith(".pkl")]
+    assert snapshots and set(files) == {".lock", "agent_1.journal", *snapshots}
 
     agent2 = Agent("agent_1", tools=ledger.tools())
     executor2, report, manager2 = await _resume(agent2, FilesystemCheckpointProvider(tmp_path / ".checkpoints"))
@@ -395,16 +396,18 @@ async def test_keep_last_n_bounds_the_records_and_resume_still_works() -> None:
     provider = MemoryCheckpointProvider()
     ledger = Ledger()
     agent = Agent("k", tools=ledger.tools())
-    manager = CheckpointManager(execution_id="k", provider=provider, keep_last_n=2)
+    manager = CheckpointManager(execution_id="k", provider=provider, keep_last_n=2, snapshot_sync_every=1)
     ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
-    await ex.add_chunk("big = list(range(50_000))\n")
+    await ex.add_chunk("big = list(range(5_000))\n")  # referenced (over 4 KiB), cheap to snapshot
     for i in range(12):
         await ex.add_chunk(f"v{i} = await Work({i})\n")
-    # the last two snapshots, the journal between them, and the older snapshot that holds `big`
+    # pruning runs every few snapshots; forced, it leaves the last two snapshots, the journal
+    # between them, and the older snapshot that holds `big`
+    await manager.prune(force=True)
     assert len(await manager.list_checkpoints()) <= 6
     await _crash(manager)
     ex2, _, _ = await _resume(agent, provider)
-    assert ex2.namespace["v11"] == 110 and ex2.namespace["big"][-1] == 49_999
+    assert ex2.namespace["v11"] == 110 and ex2.namespace["big"][-1] == 4_999
 
 
 async def test_untouched_namespace_is_not_rewritten_per_await() -> None:
@@ -479,3 +482,23 @@ def test_warning_filters_do_not_hide_checkpoint_warnings() -> None:
         warnings.simplefilter("default")
         warnings.warn("x", CheckpointWarning)
     assert caught and issubclass(caught[0].category, UserWarning)
+
+
+async def test_expensive_snapshots_are_spaced_and_the_journal_covers_the_gap() -> None:
+    provider = MemoryCheckpointProvider()
+    ledger = Ledger()
+    agent = Agent("gap", tools=ledger.tools())
+    manager = CheckpointManager(execution_id="gap", provider=provider)
+    ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+    await ex.add_chunk("rows = [{'id': i} for i in range(200_000)]\ntotal = 0\n")  # pickling takes ms
+    for i in range(6):
+        await ex.add_chunk(f"total += await Work({i})\n")
+    records = await manager.load_records()
+    snapshots = [r for r in records.values() if r.kind == "snapshot" and r.frame_id == ex.frame_id]
+    assert len(snapshots) < 7  # not one per await: the journal covers the statements in between
+    await _crash(manager)
+    ex2, _, _ = await _resume(agent, provider)
+    await ex2.add_chunk("done = True\n")
+    result = await ex2.finalize()
+    assert result.namespace["total"] == sum(i * 10 for i in range(6))
+    assert [x for _, x in ledger.calls] == list(range(6))  # replayed, not called again

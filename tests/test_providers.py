@@ -676,3 +676,64 @@ def test_importing_registry_is_lazy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------------
+# Journal: native (filesystem) or stored as records (the default)
+# --------------------------------------------------------------------------------------------------
+
+
+async def _journal_view(provider: CheckpointProvider, execution_id: str, counters: list[int]) -> dict[int, bytes]:
+    """What a manager reads back: journal entries kept apart, else records of those counters."""
+    apart = dict(await provider.read_journal(execution_id))
+    view = {}
+    for counter in counters:
+        data = apart.get(counter)
+        if data is None:
+            data = await provider.load_checkpoint(checkpoint_id(execution_id, counter))
+        if data is not None:
+            view[counter] = data
+    return view
+
+
+@conformance
+async def test_journal_append_read_drop(provider: CheckpointProvider) -> None:
+    for counter, data in ((1, b"one"), (2, b""), (3, b"three" * 100)):
+        await provider.append_journal("run", counter, data)
+    await provider.sync_journal("run")
+    assert await _journal_view(provider, "run", [1, 2, 3]) == {1: b"one", 2: b"", 3: b"three" * 100}
+    await provider.drop_journal("run", [1, 3])
+    assert await _journal_view(provider, "run", [1, 2, 3]) == {2: b""}
+    await provider.append_journal("run", 4, b"four")  # appending goes on after a drop
+    assert await _journal_view(provider, "run", [2, 4]) == {2: b"", 4: b"four"}
+    assert await _journal_view(provider, "other", [2, 4]) == {}
+
+
+async def test_fs_journal_is_one_file_and_drops_a_torn_tail(fs: FilesystemCheckpointProvider) -> None:
+    await fs.append_journal("run", 1, b"first")
+    await fs.append_journal("run", 2, b"second")
+    await fs.sync_journal("run")
+    path = Path(fs.base_path) / "run" / "run.journal"
+    assert path.exists() and not await fs.list_checkpoints("run")
+    assert await fs.list_executions() == ["run"]
+    with open(path, "ab") as f:  # a process killed in the middle of an append
+        f.write(b"\x00\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x10par")
+    assert await fs.read_journal("run") == [(1, b"first"), (2, b"second")]
+    await fs.drop_journal("run", [1, 2])
+    assert not path.exists()
+
+
+async def test_fs_journal_sync_is_one_fdatasync(
+    fs: FilesystemCheckpointProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fs.append_journal("run", 1, b"a")
+    await fs.sync_journal("run")  # the first sync also fsyncs the folder (the new file's name)
+    calls: list[str] = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync"))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    await fs.append_journal("run", 2, b"b")
+    await fs.append_journal("run", 3, b"c")
+    await fs.sync_journal("run")
+    assert calls == ["fdatasync"]
+    await fs.sync_journal("run")  # nothing new: nothing to do
+    assert calls == ["fdatasync"]

@@ -45,6 +45,7 @@ _logger = logging.getLogger("playbooks.checkpoints")
 UnpicklablePolicy = Literal["skip", "strict"]
 _KEY_FROM_ENV: Any = object()
 _STATE_PREFIX = "@"
+_PRUNE_EVERY = 8
 
 
 @dataclass(slots=True)
@@ -53,13 +54,19 @@ class _IndexEntry:
     frame_id: str
     hosts: frozenset[int]
     done: bool
+    durable: bool = True  # a snapshot fsynced when written (or found on disk by a later process)
+
+    @property
+    def journal(self) -> bool:
+        return self.kind != "snapshot"
 
 
 class CheckpointManager:
     """Writes and reads the checkpoints of one execution id through a :class:`CheckpointProvider`.
 
     ``key`` signs records with an HMAC (default: the ``PLAYBOOKS_CHECKPOINT_KEY`` environment variable,
-    if set); ``unpicklable`` is ``"skip"`` (leave the variable out, warn, and make a later use of it
+    if set); ``snapshot_sync_every``: one snapshot in that many is fsynced (all survive a killed
+    process; the journal is fsynced before every durable call); ``unpicklable`` is ``"skip"`` (leave the variable out, warn, and make a later use of it
     fail clearly) or ``"strict"`` (fail the checkpoint); ``max_checkpoint_size_mb`` bounds a snapshot.
     """
 
@@ -72,6 +79,7 @@ class CheckpointManager:
         max_checkpoint_size_mb: float = 100.0,
         unpicklable: UnpicklablePolicy = "skip",
         key: str | bytes | None = _KEY_FROM_ENV,
+        snapshot_sync_every: int = 8,
     ) -> None:
         if not isinstance(execution_id, str) or not execution_id:
             raise ValueError("execution_id must be a non-empty string")
@@ -88,12 +96,17 @@ class CheckpointManager:
         self.keep_last_n = keep_last_n
         self.max_checkpoint_size_mb = max_checkpoint_size_mb
         self.unpicklable: UnpicklablePolicy = unpicklable
+        if snapshot_sync_every < 1:
+            raise ValueError("snapshot_sync_every must be at least 1")
+        self.snapshot_sync_every = snapshot_sync_every
         self._key = resolve_key() if key is _KEY_FROM_ENV else resolve_key(key)
         self._lock: ExecutionLock | None = None
         self._next_counter: int | None = None
         self._index: dict[int, _IndexEntry] = {}
         self._records: dict[int, Record] = {}
         self._stale: set[int] = set()
+        self._dead_journal: set[int] = set()
+        self._since_prune = 0
         self._unsynced = False
         self._warned_skips: set[tuple[str, str]] = set()
         self.fallbacks: list[str] = []
@@ -164,26 +177,28 @@ class CheckpointManager:
         self._next_counter += 1
         return counter
 
-    async def write(self, record: Record, *, sync: bool) -> None:
+    async def write(self, record: Record, *, sync: bool = False) -> None:
         """Store ``record`` (its counter comes from :meth:`allocate_counter`).
 
-        ``sync=False`` survives a killed process but not a power loss until :meth:`sync`; a failed
+        A snapshot is a checkpoint record, fsynced when ``sync``; any other record is appended to the
+        journal, made durable by the next :meth:`sync`. Both survive a killed process at once. A failed
         write raises :class:`~playbooks.errors.CheckpointWriteError` and leaves earlier records intact.
         """
         data = encode_record(record.encode(), key=self._key)
-        await self.provider.save_checkpoint(checkpoint_id(self.execution_id, record.counter), data, sync=sync)
-        self._index[record.counter] = _IndexEntry(
-            record.kind, record.frame_id, frozenset(record.hosts), record.done
-        )
-        if sync:
-            self._unsynced = False
+        if record.kind == "snapshot":
+            cid = checkpoint_id(self.execution_id, record.counter)
+            await self.provider.save_checkpoint(cid, data, sync=sync)
         else:
+            await self.provider.append_journal(self.execution_id, record.counter, data)
             self._unsynced = True
+        self._index[record.counter] = _IndexEntry(
+            record.kind, record.frame_id, frozenset(record.hosts), record.done, durable=sync
+        )
 
     async def sync(self) -> None:
-        """Make every record written with ``sync=False`` durable (fsync) before going on."""
+        """Make the journal durable (one fsync) before a new durable call starts."""
         if self._unsynced:
-            await self.provider.sync(self.execution_id)
+            await self.provider.sync_journal(self.execution_id)
             self._unsynced = False
 
     async def save_state(self, name: str, value: Any) -> None:
@@ -245,19 +260,35 @@ class CheckpointManager:
                 stacklevel=2,
             )
 
-    async def prune(self) -> int:
-        """Delete what no kept snapshot and no unfinished frame needs; return how many were deleted."""
-        if self.keep_last_n is None or not self._index:
+    async def prune(self, *, force: bool = False) -> int:
+        """Delete what no kept snapshot and no unfinished frame needs; return how many were deleted.
+
+        Called after every snapshot, it does the work every ``_PRUNE_EVERY`` calls (unless ``force``),
+        so at most that many snapshots beyond ``keep_last_n`` are on disk at any time.
+        """
+        self._since_prune += 1
+        if self.keep_last_n is None or not self._index or (self._since_prune < _PRUNE_EVERY and not force):
             return 0
+        self._since_prune = 0
         needed = self._needed()
         newest = max(self._index)
         doomed = sorted((set(self._index) | self._stale) - needed - {newest})
         for counter in doomed:
-            await self.provider.delete_checkpoint(checkpoint_id(self.execution_id, counter))
-            self._index.pop(counter, None)
+            entry = self._index.pop(counter, None)
             self._records.pop(counter, None)
             self._stale.discard(counter)
+            if entry is None or entry.journal:
+                self._dead_journal.add(counter)  # dropped in batches: a journal rewrite is not free
+            else:
+                await self.provider.delete_checkpoint(checkpoint_id(self.execution_id, counter))
+        if len(self._dead_journal) >= self.provider.journal_drop_batch:
+            await self._drop_dead_journal()
         return len(doomed)
+
+    async def _drop_dead_journal(self) -> None:
+        dead, self._dead_journal = self._dead_journal, set()
+        if dead:
+            await self.provider.drop_journal(self.execution_id, dead)
 
     def _needed(self) -> set[int]:
         assert self.keep_last_n is not None
@@ -281,6 +312,11 @@ class CheckpointManager:
                 continue
             kept_own = [c for c in own if c in kept]
             base = kept_own[0] if kept_own else own[-1]
+            # After a power loss only a durable snapshot is sure to be there: keep the newest one and
+            # the journal after it, so the frame can always fall back to them.
+            durable = [c for c in own if self._index[c].durable]
+            if durable:
+                base = min(base, durable[-1])
             needed.update(c for c in counters if c >= base)
         for counter in list(needed):
             kept_entry = self._index.get(counter)
@@ -289,9 +325,12 @@ class CheckpointManager:
         return needed
 
     async def close(self) -> None:
-        """Flush unsynced records and release the execution's lock."""
+        """Drop pruned journal entries, flush everything to disk and release the execution's lock."""
         try:
-            await self.sync()
+            if self._lock is not None:
+                await self._drop_dead_journal()
+                await self.provider.sync(self.execution_id)
+            self._unsynced = False
         finally:
             if self._lock is not None:
                 lock, self._lock = self._lock, None
@@ -304,16 +343,18 @@ class CheckpointManager:
         return await self.provider.list_checkpoints(self.execution_id)
 
     async def _stored_counters(self) -> list[int]:
-        return [parse_checkpoint_id(cid)[1] for cid in await self.list_checkpoints()]
+        files = [parse_checkpoint_id(cid)[1] for cid in await self.list_checkpoints()]
+        return sorted(set(files) | {c for c, _ in await self.provider.read_journal(self.execution_id)})
 
     async def load_records(self) -> dict[int, Record]:
         """Load and verify every stored record not loaded yet; corrupt ones are skipped and reported."""
+        journal = dict(await self.provider.read_journal(self.execution_id))
         for counter in await self._stored_counters():
             if counter in self._records:
                 continue
             cid = checkpoint_id(self.execution_id, counter)
             try:
-                data = await self.provider.load_checkpoint(cid)
+                data = journal[counter] if counter in journal else await self.provider.load_checkpoint(cid)
                 if data is None:
                     continue
                 record = Record.decode(decode_record(data, key=self._key), cid)

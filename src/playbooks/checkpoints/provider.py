@@ -9,6 +9,9 @@ checksum, HMAC) and meaning are the manager's business, so a provider is a small
 * ``list_checkpoints`` returns ids in ascending counter order (numeric, so ``_ckpt_10`` follows ``_ckpt_9``).
 * ``acquire_lock`` gives one process at a time the right to write an execution; a lock held by a process
   that died is free again.
+* The journal methods (``append_journal`` and friends) hold the small records written around every
+  durable call. Their defaults store them as ordinary records; a provider can keep them in one
+  append-only file or table instead, so a durable call costs an append, not a file.
 * Ids are canonical: a method given a checkpoint id that is not exactly ``checkpoint_id(e, n)`` for some
   execution id ``e`` and counter ``n`` (say ``x_ckpt_01``) raises ``ValueError``, as does an execution id
   the provider cannot store (the filesystem provider refuses path separators and a leading dot).
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Collection
 from types import TracebackType
+from typing import ClassVar
 
 __all__ = ("CheckpointProvider", "ExecutionLock", "checkpoint_id", "parse_checkpoint_id")
 
@@ -98,6 +103,39 @@ class CheckpointProvider(abc.ABC):
     @abc.abstractmethod
     async def acquire_lock(self, execution_id: str) -> ExecutionLock:
         """Take the execution's lock or raise :class:`~playbooks.errors.ExecutionLockedError`."""
+
+    # ----------------------------------------------------------------- journal
+
+    journal_drop_batch: ClassVar[int] = 1
+    """How many pruned journal entries the manager gathers before calling :meth:`drop_journal`: 1 when
+    dropping costs one delete per entry (the default), more when it rewrites a file."""
+
+    async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
+        """Append a journal entry (a small record, numbered ``counter``) of ``execution_id``.
+
+        The manager appends two per durable call, so this must be cheap. An entry survives the death of
+        this process at once; :meth:`sync_journal` makes the entries so far durable. A torn last entry
+        (the process died while appending) is dropped by :meth:`read_journal`. The default stores each
+        entry as a checkpoint record (``checkpoint_id(execution_id, counter)``, unsynced); a provider
+        with an append-only file or table overrides the four journal methods.
+        """
+        await self.save_checkpoint(checkpoint_id(execution_id, counter), data, sync=False)
+
+    async def sync_journal(self, execution_id: str) -> None:
+        """Make the journal entries appended so far durable (default: :meth:`sync`)."""
+        await self.sync(execution_id)
+
+    async def read_journal(self, execution_id: str) -> list[tuple[int, bytes]]:
+        """The journal entries kept apart from the checkpoint records, oldest first.
+
+        The default keeps none apart (they are checkpoint records, read with :meth:`load_checkpoint`).
+        """
+        return []
+
+    async def drop_journal(self, execution_id: str, counters: Collection[int]) -> None:
+        """Forget these journal entries (the default deletes their records)."""
+        for counter in counters:
+            await self.delete_checkpoint(checkpoint_id(execution_id, counter))
 
     async def cleanup_old_checkpoints(self, execution_id: str, keep_last_n: int) -> int:
         """Delete all but the newest ``keep_last_n`` records; return how many were deleted.

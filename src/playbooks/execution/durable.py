@@ -8,8 +8,10 @@ A :class:`DurableFrame` is the durability side of one :class:`StreamingPythonExe
   records of earlier calls are fsynced before a new call starts, so a power loss can only lose a call
   that produced no later side effect. Sync calls (``print``, sync tools) cannot await a write: their
   records are written at the frame's next await or statement end.
-* after a top-level statement that awaited a durable call, the frame writes a synced ``snapshot``
-  (namespace, executed offset, response, next sequence number), which supersedes the journal.
+* after a top-level statement that awaited a durable call, the frame writes a ``snapshot`` (namespace,
+  executed offset, response, next sequence number), which supersedes the journal. Every snapshot
+  survives a killed process; one in ``snapshot_sync_every`` (and the last) is fsynced, so that the
+  per-await cost is one journal fsync, and a power loss falls back to the last fsynced snapshot.
 * resumed, the frame starts from its newest snapshot; a call whose sequence number is in the journal
   returns the recorded result (or raises the recorded exception) instead of running; a call that had
   started but not finished runs again with the same idempotency key; a call whose name or arguments
@@ -45,6 +47,10 @@ if TYPE_CHECKING:
 __all__ = ("DurableFrame", "DurableInterceptor", "current_durable_call")
 
 _logger = logging.getLogger("playbooks.checkpoints")
+
+_SMALL_NAMESPACE = 256 * 1024  # pickled bytes: a namespace this small is snapshotted after every await
+_SNAPSHOT_SPACING = 4  # an expensive snapshot waits this many times its cost since the previous one
+_MAX_JOURNAL = 256  # journal records after which a snapshot is taken whatever it costs
 
 
 @dataclass(slots=True)
@@ -136,6 +142,11 @@ class DurableFrame:
         self._started = state is not None
         self._pending: list[Record] = []
         self._seeded = False
+        self._unsynced_snapshots = 0
+        self._journal_since = 0
+        self._last_snapshot_at = time.perf_counter()
+        self._last_snapshot_cost = 0.0
+        self._last_snapshot_size = 0
 
     @property
     def agent_id(self) -> str:
@@ -200,6 +211,7 @@ class DurableFrame:
     ) -> None:
         """Write the frame's state at its current statement boundary; it supersedes the journal."""
         ex = self.executor
+        began = time.perf_counter()
         encoded = self.encoder.encode(ex.namespace, bound=ex.bound)
         self.manager.check_snapshot(encoded, self.frame_id)
         record = self._record(
@@ -216,20 +228,42 @@ class DurableFrame:
         await self.manager.write(record, sync=sync)
         self.encoder.commit(encoded, record.counter)
         self._pending.clear()
-        if sync:
-            await self.manager.prune()
+        self._unsynced_snapshots = 0 if sync else self._unsynced_snapshots + 1
+        self._journal_since = 0
+        self._last_snapshot_at = time.perf_counter()
+        self._last_snapshot_cost = self._last_snapshot_at - began
+        self._last_snapshot_size = encoded.total_size()
+        await self.manager.prune()
+
+    def _snapshot_due(self) -> bool:
+        """Whether to snapshot after this statement, or leave it to the journal.
+
+        A small namespace is snapshotted after every statement that awaited. A big one (its mutable
+        values are pickled again to find what changed, which takes milliseconds) is snapshotted at most
+        every ``_SNAPSHOT_SPACING`` times what its last snapshot took, so snapshots stay a small share of
+        the run; the journal covers the statements in between (a resume runs them again, replaying their
+        calls), and ``_MAX_JOURNAL`` bounds that replay.
+        """
+        if self._last_snapshot_size < _SMALL_NAMESPACE or self._journal_since >= _MAX_JOURNAL:
+            return True
+        return time.perf_counter() - self._last_snapshot_at >= _SNAPSHOT_SPACING * self._last_snapshot_cost
 
     async def flush(self) -> None:
         """Write the records of sync calls made since the last await (unsynced)."""
         while self._pending:
+            self._journal_since += 1
             await self.manager.write(self._pending.pop(0), sync=False)
 
     async def after_statement(self) -> None:
         """Snapshot after a statement that awaited a durable call; otherwise just flush."""
-        if self.awaited:
+        if self.awaited and self._snapshot_due():
             self.awaited = False
-            await self.snapshot()
+            # Every snapshot survives a killed process; every ``snapshot_sync_every``-th is also
+            # fsynced, so a power loss falls back at most that far (the journal after it is durable).
+            due = self._unsynced_snapshots + 1 >= self.manager.snapshot_sync_every
+            await self.snapshot(sync=due)
         else:
+            self.awaited = False
             await self.flush()
 
     async def finish(self, error: BaseException | None) -> None:
@@ -287,10 +321,12 @@ class DurableFrame:
             "intent", seq=call.seq, name=call.name, fingerprint=digest, display=display,
             key=call.idempotency_key,
         )
+        self._journal_since += 1
         await self.manager.write(record, sync=False)
 
     async def after_call(self, call: ToolCall, value: Any, raised: BaseException | None) -> None:
         """Record how the call ended (unsynced: the next call or snapshot makes it durable)."""
+        self._journal_since += 1
         await self.manager.write(self._record("result", **self._outcome_fields(call, value, raised)), sync=False)
 
     def after_sync_call(self, call: ToolCall, value: Any, raised: BaseException | None) -> None:

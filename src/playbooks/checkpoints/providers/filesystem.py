@@ -3,6 +3,7 @@
 Layout::
 
     {base}/{execution_id}/{execution_id}_ckpt_{n}.pkl    one record (an encoded checkpoint)
+    {base}/{execution_id}/{execution_id}.journal         the journal: entries appended one after another
     {base}/{execution_id}/.lock                          the execution's lock; holds the holder's pid
     {base}/{execution_id}/.{record}.{random}.tmp         a write in progress (or left by a killed writer)
 
@@ -36,6 +37,12 @@ however it dies (``kill -9`` included), so there is never a stale lock to clean 
 deleted: unlinking a lock file races with a process that has just opened it. ``flock`` is local to one
 machine; on network file systems use a provider built for many machines.
 
+*Journal.* Journal entries (two per durable call) are appended to one file per execution, each framed
+by its counter and length, through a descriptor kept open; :meth:`sync_journal` is one ``fdatasync``
+(plus a folder fsync the first time, for the file's name). An append is one ``write``, so a killed
+process leaves at most a short last entry, which :meth:`read_journal` drops. Dropping entries rewrites
+the file (temporary file, fsync, rename), which the manager does in batches.
+
 This module is POSIX-only (it needs ``fcntl``).
 """
 
@@ -45,7 +52,8 @@ import errno
 import fcntl
 import os
 import secrets
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Collection
 
 import anyio.to_thread
 
@@ -68,6 +76,9 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_JOURNAL_SUFFIX = ".journal"
+_ENTRY = struct.Struct(">QI")  # counter, length of the data that follows
 
 _ERRNO_WORDS = {
     errno.ENOSPC: "disk full",
@@ -169,6 +180,8 @@ class FilesystemCheckpointProvider(CheckpointProvider):
     ``inline_write_limit`` is the payload size (bytes) above which a write runs in a worker thread.
     """
 
+    journal_drop_batch = 64  # dropping entries rewrites the journal file
+
     def __init__(
         self,
         base_path: str | os.PathLike[str] = ".checkpoints",
@@ -181,6 +194,8 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         # execution id -> names of records saved with sync=False and not fsynced since.
         self._pending: dict[str, set[str]] = {}
         self._locks: set[_FlockLock] = set()
+        # execution id -> (open journal descriptor, unsynced appends?, file new since the last sync?)
+        self._journals: dict[str, tuple[int, bool, bool]] = {}
 
     @property
     def base_path(self) -> str:
@@ -260,7 +275,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
                 f"cannot write checkpoint {path}: {_describe(exc)}; earlier checkpoints are intact"
             ) from exc
 
-    async def sync(self, execution_id: str) -> None:
+    async def _sync_records(self, execution_id: str) -> None:
         _validate_execution_id(execution_id)
         if execution_id not in self._pending:
             return
@@ -315,7 +330,11 @@ class FilesystemCheckpointProvider(CheckpointProvider):
             try:
                 _validate_execution_id(execution_id)
                 with os.scandir(self._folder(execution_id)) as entries:
-                    if any(_record_counter(e.name, execution_id) is not None for e in entries):
+                    if any(
+                        _record_counter(e.name, execution_id) is not None
+                        or e.name == execution_id + _JOURNAL_SUFFIX
+                        for e in entries
+                    ):
                         found.append(execution_id)
             except (ValueError, OSError):
                 continue  # not one of ours, or vanished while we looked
@@ -374,10 +393,101 @@ class FilesystemCheckpointProvider(CheckpointProvider):
             _remove_quietly(path)
 
     async def close(self) -> None:
-        """Release every lock still held through this provider.
+        """Release every lock still held through this provider and close the journals.
 
         Records saved with ``sync=False`` are not flushed: call :meth:`sync` first if they must
         survive a power failure.
         """
+        for execution_id in list(self._journals):
+            self._close_journal(execution_id)
         for lock in list(self._locks):
             await lock.release()
+
+    # ----------------------------------------------------------------- journal
+
+    def _journal_path(self, execution_id: str) -> str:
+        return os.path.join(self._folder(execution_id), execution_id + _JOURNAL_SUFFIX)
+
+    def _close_journal(self, execution_id: str) -> None:
+        entry = self._journals.pop(execution_id, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
+        _validate_execution_id(execution_id)
+        path = self._journal_path(execution_id)
+        try:
+            entry = self._journals.get(execution_id)
+            if entry is None:
+                created = not os.path.exists(path)
+                if created:
+                    self._make_folder(self._folder(execution_id))
+                fd = os.open(path, _APPEND_FLAGS, _FILE_MODE)
+                entry = (fd, False, created)
+            fd, _, created = entry
+            self._journals[execution_id] = (fd, True, created)
+            frame = _ENTRY.pack(counter, len(data)) + data
+            view = memoryview(frame)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"cannot append to journal {path}: {_describe(exc)}; earlier checkpoints are intact"
+            ) from exc
+
+    async def sync_journal(self, execution_id: str) -> None:
+        entry = self._journals.get(execution_id)
+        if entry is None or not entry[1]:
+            return
+        fd, _, created = entry
+        try:
+            os.fdatasync(fd)
+            if created:
+                _fsync_path(self._folder(execution_id), _DIR_FLAGS)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"cannot flush journal {self._journal_path(execution_id)} to disk: {_describe(exc)}"
+            ) from exc
+        self._journals[execution_id] = (fd, False, False)
+
+    async def sync(self, execution_id: str) -> None:
+        await self.sync_journal(execution_id)
+        await self._sync_records(execution_id)
+
+    async def read_journal(self, execution_id: str) -> list[tuple[int, bytes]]:
+        _validate_execution_id(execution_id)
+        try:
+            with open(self._journal_path(execution_id), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        entries = []
+        offset = 0
+        while offset + _ENTRY.size <= len(data):
+            counter, length = _ENTRY.unpack_from(data, offset)
+            start = offset + _ENTRY.size
+            if start + length > len(data):
+                break  # a torn last entry: the process died while appending it
+            entries.append((counter, data[start : start + length]))
+            offset = start + length
+        return entries
+
+    async def drop_journal(self, execution_id: str, counters: Collection[int]) -> None:
+        doomed = set(counters)
+        if not doomed:
+            return
+        kept = [(c, d) for c, d in await self.read_journal(execution_id) if c not in doomed]
+        folder = self._folder(execution_id)
+        name = execution_id + _JOURNAL_SUFFIX
+        self._close_journal(execution_id)
+        try:
+            if not kept:
+                _remove_quietly(os.path.join(folder, name))
+                return
+            payload = b"".join(_ENTRY.pack(c, len(d)) + d for c, d in kept)
+            self._write_file(folder, name, payload, True)
+            _fsync_path(folder, _DIR_FLAGS)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"cannot rewrite journal {os.path.join(folder, name)}: {_describe(exc)}; it is unchanged"
+            ) from exc
