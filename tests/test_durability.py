@@ -502,3 +502,30 @@ async def test_expensive_snapshots_are_spaced_and_the_journal_covers_the_gap() -
     result = await ex2.finalize()
     assert result.namespace["total"] == sum(i * 10 for i in range(6))
     assert [x for _, x in ledger.calls] == list(range(6))  # replayed, not called again
+
+
+async def test_a_tool_that_mutates_its_argument_is_reported_not_replayed_wrongly() -> None:
+    """A replayed call returns its result but cannot redo an in-place change of its argument; the
+    divergence this causes is refused with a message that names it, and the earlier call's record
+    (taken before the call ran, not after it mutated its argument) is what is compared."""
+    provider = MemoryCheckpointProvider()
+    crash = {"at": 2}
+    calls: list[list[int]] = []
+
+    async def Append(items: list[int], value: int) -> int:
+        if len(calls) + 1 == crash["at"]:
+            raise KeyboardInterrupt  # the process dies in the second call
+        items.append(value)  # the argument changes while the call runs
+        calls.append(list(items))
+        return len(items)
+
+    agent = Agent("mut", tools={"Append": Append})
+    manager = CheckpointManager(execution_id="mut", provider=provider)
+    ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+    with pytest.raises(KeyboardInterrupt):
+        await ex.add_chunk("items = []\nfor v in (1, 2):\n    n = await Append(items, v)\ndone = 1\n")
+    await _crash(manager)
+    crash["at"] = 0
+    with pytest.raises(NonDeterminismError, match=r"Append\(\[1\], 2\).*Append\(\[\], 2\).*in place"):
+        await _resume(agent, provider)
+    assert calls == [[1]]  # the first call was replayed, not run again

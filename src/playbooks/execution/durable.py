@@ -108,6 +108,15 @@ def fingerprint(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> 
 
 
 def _dump_outcome(value: Any) -> bytes | None:
+    """The pickle of a call's value or exception (``None`` if it cannot be pickled).
+
+    Plain pickle first (C speed; it refuses what it cannot rebuild, such as functions the LLM
+    defined), then cloudpickle.
+    """
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:
+        pass
     import cloudpickle
 
     try:
@@ -143,6 +152,7 @@ class DurableFrame:
         self._pending: list[Record] = []
         self._seeded = False
         self._unsynced_snapshots = 0
+        self._fingerprints: dict[int, tuple[str, str]] = {}
         self._journal_since = 0
         self._last_snapshot_at = time.perf_counter()
         self._last_snapshot_cost = 0.0
@@ -285,8 +295,9 @@ class DurableFrame:
             error = NonDeterminismError(
                 f"replay of frame {self.frame_id!r} diverged at call #{call.seq}: the journal has "
                 f"{entry.display} but the code now calls {display}. The code before this call must "
-                f"make the same durable calls with the same arguments as before the crash (do not "
-                f"read clocks or random numbers outside a tool)."
+                f"make the same durable calls with the same arguments as before the crash: read clocks "
+                f"and random numbers through a tool, and do not let a tool change its arguments in place "
+                f"(a replayed call returns its result but cannot redo such a change)."
             )
             self.fatal = error
             raise error
@@ -302,8 +313,10 @@ class DurableFrame:
             return None
         return entry
 
-    def _outcome_fields(self, call: ToolCall, value: Any, raised: BaseException | None) -> dict[str, Any]:
-        digest, display = fingerprint(call.name, call.args, call.kwargs)
+    def _outcome_fields(
+        self, call: ToolCall, value: Any, raised: BaseException | None, print_: tuple[str, str]
+    ) -> dict[str, Any]:
+        digest, display = print_
         blob = _dump_outcome(raised if raised is not None else value)
         outcome = "unrecorded" if blob is None else ("raise" if raised is not None else "value")
         return dict(
@@ -316,7 +329,7 @@ class DurableFrame:
         await self.start(next_seq=call.seq)  # a host may call tools before feeding any code
         await self.flush()
         await self.manager.sync()
-        digest, display = fingerprint(call.name, call.args, call.kwargs)
+        digest, display = self._fingerprints[call.seq] = fingerprint(call.name, call.args, call.kwargs)
         record = self._record(
             "intent", seq=call.seq, name=call.name, fingerprint=digest, display=display,
             key=call.idempotency_key,
@@ -327,11 +340,16 @@ class DurableFrame:
     async def after_call(self, call: ToolCall, value: Any, raised: BaseException | None) -> None:
         """Record how the call ended (unsynced: the next call or snapshot makes it durable)."""
         self._journal_since += 1
-        await self.manager.write(self._record("result", **self._outcome_fields(call, value, raised)), sync=False)
+        # The fingerprint of the arguments as they were when the call started (a tool may mutate them).
+        before = self._fingerprints.pop(call.seq)
+        fields = self._outcome_fields(call, value, raised, before)
+        await self.manager.write(self._record("result", **fields), sync=False)
 
-    def after_sync_call(self, call: ToolCall, value: Any, raised: BaseException | None) -> None:
+    def after_sync_call(
+        self, call: ToolCall, value: Any, raised: BaseException | None, before: tuple[str, str]
+    ) -> None:
         """Queue the record of a sync call; it is written at the next await or statement end."""
-        self._pending.append(self._record("result", **self._outcome_fields(call, value, raised)))
+        self._pending.append(self._record("result", **self._outcome_fields(call, value, raised, before)))
 
 
 def _var_blob(var: StoredVar) -> Any:
@@ -396,13 +414,14 @@ class DurableInterceptor(ToolCallInterceptor):
         entry = frame.replay(call)
         if entry is not None:
             return _unwrap(self, call, entry)
+        before = fingerprint(call.name, call.args, call.kwargs)
         try:
             value = super().call_sync(call, fn)
         except InterpreterError as exc:
             frame.fatal = frame.fatal or exc
             raise
         except Exception as exc:
-            frame.after_sync_call(call, None, exc)
+            frame.after_sync_call(call, None, exc, before)
             raise
-        frame.after_sync_call(call, value, None)
+        frame.after_sync_call(call, value, None, before)
         return value
