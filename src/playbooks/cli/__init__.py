@@ -1,4 +1,5 @@
-"""The ``playbooks`` command line."""
+"""The ``playbooks`` command line: run .pb programs durably (run, runs, checkpoints, init) and stream a
+recorded LLM response through the executor (exec)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ EXIT_USAGE = 2
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code (0 ok, 1 the program or the LLM's code
     failed, 2 usage or configuration error)."""
-    parser = argparse.ArgumentParser(prog="playbooks", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="playbooks", description="Run .pb programs durably, and stream LLM responses through the executor."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     add_exec_parser(commands)
     add_run_parser(commands)

@@ -146,7 +146,6 @@ class DurableFrame:
         self.encoder = manager.new_encoder()
         self.fatal: InterpreterError | None = None
         self.awaited = False
-        self.reran: list[JournalEntry] = []
         self._saved_response = len(state.response) if state else 0
         self._started = state is not None
         self._pending: list[Record] = []
@@ -302,7 +301,6 @@ class DurableFrame:
             self.fatal = error
             raise error
         if entry.outcome is None or entry.outcome == "unrecorded":
-            self.reran.append(entry)
             reason = "had started but not finished" if entry.outcome is None else "returned a value that could not be saved"
             warnings.warn(
                 f"call {entry.display} (idempotency key {entry.key}) {reason} when the process stopped; "

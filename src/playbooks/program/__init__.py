@@ -26,17 +26,24 @@ from playbooks.program.runtime import ProgramRuntime as ProgramRuntime
 from playbooks.program.runtime import RunEvent as RunEvent
 from playbooks.program.runtime import RunResult as RunResult
 
-# The runtime's names are importable from here too, but left out of ``__all__`` for now:
-# tests/test_parser.py pins ``__all__`` to the parser's names.
 __all__ = (
+    "AgentMessage",
     "AgentSpec",
     "CodeBlock",
+    "DeadlockError",
+    "PlaybookRunError",
     "PlaybookSpec",
     "Program",
     "ProgramError",
+    "ProgramIO",
+    "ProgramInputError",
     "ProgramParseError",
+    "ProgramRuntime",
     "ProgramWarning",
+    "RunEvent",
+    "RunResult",
     "Step",
     "load_program",
     "parse_program",
+    "playbook",
 )

@@ -34,7 +34,6 @@ built-in and playbook call from LLM code is a tool call through the executor's i
 from __future__ import annotations
 
 import contextvars
-import functools
 import inspect
 import itertools
 import os
