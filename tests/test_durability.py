@@ -117,7 +117,7 @@ async def test_contract_resume_after_a_crash_mid_stream(tmp_path: Path, capsys: 
     assert capsys.readouterr().out == "total 60\n"
     files = sorted(os.listdir(tmp_path / ".checkpoints" / "agent_1"))
     snapshots = [f for f in files if f.startswith("agent_1_ckpt_") and f.endswith(".pkl")]
-    assert snapshots and set(files) == {".lock", "agent_1.journal", *snapshots}
+    assert set(files) == {".lock", "agent_1.journal", *snapshots}  # small snapshots go to the journal
 
     agent2 = Agent("agent_1", tools=ledger.tools())
     executor2, report, manager2 = await _resume(agent2, FilesystemCheckpointProvider(tmp_path / ".checkpoints"))
@@ -359,7 +359,8 @@ async def test_disk_full_is_clear_and_earlier_checkpoints_stay(
 async def test_corrupt_latest_checkpoint_falls_back_and_says_so(tmp_path: Path, damage: str) -> None:
     ledger = Ledger()
     agent = Agent("c", tools=ledger.tools())
-    manager = CheckpointManager(execution_id="c", provider=FilesystemCheckpointProvider(tmp_path))
+    # every snapshot fsynced: each is a checkpoint file (unsynced small ones go to the journal)
+    manager = CheckpointManager(execution_id="c", provider=FilesystemCheckpointProvider(tmp_path), snapshot_sync_every=1)
     ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
     await ex.add_chunk("a = await Work(1)\nb = await Work(2)\n")
     await _crash(manager)
@@ -529,3 +530,22 @@ async def test_a_tool_that_mutates_its_argument_is_reported_not_replayed_wrongly
     with pytest.raises(NonDeterminismError, match=r"Append\(\[1\], 2\).*Append\(\[\], 2\).*in place"):
         await _resume(agent, provider)
     assert calls == [[1]]  # the first call was replayed, not run again
+
+
+async def test_corrupt_journal_entry_is_skipped_and_reported(tmp_path: Path) -> None:
+    ledger = Ledger()
+    agent = Agent("j", tools=ledger.tools())
+    manager = CheckpointManager(execution_id="j", provider=FilesystemCheckpointProvider(tmp_path))
+    ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+    await ex.add_chunk("a = await Work(1)\nb = await Work(2)\n")
+    await _crash(manager)
+    journal = tmp_path / "j" / "j.journal"
+    data = bytearray(journal.read_bytes())
+    data[-3] ^= 0x40  # a bit flips in the last entry (the last snapshot)
+    journal.write_bytes(bytes(data))
+    with pytest.warns(CheckpointWarning, match="unreadable and was skipped"):
+        ex2, report, _ = await _resume(agent, FilesystemCheckpointProvider(tmp_path))
+    assert report.fallbacks
+    result = await ex2.finalize()
+    assert result.namespace["a"] == 10 and result.namespace["b"] == 20
+    assert [x for _, x in ledger.calls] == [1, 2]  # replayed from the journal, not called again

@@ -45,6 +45,8 @@ _logger = logging.getLogger("playbooks.checkpoints")
 UnpicklablePolicy = Literal["skip", "strict"]
 _KEY_FROM_ENV: Any = object()
 _STATE_PREFIX = "@"
+_JOURNAL_SNAPSHOT_MAX = 64 * 1024
+"""An unsynced snapshot up to this size (encoded) is a journal entry: an append, not a new file."""
 _PRUNE_EVERY = 8
 
 
@@ -54,11 +56,8 @@ class _IndexEntry:
     frame_id: str
     hosts: frozenset[int]
     done: bool
-    durable: bool = True  # a snapshot fsynced when written (or found on disk by a later process)
-
-    @property
-    def journal(self) -> bool:
-        return self.kind != "snapshot"
+    in_journal: bool  # stored as a journal entry (else a checkpoint file or record)
+    durable: bool = True  # fsynced when written, or with the journal, or found by a later process
 
 
 class CheckpointManager:
@@ -180,19 +179,24 @@ class CheckpointManager:
     async def write(self, record: Record, *, sync: bool = False) -> None:
         """Store ``record`` (its counter comes from :meth:`allocate_counter`).
 
-        A snapshot is a checkpoint record, fsynced when ``sync``; any other record is appended to the
-        journal, made durable by the next :meth:`sync`. Both survive a killed process at once. A failed
-        write raises :class:`~playbooks.errors.CheckpointWriteError` and leaves earlier records intact.
+        A synced snapshot is a checkpoint record (a ``.pkl`` file), fsynced; an unsynced snapshot of up
+        to ``_JOURNAL_SNAPSHOT_MAX`` bytes, and any other record, is appended to the journal and made
+        durable by the next :meth:`sync` (a bigger unsynced snapshot is a record, not fsynced). All
+        survive a killed process at once. A failed write raises
+        :class:`~playbooks.errors.CheckpointWriteError` and leaves earlier records intact.
         """
         data = encode_record(record.encode(), key=self._key)
-        if record.kind == "snapshot":
-            cid = checkpoint_id(self.execution_id, record.counter)
-            await self.provider.save_checkpoint(cid, data, sync=sync)
-        else:
+        snapshot = record.kind == "snapshot"
+        in_journal = not snapshot or (not sync and len(data) <= _JOURNAL_SNAPSHOT_MAX)
+        if in_journal:
             await self.provider.append_journal(self.execution_id, record.counter, data)
             self._unsynced = True
+        else:
+            cid = checkpoint_id(self.execution_id, record.counter)
+            await self.provider.save_checkpoint(cid, data, sync=sync)
         self._index[record.counter] = _IndexEntry(
-            record.kind, record.frame_id, frozenset(record.hosts), record.done, durable=sync
+            record.kind, record.frame_id, frozenset(record.hosts), record.done, in_journal,
+            durable=sync or in_journal,
         )
 
     async def sync(self) -> None:
@@ -277,9 +281,9 @@ class CheckpointManager:
             entry = self._index.pop(counter, None)
             self._records.pop(counter, None)
             self._stale.discard(counter)
-            if entry is None or entry.journal:
+            if entry is None or entry.in_journal:
                 self._dead_journal.add(counter)  # dropped in batches: a journal rewrite is not free
-            else:
+            if entry is None or not entry.in_journal:
                 await self.provider.delete_checkpoint(checkpoint_id(self.execution_id, counter))
         if len(self._dead_journal) >= self.provider.journal_drop_batch:
             await self._drop_dead_journal()
@@ -339,12 +343,13 @@ class CheckpointManager:
     # ----------------------------------------------------------------- reading
 
     async def list_checkpoints(self) -> list[str]:
-        """The ids of every stored record of this execution, oldest first."""
-        return await self.provider.list_checkpoints(self.execution_id)
+        """The ids of every stored record of this execution (files and journal entries), oldest first."""
+        return [checkpoint_id(self.execution_id, c) for c in await self._stored_counters()]
 
     async def _stored_counters(self) -> list[int]:
-        files = [parse_checkpoint_id(cid)[1] for cid in await self.list_checkpoints()]
-        return sorted(set(files) | {c for c, _ in await self.provider.read_journal(self.execution_id)})
+        ids = await self.provider.list_checkpoints(self.execution_id)
+        files = {parse_checkpoint_id(cid)[1] for cid in ids}
+        return sorted(files | {c for c, _ in await self.provider.read_journal(self.execution_id)})
 
     async def load_records(self) -> dict[int, Record]:
         """Load and verify every stored record not loaded yet; corrupt ones are skipped and reported."""
@@ -363,7 +368,10 @@ class CheckpointManager:
                 continue
             self._records[counter] = record
             self._index.setdefault(
-                counter, _IndexEntry(record.kind, record.frame_id, frozenset(record.hosts), record.done)
+                counter,
+                _IndexEntry(
+                    record.kind, record.frame_id, frozenset(record.hosts), record.done, counter in journal
+                ),
             )
             self._stale.discard(counter)
         return self._records

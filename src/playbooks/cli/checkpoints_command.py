@@ -230,8 +230,11 @@ async def _clear(config: Config, run_id: str | None, every: bool) -> int:
         manager = _manager(config, rid)
         lock = await manager.provider.acquire_lock(rid)  # refuse a running run
         try:
-            for cid in await manager.list_checkpoints():
+            for cid in await manager.provider.list_checkpoints(rid):
                 total += bool(await manager.provider.delete_checkpoint(cid))
+            journal = [counter for counter, _ in await manager.provider.read_journal(rid)]
+            await manager.provider.drop_journal(rid, journal)
+            total += len(journal)
         finally:
             await lock.release()
         store.delete(rid)
