@@ -440,6 +440,7 @@ class CheckpointManager:
                 continue
             try:
                 resolved = self._resolve(record)
+                snapshot_response = self._snapshot_response(record)
             except CheckpointCorruptError as exc:
                 self._report(f"{exc}; falling back to an earlier snapshot of frame {frame_id!r}")
                 continue
@@ -452,7 +453,7 @@ class CheckpointManager:
             )
         start = base.counter if base is not None else 0
         next_seq = base.next_seq if base is not None else 0
-        response = base.response_text if base is not None else ""
+        response = snapshot_response if base is not None else ""
         journal: dict[int, JournalEntry] = {}
         for record in own:
             if record.counter <= start:
@@ -489,6 +490,19 @@ class CheckpointManager:
             done=base.done if base is not None else False,
             error=base.error if base is not None else None,
         )
+
+    def _snapshot_response(self, snapshot: Record) -> str:
+        """A snapshot's whole response: its own text, after its host snapshot's prefix if it has one."""
+        if snapshot.response_host is None:
+            return snapshot.response_text
+        host = self._records.get(snapshot.response_host)
+        if host is None or host.response_host is not None or len(host.response_text) < snapshot.response_start:
+            raise CheckpointCorruptError(
+                f"checkpoint {checkpoint_id(self.execution_id, snapshot.counter)} continues the response "
+                f"of checkpoint {checkpoint_id(self.execution_id, snapshot.response_host)}, which is "
+                f"missing or unreadable"
+            )
+        return host.response_text[: snapshot.response_start] + snapshot.response_text
 
     def _resolve(self, snapshot: Record) -> dict[str, bytes]:
         resolved: dict[str, bytes] = {}

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import functools
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from playbooks.errors import CheckpointCorruptError
 
 __all__ = ("Checkpoint", "FrameState", "JournalEntry", "Record", "RecordKind", "StoredVar")
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 RecordKind = Literal["snapshot", "intent", "result", "state"]
 Outcome = Literal["value", "raise", "unrecorded"]
@@ -88,6 +89,7 @@ class Record:
     skipped: tuple[tuple[str, str, str], ...] = ()
     done: bool = False
     error: bytes | None = None
+    response_host: int | None = None  # the snapshot whose response is this one's up to response_start
     # intent / result
     seq: int = -1
     name: str = ""
@@ -103,16 +105,29 @@ class Record:
 
     @property
     def hosts(self) -> set[int]:
-        """Counters of the earlier snapshots this snapshot's variables refer to."""
-        return {v.host for v in self.variables.values() if v.data is None and v.host is not None}
+        """Counters of the earlier snapshots this snapshot's variables (and response) refer to."""
+        hosts = {v.host for v in self.variables.values() if v.data is None and v.host is not None}
+        if self.response_host is not None:
+            hosts.add(self.response_host)
+        return hosts
 
     def encode(self) -> bytes:
-        """The record as a payload for :func:`playbooks.checkpoints.codec.encode_record`."""
-        state = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        state["call_stack"] = [ref.to_dict() for ref in self.call_stack]
-        state["variables"] = {
-            n: (v.digest, v.size, v.data, v.host) for n, v in self.variables.items()
-        }
+        """The record as a payload for :func:`playbooks.checkpoints.codec.encode_record`.
+
+        Fields left at their defaults are not written (a journal record leaves the snapshot fields
+        out, and the other way round); call-stack frames and variables are plain tuples.
+        """
+        defaults = _defaults()
+        state: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name not in defaults or value != defaults[name]:
+                state[name] = value
+        state["call_stack"] = [
+            (r.frame_id, r.agent_id, r.parent_seq, r.executed_offset, r.statement) for r in self.call_stack
+        ]
+        if self.variables:
+            state["variables"] = {n: (v.digest, v.size, v.data, v.host) for n, v in self.variables.items()}
         return pickle.dumps({"v": RECORD_VERSION, "record": state}, protocol=5)
 
     @classmethod
@@ -126,9 +141,9 @@ class Record:
                     f"version of playbooks reads version {RECORD_VERSION}"
                 )
             state = dict(envelope["record"])
-            state["call_stack"] = tuple(FrameRef(**ref) for ref in state["call_stack"])
-            state["variables"] = {n: StoredVar(*v) for n, v in state["variables"].items()}
-            state["skipped"] = tuple(tuple(s) for s in state["skipped"])
+            state["call_stack"] = tuple(FrameRef(*ref) for ref in state["call_stack"])
+            state["variables"] = {n: StoredVar(*v) for n, v in state.get("variables", {}).items()}
+            state["skipped"] = tuple(tuple(s) for s in state.get("skipped", ()))
             return cls(**state)
         except CheckpointCorruptError:
             raise
@@ -137,6 +152,18 @@ class Record:
                 f"checkpoint {checkpoint_id} passed its checksum but does not hold a playbooks "
                 f"record ({type(exc).__name__}: {exc})"
             ) from exc
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """The default of every :class:`Record` field that has one."""
+    found: dict[str, Any] = {}
+    for f in fields(Record):
+        if f.default is not MISSING:
+            found[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            found[f.name] = f.default_factory()
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ _logger = logging.getLogger("playbooks.checkpoints")
 _SMALL_NAMESPACE = 256 * 1024  # pickled bytes: a namespace this small is snapshotted after every await
 _SNAPSHOT_SPACING = 4  # an expensive snapshot waits this many times its cost since the previous one
 _MAX_JOURNAL = 256  # journal records after which a snapshot is taken whatever it costs
+_RESPONSE_DELTA_MAX = 4096  # characters a snapshot adds to its host's response before holding it whole
 
 
 @dataclass(slots=True)
@@ -152,6 +153,7 @@ class DurableFrame:
         self._seeded = False
         self._unsynced_snapshots = 0
         self._fingerprints: dict[int, tuple[str, str]] = {}
+        self._response_host: tuple[int, int] | None = None  # (counter, length) of a whole response
         self._journal_since = 0
         self._last_snapshot_at = time.perf_counter()
         self._last_snapshot_cost = 0.0
@@ -187,7 +189,15 @@ class DurableFrame:
     def _record(self, kind: str, **fields: Any) -> Record:
         text = self.executor.response
         if kind == "snapshot":
-            start, delta = 0, text
+            # A snapshot holds the whole response, or refers to the frame's last snapshot that held
+            # it whole and adds what came since (until that is long), so a long response is not
+            # written again on every await.
+            host = self._response_host
+            if host is not None and len(text) - host[1] <= _RESPONSE_DELTA_MAX:
+                start, delta = host[1], text[host[1] :]
+                fields["response_host"] = host[0]
+            else:
+                start, delta = 0, text
         else:
             start, delta = self._saved_response, text[self._saved_response :]
         self._saved_response = len(text)
@@ -235,6 +245,8 @@ class DurableFrame:
             error=error,
         )
         await self.manager.write(record, sync=sync)
+        if record.response_host is None:
+            self._response_host = (record.counter, len(record.response_text))
         self.encoder.commit(encoded, record.counter)
         self._pending.clear()
         self._unsynced_snapshots = 0 if sync else self._unsynced_snapshots + 1
