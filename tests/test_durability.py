@@ -549,3 +549,31 @@ async def test_corrupt_journal_entry_is_skipped_and_reported(tmp_path: Path) -> 
     result = await ex2.finalize()
     assert result.namespace["a"] == 10 and result.namespace["b"] == 20
     assert [x for _, x in ledger.calls] == [1, 2]  # replayed from the journal, not called again
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "filesystem"])
+async def test_resume_on_every_builtin_provider(tmp_path: Path, kind: str) -> None:
+    from playbooks.checkpoints.providers import create_provider
+
+    def provider() -> CheckpointProvider:
+        if kind == "memory":
+            return shared
+        if kind == "sqlite":
+            return create_provider("sqlite", path=str(tmp_path / "c.sqlite3"))
+        return create_provider("filesystem", base_path=str(tmp_path / "fs"))
+
+    shared = create_provider("memory")
+    ledger = Ledger()
+    agent = Agent(f"every-{kind}", tools=ledger.tools())
+    manager = CheckpointManager(execution_id=agent.id, provider=provider())
+    ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+    await _feed(ex, CODE[: CODE.index("box = Box") + 5])
+    await _crash(manager)
+    ex2, _, manager2 = await _resume(agent, provider())
+    await _feed(ex2, CODE[len(ex2.response) :])
+    result = await ex2.finalize()
+    assert result.success and result.namespace["final"] == 70 * 70 + 60
+    assert [x for _, x in ledger.calls] == [1, 2, 3, 5, 6, 7]
+    await manager2.close()
+    await manager2.provider.close()
+    await manager.provider.close()
