@@ -301,3 +301,27 @@ def test_openai_endpoint_down_exit_1(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stderr
     assert f"127.0.0.1:{port}" in proc.stderr
+
+
+def test_checkpoints_show_prune_clear(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLES / "orders.pb", tmp_path)
+    shutil.copy(EXAMPLES / "orders.cassette.json", tmp_path)
+    assert _run("run", "orders.pb", cwd=tmp_path).returncode == 0
+    run_id = next((tmp_path / ".checkpoints" / ".runs").glob("*.json")).stem
+    shown = _run("checkpoints", "show", run_id, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert set(data) == {"metadata", "execution_state", "namespace"}
+    assert data["metadata"]["execution_id"] == run_id and data["execution_state"]["done"]
+    one = _run("checkpoints", "show", data["metadata"]["checkpoint_id"], cwd=tmp_path)
+    assert json.loads(one.stdout)["metadata"]["counter"] == data["metadata"]["counter"]
+    before = _run("checkpoints", "list", run_id, cwd=tmp_path).stdout.count("_ckpt_")
+    pruned = _run("checkpoints", "prune", run_id, "--keep", "1", cwd=tmp_path)
+    assert pruned.returncode == 0 and "deleted" in pruned.stdout
+    after = _run("checkpoints", "list", run_id, cwd=tmp_path).stdout.count("_ckpt_")
+    assert 0 < after < before
+    assert _run("checkpoints", "show", run_id, cwd=tmp_path).returncode == 0  # still readable
+    cleared = _run("checkpoints", "clear", "--all", cwd=tmp_path)
+    assert cleared.returncode == 0, cleared.stderr
+    assert "no runs" in _run("runs", cwd=tmp_path).stdout
+    assert _run("checkpoints", "show", "nope", cwd=tmp_path).returncode == 2

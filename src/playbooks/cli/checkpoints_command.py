@@ -210,7 +210,7 @@ async def _prune(config: Config, run_id: str, keep: int | None) -> int:
     await manager.load_records()
     await manager.open()  # the lock: a running run is not pruned under its feet
     try:
-        deleted = await manager.prune()
+        deleted = await manager.prune(force=True)
     finally:
         await manager.close()
     print(f"deleted {deleted} checkpoints of {run_id}")
