@@ -476,7 +476,6 @@ class CheckpointManager:
             agent_id=last.agent_id,
             call_stack=last.call_stack,
             snapshot_counter=start,
-            last_counter=last.counter,
             timestamp=last.timestamp,
             response=response,
             executed_offset=base.executed_offset if base is not None else 0,

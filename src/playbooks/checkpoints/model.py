@@ -193,7 +193,6 @@ class FrameState:
     agent_id: str
     call_stack: tuple[FrameRef, ...]
     snapshot_counter: int
-    last_counter: int
     timestamp: float
     response: str
     executed_offset: int
