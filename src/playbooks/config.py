@@ -102,17 +102,6 @@ class ConfigError(PlaybooksError):
                 where += f":{self.column}"
         return f"{where}: {self.message}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only constructor arguments are not in ``self.args``; rebuild from the attributes so
-        # the error survives pickling (checkpoints, multiprocessing).
-        return (_rebuild_config_error, (self.message, dict(self.__dict__)))
-
-
-def _rebuild_config_error(message: str, state: dict[str, Any]) -> ConfigError:
-    error = ConfigError(message)
-    error.__dict__.update(state)
-    return error
-
 
 class ConfigWarning(UserWarning):
     """Issued for a ``PLAYBOOKS_<TABLE>_*`` environment variable that matches no key (likely a typo)."""

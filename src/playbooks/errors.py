@@ -14,7 +14,22 @@ from typing import Any
 
 
 class PlaybooksError(Exception):
-    """Base class of every exception raised by playbooks."""
+    """Base class of every exception raised by playbooks.
+
+    Subclasses keep their details as attributes set from keyword-only arguments, which are not in
+    ``self.args``; :meth:`__reduce__` rebuilds from the attributes so every error survives pickling
+    (journals and final snapshots store them; so do multiprocessing and test runners).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type[PlaybooksError], args: tuple[Any, ...], state: dict[str, Any]) -> PlaybooksError:
+    error = cls.__new__(cls, *args)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class LLMCodeError(PlaybooksError):
@@ -48,17 +63,6 @@ class LLMCodeError(PlaybooksError):
         if self.col_offset is not None:
             where += f", column {self.col_offset}"
         return f"{self.message} ({where} of the LLM response)"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The keyword-only arguments are not in ``self.args``; rebuild from the attributes so the error
-        # survives pickling (it is stored in journals and final snapshots).
-        return (_rebuild_llm_code_error, (type(self), self.message, dict(self.__dict__)))
-
-
-def _rebuild_llm_code_error(cls: type[LLMCodeError], message: str, state: dict[str, Any]) -> LLMCodeError:
-    error = cls(message)
-    error.__dict__.update(state)
-    return error
 
 
 class CodeSyntaxError(LLMCodeError):

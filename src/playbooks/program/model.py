@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from playbooks.errors import PlaybooksError
 
@@ -50,17 +50,6 @@ class ProgramParseError(ProgramError):
             if self.column is not None:
                 where += f":{self.column}"
         return f"{where}: {self.message}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only constructor arguments are not in ``self.args``: rebuild from the attributes so
-        # the error survives pickling.
-        return (_rebuild_parse_error, (self.message, dict(self.__dict__)))
-
-
-def _rebuild_parse_error(message: str, state: dict[str, Any]) -> ProgramParseError:
-    error = ProgramParseError(message, path=state.get("path", "<string>"))
-    error.__dict__.update(state)
-    return error
 
 
 class ProgramWarning(UserWarning):

@@ -107,15 +107,6 @@ class PlaybookRunError(PlaybooksError):
         self.agent = agent
         self.playbook = playbook
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_run_error, (type(self), self.message, dict(self.__dict__)))
-
-
-def _rebuild_run_error(cls: type[PlaybookRunError], message: str, state: dict[str, Any]) -> PlaybookRunError:
-    error = cls(message)
-    error.__dict__.update(state)
-    return error
-
 
 class ProgramInputError(PlaybookRunError):
     """Raised when ``AskUser`` needs a line but the input has ended."""
