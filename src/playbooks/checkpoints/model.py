@@ -39,7 +39,11 @@ Outcome = Literal["value", "raise", "unrecorded"]
 
 @dataclass(frozen=True, slots=True)
 class StoredVar:
-    """One variable of a snapshot: its pickle inline, or a reference to the snapshot that holds it."""
+    """One variable of a snapshot: its pickle inline, or a reference to the snapshot that holds it.
+
+    ``digest`` is the hex blake2b (16 bytes) of the pickle and ``size`` its length; ``data`` is the
+    pickle itself, or ``None`` when the snapshot numbered ``host`` holds it.
+    """
 
     digest: str
     size: int

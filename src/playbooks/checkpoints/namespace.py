@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import cloudpickle
 
+from playbooks.checkpoints.model import StoredVar
 from playbooks.errors import UnpicklableValueError, UnrestoredValueError
 
 __all__ = (
@@ -79,18 +80,8 @@ _LOAD_PROBLEM = "it could not be loaded from the checkpoint"
 _TOOL_PROBLEM = "it refers to a tool that the resumed agent does not have"
 
 
-@dataclass(frozen=True, slots=True)
-class VarBlob:
-    """One variable as stored in a snapshot: its pickle, or where an earlier snapshot holds it.
-
-    ``digest`` is the hex blake2b (16 bytes) of the pickle and ``size`` its length; ``data`` is the
-    pickle itself, or ``None`` when the snapshot numbered ``host`` holds it.
-    """
-
-    digest: str
-    size: int
-    data: bytes | None
-    host: int | None
+VarBlob = StoredVar
+"""One variable as stored in a snapshot (the record type itself: encoding needs no conversion)."""
 
 
 @dataclass(frozen=True, slots=True)

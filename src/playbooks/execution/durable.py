@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from playbooks.checkpoints.manager import CheckpointManager
-from playbooks.checkpoints.model import FrameRef, FrameState, JournalEntry, Record, StoredVar
+from playbooks.checkpoints.model import FrameRef, FrameState, JournalEntry, Record
 from playbooks.errors import CheckpointWarning, InterpreterError, NonDeterminismError
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor
 
@@ -178,10 +178,7 @@ class DurableFrame:
     def seed(self, values: Mapping[str, Any]) -> None:
         """Start the encoder from the restored snapshot, so unchanged variables stay references."""
         if self.state is not None and not self._seeded:
-            blobs = {
-                name: _var_blob(var) for name, var in self.state.variables.items()
-            }
-            self.encoder.seed(blobs, values, self.state.snapshot_counter)
+            self.encoder.seed(self.state.variables, values, self.state.snapshot_counter)
             self._seeded = True
 
     # ----------------------------------------------------------------- records
@@ -239,7 +236,7 @@ class DurableFrame:
             statement=ex.last_statement,
             next_seq=ex.interceptor.next_seq if next_seq is None else next_seq,
             statements_executed=ex.statements_executed,
-            variables={n: StoredVar(b.digest, b.size, b.data, b.host) for n, b in encoded.blobs.items()},
+            variables=dict(encoded.blobs),
             skipped=tuple((s.name, s.type_name, s.reason) for s in encoded.skipped),
             done=done,
             error=error,
@@ -360,12 +357,6 @@ class DurableFrame:
     ) -> None:
         """Queue the record of a sync call; it is written at the next await or statement end."""
         self._pending.append(self._record("result", **self._outcome_fields(call, value, raised, before)))
-
-
-def _var_blob(var: StoredVar) -> Any:
-    from playbooks.checkpoints.namespace import VarBlob
-
-    return VarBlob(var.digest, var.size, var.data, var.host)
 
 
 def _unwrap(interceptor: ToolCallInterceptor, call: ToolCall, entry: JournalEntry) -> Any:
