@@ -1,8 +1,11 @@
-"""Tests of the checkpoint integrity envelope: nothing damaged or unverified ever comes out."""
+"""Tests of the checkpoint integrity envelope: nothing damaged, unverified or misplaced ever comes out."""
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -10,185 +13,201 @@ from hypothesis import strategies as st
 
 from playbooks.checkpoints.codec import (
     FORMAT_VERSION,
-    HEADER_SIZE,
     KEY_ENV_VAR,
+    KEY_FILE_ENV_VAR,
     MAGIC,
+    Place,
+    RecordKey,
     decode_record,
     encode_record,
+    header_size,
+    new_lineage,
+    read_place,
     resolve_key,
 )
-from playbooks.errors import CheckpointCorruptError, CheckpointTamperedError
+from playbooks.errors import (
+    CheckpointCorruptError,
+    CheckpointForeignError,
+    CheckpointFormatError,
+    CheckpointKeyError,
+    CheckpointTamperedError,
+)
 
-KEY = b"correct horse battery staple"
+KEY = RecordKey(b"correct horse battery staple", "a test key")
+LINEAGE = bytes(range(16))
 
 
 @pytest.fixture(autouse=True)
-def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_env_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(KEY_ENV_VAR, raising=False)
+    monkeypatch.setenv(KEY_FILE_ENV_VAR, str(tmp_path / "keys" / "checkpoint.key"))
 
 
-@given(payload=st.binary(max_size=2048), signed=st.booleans())
+def _place(counter: int = 7, execution_id: str = "run-1", prev: int = 6) -> Place:
+    return Place(execution_id, counter, LINEAGE, prev, bytes([prev]) * 32)
+
+
+def _encode(payload: bytes, key: RecordKey = KEY, place: Place | None = None) -> bytes:
+    return encode_record(payload, key=key, place=place or _place())[0]
+
+
+def _decode(data: bytes, key: RecordKey = KEY, execution_id: str = "run-1", counter: int = 7) -> bytes:
+    return decode_record(data, key=key, execution_id=execution_id, counter=counter)[1]
+
+
+@given(payload=st.binary(max_size=2048), execution_id=st.text(min_size=1, max_size=40))
 @settings(max_examples=100)
-def test_roundtrip(payload: bytes, signed: bool) -> None:
-    key = KEY if signed else None
-    record = encode_record(payload, key=key)
-    assert len(record) == HEADER_SIZE + len(payload)
+def test_roundtrip(payload: bytes, execution_id: str) -> None:
+    record, digest = encode_record(payload, key=KEY, place=_place(execution_id=execution_id))
+    assert len(record) == header_size(execution_id) + len(payload)
     assert record.startswith(MAGIC)
-    assert decode_record(record, key=key) == payload
+    place, out = decode_record(record, key=KEY, execution_id=execution_id, counter=7)
+    assert out == payload
+    assert (place.execution_id, place.counter, place.lineage, place.prev_counter) == (execution_id, 7, LINEAGE, 6)
+    assert place.digest == digest and place.key_id == KEY.id
 
 
 def test_roundtrip_accepts_bytes_like_input() -> None:
-    record = encode_record(b"abc")
-    assert decode_record(bytearray(record)) == b"abc"  # type: ignore[arg-type]
-    assert decode_record(memoryview(record)) == b"abc"  # type: ignore[arg-type]
-
-
-def test_empty_payload_is_a_valid_record() -> None:
-    assert decode_record(encode_record(b"")) == b""
+    record = _encode(b"abc")
+    assert _decode(bytearray(record)) == b"abc"  # type: ignore[arg-type]
+    assert _decode(memoryview(record)) == b"abc"  # type: ignore[arg-type]
 
 
 def test_zero_length_record() -> None:
     with pytest.raises(CheckpointCorruptError, match="empty"):
-        decode_record(b"")
+        _decode(b"")
 
 
-@pytest.mark.parametrize("signed", [False, True])
-def test_every_truncation_is_detected(signed: bool) -> None:
-    key = KEY if signed else None
-    record = encode_record(b"some pickled namespace" * 3, key=key)
+def test_every_truncation_is_detected() -> None:
+    record = _encode(b"some pickled namespace" * 3)
     for cut in range(len(record)):
-        with pytest.raises(CheckpointCorruptError) as info:
-            decode_record(record[:cut], key=key)
-        assert not isinstance(info.value, CheckpointTamperedError), cut
-
-
-@pytest.mark.parametrize("cut", [0, 1, 3, 4, 13, HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 5])
-def test_truncation_messages(cut: int) -> None:
-    record = encode_record(b"0123456789")
-    with pytest.raises(CheckpointCorruptError, match="empty|truncated|magic"):
-        decode_record(record[:cut])
+        with pytest.raises(CheckpointCorruptError, match="empty|truncated|magic"):
+            _decode(record[:cut])
 
 
 def test_trailing_bytes_are_detected() -> None:
     with pytest.raises(CheckpointCorruptError, match="trailing"):
-        decode_record(encode_record(b"abc") + b"\0")
+        _decode(_encode(b"abc") + b"\0")
 
 
-@pytest.mark.parametrize("signed", [False, True])
-def test_every_bit_flip_is_detected(signed: bool) -> None:
-    key = KEY if signed else None
-    record = encode_record(b"x = 1; y = [1, 2]", key=key)
+def test_every_bit_flip_is_detected() -> None:
+    record = _encode(b"x = 1; y = [1, 2]")
     for i in range(len(record) * 8):
         damaged = bytearray(record)
         damaged[i // 8] ^= 1 << (i % 8)
         with pytest.raises(CheckpointCorruptError):
-            decode_record(bytes(damaged), key=key)
-
-
-def test_wrong_magic() -> None:
-    record = b"XXXX" + encode_record(b"abc")[4:]
-    with pytest.raises(CheckpointCorruptError, match="magic"):
-        decode_record(record)
+            _decode(bytes(damaged))
 
 
 def test_pickle_is_not_mistaken_for_a_record() -> None:
     with pytest.raises(CheckpointCorruptError, match="not a playbooks checkpoint"):
-        decode_record(b"\x80\x05\x95\x00")
+        _decode(b"\x80\x05\x95\x00")
 
 
-def test_future_version() -> None:
-    record = bytearray(encode_record(b"abc"))
+def test_future_version_names_both_versions() -> None:
+    record = bytearray(_encode(b"abc"))
     record[4] = FORMAT_VERSION + 1
-    with pytest.raises(CheckpointCorruptError, match="newer playbooks"):
-        decode_record(bytes(record))
+    with pytest.raises(CheckpointFormatError, match=f"version {FORMAT_VERSION + 1}.*version {FORMAT_VERSION}.*newer"):
+        _decode(bytes(record))
 
 
-def test_version_zero() -> None:
-    record = bytearray(encode_record(b"abc"))
-    record[4] = 0
-    with pytest.raises(CheckpointCorruptError, match="format version 0"):
-        decode_record(bytes(record))
+def test_older_version_is_refused_with_both_versions() -> None:
+    record = bytearray(_encode(b"abc"))
+    record[4] = 1
+    with pytest.raises(CheckpointFormatError, match=f"version 1.*version {FORMAT_VERSION}.*older"):
+        _decode(bytes(record))
 
 
 def test_unknown_flags() -> None:
-    record = bytearray(encode_record(b"abc"))
+    record = bytearray(_encode(b"abc"))
     record[5] |= 0x80
     with pytest.raises(CheckpointCorruptError, match="flags"):
-        decode_record(bytes(record))
+        _decode(bytes(record))
 
 
 def test_length_mismatch_with_valid_structure() -> None:
-    record = bytearray(encode_record(b"abcdef"))
+    record = bytearray(_encode(b"abcdef"))
     struct.pack_into(">Q", record, 6, 5)
     with pytest.raises(CheckpointCorruptError, match="announces 5"):
-        decode_record(bytes(record))
+        _decode(bytes(record))
 
 
-def test_checksum_mismatch() -> None:
-    record = bytearray(encode_record(b"abcdef"))
-    record[-1] ^= 0xFF
-    with pytest.raises(CheckpointCorruptError, match="checksum") as info:
-        decode_record(bytes(record))
-    assert not isinstance(info.value, CheckpointTamperedError)
-
-
-def test_tampered_payload_with_key() -> None:
-    record = bytearray(encode_record(b"balance = 10", key=KEY))
+def test_tampered_payload() -> None:
+    record = bytearray(_encode(b"balance = 10"))
     record[-2:] = b"99"
     with pytest.raises(CheckpointTamperedError, match="HMAC"):
-        decode_record(bytes(record), key=KEY)
+        _decode(bytes(record))
 
 
-def test_wrong_key() -> None:
-    record = encode_record(b"abc", key=KEY)
-    with pytest.raises(CheckpointTamperedError, match=KEY_ENV_VAR):
-        decode_record(record, key=b"another key")
+def test_wrong_key_is_a_key_error_naming_where_the_key_comes_from() -> None:
+    record = _encode(b"abc")
+    other = RecordKey(b"another key", "the environment variable MY_KEY")
+    with pytest.raises(CheckpointKeyError, match=f"key id {KEY.id.hex()}.*{other.id.hex()}.*MY_KEY"):
+        _decode(record, key=other)
 
 
-def test_forged_record_with_recomputed_plain_checksum_fails_with_key() -> None:
-    # An attacker without the key can only produce unsigned records; they are refused.
-    forged = encode_record(b"evil")
-    with pytest.raises(CheckpointTamperedError, match="not signed"):
-        decode_record(forged, key=KEY)
+def test_transplants_are_refused() -> None:
+    record = _encode(b"abc", place=_place(counter=7, execution_id="run-1"))
+    with pytest.raises(CheckpointForeignError, match="record 7 of execution 'run-1'.*record 8"):
+        _decode(record, counter=8)
+    with pytest.raises(CheckpointForeignError, match="execution 'run-2'"):
+        _decode(record, execution_id="run-2")
 
 
-def test_signed_without_key() -> None:
-    with pytest.raises(CheckpointTamperedError, match=KEY_ENV_VAR):
-        decode_record(encode_record(b"abc", key=KEY))
+def test_read_place_needs_no_key() -> None:
+    record = _encode(b"abc", place=_place(counter=3, prev=2))
+    place, start = read_place(record)
+    assert place.counter == 3 and place.prev_counter == 2 and place.prev_digest == bytes([2]) * 32
+    assert record[start:] == b"abc"
 
 
 def test_empty_key_is_refused() -> None:
     with pytest.raises(ValueError):
-        encode_record(b"abc", key=b"")
-    with pytest.raises(ValueError):
-        decode_record(encode_record(b"abc"), key=b"")
-    with pytest.raises(ValueError):
         resolve_key("")
 
 
-def test_resolve_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_key() is None
-    assert resolve_key("s3cret") == b"s3cret"
-    assert resolve_key(b"\x00\x01") == b"\x00\x01"
+def test_resolve_key_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert resolve_key("s3cret").secret == b"s3cret"
+    assert resolve_key(b"\x00\x01").secret == b"\x00\x01"
     monkeypatch.setenv(KEY_ENV_VAR, "from-env")
-    assert resolve_key() == b"from-env"
-    assert resolve_key("explicit") == b"explicit"
-    monkeypatch.setenv(KEY_ENV_VAR, "")
-    assert resolve_key() is None
+    assert resolve_key().secret == b"from-env" and KEY_ENV_VAR in resolve_key().source
+    assert resolve_key("explicit").secret == b"explicit"  # an explicit key wins
+    monkeypatch.setenv("OTHER_VAR", "other")
+    assert resolve_key(env_var="OTHER_VAR").secret == b"other"
+    monkeypatch.setenv(KEY_ENV_VAR, "")  # empty counts as unset: the default key file
+    assert "default key file" in resolve_key().source
 
 
-def test_env_var_key_roundtrip(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(KEY_ENV_VAR, "env-key")
-    record = encode_record(b"payload", key=resolve_key())
-    assert decode_record(record, key=resolve_key()) == b"payload"
-    monkeypatch.setenv(KEY_ENV_VAR, "rotated")
-    with pytest.raises(CheckpointTamperedError):
-        decode_record(record, key=resolve_key())
-    monkeypatch.delenv(KEY_ENV_VAR)
-    with pytest.raises(CheckpointTamperedError, match="no key"):
-        decode_record(record, key=resolve_key())
+def test_default_key_file_is_created_once_private(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        first = resolve_key()
+    finally:
+        os.umask(old)
+    path = tmp_path / "keys" / "checkpoint.key"
+    assert str(path) in first.source
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert len(first.secret) == 64
+    assert resolve_key().secret == first.secret  # created once, then read
+
+
+def test_uncreatable_key_file_is_a_key_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(KEY_FILE_ENV_VAR, str(blocker / "checkpoint.key"))
+    with pytest.raises(CheckpointKeyError, match=f"{KEY_ENV_VAR}.*{KEY_FILE_ENV_VAR}"):
+        resolve_key()
+
+
+def test_key_repr_hides_the_secret() -> None:
+    assert "horse" not in repr(KEY)
+
+
+def test_new_lineages_differ() -> None:
+    assert new_lineage() != new_lineage() and len(new_lineage()) == 16
 
 
 def test_large_payload_roundtrip() -> None:
     payload = bytes(range(256)) * 40_000  # ~10 MB
-    assert decode_record(encode_record(payload, key=KEY), key=KEY) == payload
+    assert _decode(_encode(payload)) == payload

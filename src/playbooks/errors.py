@@ -120,3 +120,43 @@ class UnrestoredValueError(PlaybooksError, NameError):
 class CheckpointWarning(UserWarning):
     """Warns about something a checkpoint left out or skipped: an unpicklable variable, a corrupt record
     that loading fell back from, a call that may have run twice."""
+
+
+class CheckpointFormatError(CheckpointCorruptError):
+    """Raised when a stored record has a format version this playbooks does not read (a newer or a
+    retired one); the message names both versions. The record is never unpickled."""
+
+
+class CheckpointKeyError(CheckpointTamperedError):
+    """Raised when records were signed with another key than the configured one (or the key cannot be
+    read or created); the message says where the configured key comes from. Never unpickled."""
+
+
+class CheckpointForeignError(CheckpointTamperedError):
+    """Raised when a record's signature verifies but it belongs to another execution, another counter or
+    another store history (copied, moved or rolled back from elsewhere). It is never unpickled."""
+
+
+class StoreReplacedError(CheckpointWriteError):
+    """Raised at a write when the execution's checkpoint folder (or file) was deleted or replaced while
+    this process held it: writing on would lose records, and another process may now own the run."""
+
+
+class CheckpointConfigError(CheckpointError):
+    """Base class of storage settings that cannot work (a bad storage path, an unknown provider, an
+    execution id that cannot name a run); raised before anything is written."""
+
+
+class StoragePathError(CheckpointConfigError):
+    """Raised when ``storage_path`` cannot hold checkpoints: it contains a NUL byte, or it cannot be
+    created, or it is not a writable folder."""
+
+
+class UnknownProviderError(CheckpointConfigError, LookupError):
+    """Raised when ``durability.provider`` names no built-in or registered checkpoint provider; the
+    message lists the available names."""
+
+
+class InvalidExecutionIdError(CheckpointConfigError, ValueError):
+    """Raised when an execution (run) id cannot name a run in a store: empty, starting with a dot, or
+    containing a path separator, a NUL byte or other control characters."""

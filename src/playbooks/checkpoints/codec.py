@@ -1,29 +1,40 @@
-"""The integrity envelope around an encoded checkpoint: format version, length and digest.
+"""The integrity envelope around an encoded checkpoint: format version, place, key id and signature.
 
-A checkpoint payload is a pickle, and unpickling untrusted or damaged bytes is unsafe. So every record a
-provider stores is wrapped here, and :func:`decode_record` hands back a payload only after it has checked
-all of it. There is no way to get an unverified payload out of this module.
+A checkpoint payload ends up unpickled, and unpickling untrusted or damaged bytes is unsafe. So every
+record a provider stores is wrapped here, and :func:`decode_record` hands back a payload only after it
+has checked all of it. There is no way to get an unverified payload out of this module.
 
-Layout of a record (all integers big-endian)::
+Layout of a record, format version 2 (all integers big-endian)::
 
     offset  size  field
     0       4     magic b"PBCK"
     4       1     format version (FORMAT_VERSION)
-    5       1     flags: bit 0 set = the digest is an HMAC; other bits must be 0
+    5       1     flags: must be 0 (reserved)
     6       8     payload length in bytes
-    14      32    digest: SHA-256, or HMAC-SHA256 with the key, of bytes 0..13 then the payload
-    46      n     payload
+    14      8     key id: the first 8 bytes of SHA-256(b"playbooks key id\\0" + key)
+    22      16    lineage: random id of this execution's history in this store
+    38      8     counter: the record's number in its execution (0 for the head)
+    46      8     previous counter: the record written just before this one (0: none)
+    54      32    previous digest: that record's digest (zeros: none)
+    86      2     length e of the execution id
+    88      e     execution id, UTF-8
+    88+e    32    digest: HMAC-SHA256 with the key of bytes 0..88+e, then the payload
+    120+e   n     payload
 
-The digest covers the header fields as well as the payload, so a flipped flag or length is caught by the
-digest even where a structural check would not notice it. Whether a record must be signed is decided by the
-reader's configuration, never by the record: with a key configured an unsigned record is refused (an
-attacker could simply strip the signature), and without a key a signed record is refused (it cannot be
-verified, and accepting it unchecked would silently drop the protection its writer asked for).
+Every record is signed: with no key configured, a per-user key is created once (see
+:func:`resolve_key`). The digest covers the whole header, so a record is bound to its place: the
+execution it belongs to, its counter, the store history (lineage) it was written in, and its
+predecessor. The reader says where it found the record (execution id and counter) and
+:func:`decode_record` refuses a record found anywhere else: a record copied from another run or
+another store (a transplant) cannot pass for this run's. Chains and heads (which detect a missing or
+rolled-back record) are checked by :class:`~playbooks.checkpoints.CheckpointManager` with the place
+this module returns.
 
-Errors split like this: anything that looks like damage (empty, truncated, bad magic, unknown version,
-length or checksum mismatch) raises :class:`~playbooks.errors.CheckpointCorruptError`; anything that is
-about the key (HMAC mismatch, signed/unsigned disagreement) raises its subclass
-:class:`~playbooks.errors.CheckpointTamperedError`.
+Errors split like this: anything that looks like damage (empty, truncated, bad magic, length or digest
+mismatch) raises :class:`~playbooks.errors.CheckpointCorruptError`; a record from an unknown (future)
+format raises :class:`~playbooks.errors.CheckpointFormatError`; a record signed with another key than
+the configured one raises :class:`~playbooks.errors.CheckpointKeyError`; a record whose signature
+verifies but that belongs somewhere else raises :class:`~playbooks.errors.CheckpointForeignError`.
 """
 
 from __future__ import annotations
@@ -31,84 +42,198 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 import struct
+from dataclasses import dataclass
 
-from playbooks.errors import CheckpointCorruptError, CheckpointTamperedError
+from playbooks.errors import (
+    CheckpointCorruptError,
+    CheckpointForeignError,
+    CheckpointFormatError,
+    CheckpointKeyError,
+    CheckpointTamperedError,
+)
 
 __all__ = (
+    "DIGEST_SIZE",
     "FORMAT_VERSION",
-    "HEADER_SIZE",
     "KEY_ENV_VAR",
+    "KEY_FILE_ENV_VAR",
+    "LINEAGE_SIZE",
     "MAGIC",
+    "Place",
+    "RecordKey",
     "decode_record",
+    "default_key_file",
     "encode_record",
+    "header_size",
+    "key_id",
+    "new_lineage",
+    "read_place",
     "resolve_key",
 )
 
 MAGIC = b"PBCK"
 """The first four bytes of every record."""
 
-FORMAT_VERSION = 1
-"""The newest record format this module writes and reads."""
+FORMAT_VERSION = 2
+"""The record format this module writes and reads. Version 1 (unbound SHA-256 records) is no longer read."""
 
 KEY_ENV_VAR = "PLAYBOOKS_CHECKPOINT_KEY"
 """Environment variable that holds the HMAC key when none is passed explicitly."""
 
-_FLAG_SIGNED = 0x01
-_KNOWN_FLAGS = _FLAG_SIGNED
-_PREFIX = struct.Struct(">4sBBQ")  # magic, version, flags, payload length
-_DIGEST_SIZE = 32
-HEADER_SIZE = _PREFIX.size + _DIGEST_SIZE
-"""Bytes before the payload (46)."""
+KEY_FILE_ENV_VAR = "PLAYBOOKS_CHECKPOINT_KEY_FILE"
+"""Environment variable naming the per-user key file used when no key is configured."""
+
+DIGEST_SIZE = 32
+LINEAGE_SIZE = 16
+_KEY_ID_SIZE = 8
+_FIXED = struct.Struct(">4sBBQ8s16sQQ32sH")  # up to and including the execution id's length
+_NO_DIGEST = bytes(DIGEST_SIZE)
+_MAX_ID = 0xFFFF
 
 
-def resolve_key(key: str | bytes | None = None) -> bytes | None:
-    """Return the HMAC key to use: ``key`` if given, else ``$PLAYBOOKS_CHECKPOINT_KEY``, else ``None``.
+def header_size(execution_id: str) -> int:
+    """Bytes before the payload of a record of ``execution_id``."""
+    return _FIXED.size + len(execution_id.encode("utf-8")) + DIGEST_SIZE
 
-    A ``str`` is encoded as UTF-8. An explicitly passed empty key is a ``ValueError`` (it would sign
-    without protecting anything); an empty environment variable counts as unset, as shells make it easy
-    to export one by accident.
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a record belongs: its execution, counter, store history and predecessor.
+
+    ``digest`` is the record's own digest (what its successor names as ``prev_digest``); it is empty
+    in a place passed to :func:`encode_record`, which computes it.
     """
-    if key is None:
-        env = os.environ.get(KEY_ENV_VAR)
-        return env.encode("utf-8") if env else None
-    raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+
+    execution_id: str
+    counter: int
+    lineage: bytes
+    prev_counter: int = 0
+    prev_digest: bytes = _NO_DIGEST
+    digest: bytes = b""
+    key_id: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordKey:
+    """The key that signs and verifies records, and where it came from (named in every key error)."""
+
+    secret: bytes
+    source: str
+
+    @property
+    def id(self) -> bytes:
+        return key_id(self.secret)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"RecordKey(id={self.id.hex()}, source={self.source!r})"
+
+
+def key_id(secret: bytes) -> bytes:
+    """The public id of a key: tells "signed with another key" apart from damage."""
+    return hashlib.sha256(b"playbooks key id\0" + secret).digest()[:_KEY_ID_SIZE]
+
+
+def new_lineage() -> bytes:
+    """A random id for a new execution history."""
+    return secrets.token_bytes(LINEAGE_SIZE)
+
+
+def default_key_file() -> str:
+    """Where the per-user key lives: ``$PLAYBOOKS_CHECKPOINT_KEY_FILE``, else
+    ``$XDG_CONFIG_HOME/playbooks/checkpoint.key`` (``~/.config/playbooks/checkpoint.key``)."""
+    explicit = os.environ.get(KEY_FILE_ENV_VAR)
+    if explicit:
+        return os.path.abspath(explicit)
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(os.path.abspath(config_home), "playbooks", "checkpoint.key")
+
+
+def _load_or_create_key_file(path: str) -> bytes:
+    """Read the key file at ``path``, creating it (0600, folder 0700) with 32 random bytes if missing."""
+    hint = (
+        f"set {KEY_ENV_VAR} to a key, or {KEY_FILE_ENV_VAR} to a file this user can create and read"
+    )
+    try:
+        with open(path, "rb") as f:
+            raw = f.read().strip()
+    except FileNotFoundError:
+        try:
+            folder = os.path.dirname(path)
+            if not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                os.chmod(folder, 0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return _load_or_create_key_file(path)  # another process created it just now
+        except OSError as exc:
+            raise CheckpointKeyError(
+                f"cannot create the default checkpoint key file {path}: {exc.strerror or exc}; {hint}"
+            ) from exc
+        raw = secrets.token_hex(32).encode("ascii")
+        try:
+            os.write(fd, raw + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return raw
+    except OSError as exc:
+        raise CheckpointKeyError(
+            f"cannot read the checkpoint key file {path}: {exc.strerror or exc}; {hint}"
+        ) from exc
     if not raw:
-        raise ValueError("checkpoint key must not be empty")
+        raise CheckpointKeyError(f"the checkpoint key file {path} is empty; delete it or {hint}")
     return raw
 
 
-def _digest(prefix: bytes | memoryview, payload: bytes | memoryview, key: bytes | None) -> bytes:
-    """Digest of header prefix then payload: HMAC-SHA256 with ``key``, plain SHA-256 without."""
-    h = hmac.new(key, prefix, hashlib.sha256) if key is not None else hashlib.sha256(prefix)
+def resolve_key(key: str | bytes | None = None, *, env_var: str = KEY_ENV_VAR) -> RecordKey:
+    """The key to sign with: ``key`` if given, else ``$env_var``, else the per-user key file.
+
+    A ``str`` is encoded as UTF-8. An explicitly passed empty key is a ``ValueError`` (it would sign
+    without protecting anything); an empty environment variable counts as unset, as shells make it easy
+    to export one by accident. The key file is created on first use (see :func:`default_key_file`).
+    """
+    if key is None:
+        env = os.environ.get(env_var)
+        if env:
+            return RecordKey(env.encode("utf-8"), f"the environment variable {env_var}")
+        path = default_key_file()
+        return RecordKey(_load_or_create_key_file(path), f"the default key file {path}")
+    raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    if not raw:
+        raise ValueError("checkpoint key must not be empty")
+    return RecordKey(raw, "the key passed to CheckpointManager(key=...)")
+
+
+def _digest(header: bytes | memoryview, payload: bytes | memoryview, secret: bytes) -> bytes:
+    h = hmac.new(secret, header, hashlib.sha256)
     h.update(payload)
     return h.digest()
 
 
-def _check_key(key: bytes | None) -> None:
-    if key is not None and not key:
-        raise ValueError("checkpoint key must not be empty (pass None for an unsigned record)")
+def encode_record(payload: bytes, *, key: RecordKey, place: Place) -> tuple[bytes, bytes]:
+    """Wrap ``payload`` in a signed record bound to ``place``; return ``(record, its digest)``."""
+    eid = place.execution_id.encode("utf-8")
+    if len(eid) > _MAX_ID:
+        raise ValueError(f"execution id is too long ({len(eid)} bytes, at most {_MAX_ID})")
+    if len(place.lineage) != LINEAGE_SIZE or len(place.prev_digest) != DIGEST_SIZE:
+        raise ValueError("a record's lineage must be 16 bytes and its previous digest 32 bytes")
+    header = _FIXED.pack(
+        MAGIC, FORMAT_VERSION, 0, len(payload), key.id, place.lineage, place.counter,
+        place.prev_counter, place.prev_digest, len(eid),
+    ) + eid
+    digest = _digest(header, payload, key.secret)
+    return b"".join((header, digest, payload)), digest
 
 
-def encode_record(payload: bytes, *, key: bytes | None = None) -> bytes:
-    """Wrap ``payload`` in a versioned, checksummed record; signed with HMAC-SHA256 when ``key`` is set.
+def read_place(data: bytes | memoryview) -> tuple[Place, int]:
+    """Structural checks of a record's header, without the key; return its place and payload offset.
 
-    The result is the only copy made of the payload.
+    The place is *not verified*: use it only to say what a record claims, never to trust it.
+    Raises :class:`~playbooks.errors.CheckpointCorruptError` or
+    :class:`~playbooks.errors.CheckpointFormatError`.
     """
-    _check_key(key)
-    flags = _FLAG_SIGNED if key is not None else 0
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(payload))
-    return b"".join((prefix, _digest(prefix, payload, key), payload))
-
-
-def decode_record(data: bytes, *, key: bytes | None = None) -> bytes:
-    """Verify a record made by :func:`encode_record` and return its payload.
-
-    Raises :class:`~playbooks.errors.CheckpointCorruptError` if the record is damaged and
-    :class:`~playbooks.errors.CheckpointTamperedError` if it fails the key check; the payload of a
-    record that fails any check is never returned.
-    """
-    _check_key(key)
     size = len(data)
     if size == 0:
         raise CheckpointCorruptError(
@@ -120,55 +245,78 @@ def decode_record(data: bytes, *, key: bytes | None = None) -> bytes:
             f"not a playbooks checkpoint record: it starts with {bytes(view[:8])!r}, "
             f"expected the magic {MAGIC!r} (a foreign or overwritten file?)"
         )
-    if size < HEADER_SIZE:
-        raise CheckpointCorruptError(
-            f"checkpoint record is truncated: {size} bytes, shorter than its {HEADER_SIZE}-byte header"
-        )
-    _, version, flags, length = _PREFIX.unpack_from(view)
-    if version != FORMAT_VERSION:
+    if size >= 5 and view[4] != FORMAT_VERSION:
+        version = view[4]
         if version > FORMAT_VERSION:
-            hint = "it was written by a newer playbooks; upgrade playbooks to read it"
-        else:
-            hint = "no playbooks version writes it; the header is damaged"
-        raise CheckpointCorruptError(
-            f"checkpoint record has format version {version}, this playbooks reads version "
-            f"{FORMAT_VERSION}: {hint}"
+            raise CheckpointFormatError(
+                f"checkpoint record has format version {version}, and this playbooks reads version "
+                f"{FORMAT_VERSION}: it was written by a newer playbooks; upgrade playbooks to resume it"
+            )
+        raise CheckpointFormatError(
+            f"checkpoint record has format version {version}, and this playbooks reads version "
+            f"{FORMAT_VERSION} only: it was written by an older playbooks, whose records are not bound "
+            "to their place; finish or clear that run with the playbooks version that wrote it"
         )
-    if flags & ~_KNOWN_FLAGS:
+    if size < _FIXED.size:
         raise CheckpointCorruptError(
-            f"checkpoint record has unknown flags 0x{flags:02x}: the header is damaged "
-            "or it was written by a newer playbooks"
+            f"checkpoint record is truncated: {size} bytes, shorter than its {_FIXED.size}-byte header"
         )
-    actual = size - HEADER_SIZE
+    _, _, flags, length, kid, lineage, counter, prev_counter, prev_digest, eid_len = _FIXED.unpack_from(view)
+    if flags:
+        raise CheckpointCorruptError(
+            f"checkpoint record has unknown flags 0x{flags:02x}: the header is damaged"
+        )
+    start = _FIXED.size + eid_len + DIGEST_SIZE
+    if size < start:
+        raise CheckpointCorruptError(
+            f"checkpoint record is truncated: {size} bytes, shorter than its {start}-byte header"
+        )
+    actual = size - start
     if length != actual:
         what = "truncated" if actual < length else "longer than its header says (trailing bytes)"
         raise CheckpointCorruptError(
             f"checkpoint record is {what}: the header announces {length} payload bytes, "
             f"the record holds {actual}"
         )
-    signed = bool(flags & _FLAG_SIGNED)
-    if signed and key is None:
+    try:
+        execution_id = bytes(view[_FIXED.size : _FIXED.size + eid_len]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointCorruptError("checkpoint record's execution id is not UTF-8: the header is damaged") from None
+    digest = bytes(view[start - DIGEST_SIZE : start])
+    place = Place(execution_id, counter, lineage, prev_counter, prev_digest, digest, kid)
+    return place, start
+
+
+def decode_record(
+    data: bytes | memoryview, *, key: RecordKey, execution_id: str, counter: int
+) -> tuple[Place, bytes]:
+    """Verify a record found at ``(execution_id, counter)`` and return its place and payload.
+
+    Raises :class:`~playbooks.errors.CheckpointCorruptError` if it is damaged,
+    :class:`~playbooks.errors.CheckpointFormatError` if its format is unknown,
+    :class:`~playbooks.errors.CheckpointKeyError` if it was signed with another key,
+    :class:`~playbooks.errors.CheckpointTamperedError` if its signature fails, and
+    :class:`~playbooks.errors.CheckpointForeignError` if it verifies but belongs to another place.
+    The payload of a record that fails any check is never returned.
+    """
+    place, start = read_place(data)
+    view = memoryview(data)
+    if place.key_id != key.id:
+        raise CheckpointKeyError(
+            f"checkpoint record was signed with another key (key id {place.key_id.hex()}) than the one "
+            f"configured ({key.id.hex()}, from {key.source}): resume with the key it was written with "
+            f"({KEY_ENV_VAR}, the durability.hmac_key_env variable, or the key file named by "
+            f"{KEY_FILE_ENV_VAR})"
+        )
+    if not hmac.compare_digest(_digest(view[: start - DIGEST_SIZE], view[start:], key.secret), place.digest):
         raise CheckpointTamperedError(
-            "checkpoint record is HMAC-signed but no key is configured, so it cannot be verified: "
-            f"set {KEY_ENV_VAR} (or pass the key) to the key it was written with"
+            "checkpoint record fails its HMAC check: its bytes were changed after it was written "
+            "(disk error, partial copy, manual edit or forgery)"
         )
-    if not signed and key is not None:
-        raise CheckpointTamperedError(
-            "checkpoint record is not signed but a key is configured; refusing it, since an unsigned "
-            "record could be a forgery. If it was written before signing was enabled, read it with "
-            f"{KEY_ENV_VAR} unset"
+    if place.execution_id != execution_id or place.counter != counter:
+        raise CheckpointForeignError(
+            f"checkpoint record was written as record {place.counter} of execution "
+            f"{place.execution_id!r} but was found as record {counter} of execution {execution_id!r}: "
+            "it was copied or moved here from another place, and is refused"
         )
-    prefix = view[: _PREFIX.size]
-    stored = view[_PREFIX.size : HEADER_SIZE]
-    payload = view[HEADER_SIZE:]
-    if not hmac.compare_digest(_digest(prefix, payload, key), stored):
-        if signed:
-            raise CheckpointTamperedError(
-                "checkpoint record fails its HMAC check: it was modified after it was written, or it "
-                f"was signed with a different key (check {KEY_ENV_VAR})"
-            )
-        raise CheckpointCorruptError(
-            "checkpoint record fails its SHA-256 checksum: its bytes were damaged after it was written "
-            "(disk error, partial copy or manual edit)"
-        )
-    return bytes(payload)
+    return place, bytes(view[start:])

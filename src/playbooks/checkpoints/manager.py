@@ -6,6 +6,31 @@ latest is always the last), holds the execution's lock from its first write (a s
 same id is refused), signs every record with the codec (checksum or HMAC, checked before anything is
 unpickled), and prunes: ``keep_last_n`` snapshots are kept, plus whatever a kept snapshot refers to and
 whatever an unfinished frame still needs to resume.
+
+Theory of operation: records bound to their place
+-------------------------------------------------
+Every record is signed (:mod:`playbooks.checkpoints.codec`) together with its place: the execution id,
+its counter, the *lineage* (a random id of this execution's history in this store, chosen at its first
+write and kept by every resume) and its predecessor (the counter and digest of the record written just
+before it). After every write the manager rewrites the execution's *head*, a signed record naming the
+newest record. Pruning first appends a *tombstone* listing every counter it deletes. Loading then
+checks, before anything is unpickled:
+
+* each record where it was found (a record of another run, or of the same run id in another store or
+  an earlier cleared history, is refused: a transplant);
+* the head's newest record is there, and every predecessor named by a record is there or tombstoned
+  (otherwise records were truncated or rolled back: a ``CheckpointWarning`` names the missing counters
+  and the state is rebuilt from what verifies, which ``report.fallbacks`` lists);
+* a record signed with another key raises :class:`~playbooks.errors.CheckpointKeyError` at once: a run
+  is never silently started over because its key is missing.
+
+What cannot be detected: a rollback of the whole folder (head and records together) to an older copy
+of itself, and deletion of a whole run. docs/durability.md ("Trust model") says so.
+
+Replay order. A snapshot written while a frame replays its journal (a resumed process snapshots a big
+namespace as soon as the throttle allows) has a higher counter than journal records it has not replayed
+yet. Such a snapshot is never used as a frame's base: a base must cover every call record written
+before it (:func:`_covers`), so unreplayed records stay visible however many kills follow.
 """
 
 from __future__ import annotations
@@ -18,7 +43,15 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from playbooks.checkpoints.codec import decode_record, encode_record, resolve_key
+from playbooks.checkpoints.codec import (
+    KEY_ENV_VAR,
+    Place,
+    RecordKey,
+    decode_record,
+    encode_record,
+    new_lineage,
+    resolve_key,
+)
 from playbooks.checkpoints.model import (
     Checkpoint,
     FrameState,
@@ -27,12 +60,23 @@ from playbooks.checkpoints.model import (
     StoredVar,
 )
 from playbooks.checkpoints.provider import (
+    HEAD_COUNTER,
     CheckpointProvider,
     ExecutionLock,
     checkpoint_id,
     parse_checkpoint_id,
+    validate_execution_id,
 )
-from playbooks.errors import CheckpointCorruptError, CheckpointTooLargeError, CheckpointWarning
+from playbooks.checkpoints.wire import decode_fields, encode_fields, record_from_fields, record_to_fields
+from playbooks.errors import (
+    CheckpointCorruptError,
+    CheckpointForeignError,
+    CheckpointKeyError,
+    CheckpointTooLargeError,
+    CheckpointWarning,
+    StoragePathError,
+    UnknownProviderError,
+)
 
 if TYPE_CHECKING:
     from playbooks.checkpoints.namespace import EncodedNamespace, NamespaceEncoder
@@ -43,11 +87,37 @@ __all__ = ("CheckpointManager",)
 _logger = logging.getLogger("playbooks.checkpoints")
 
 UnpicklablePolicy = Literal["skip", "strict"]
-_KEY_FROM_ENV: Any = object()
 _STATE_PREFIX = "@"
 _JOURNAL_SNAPSHOT_MAX = 64 * 1024
 """An unsynced snapshot up to this size (encoded) is a journal entry: an append, not a new file."""
 _PRUNE_EVERY = 8
+
+
+def _root_number(call_id: str) -> int:
+    """The frame's own call count a call id starts with (``"3"`` and ``"3-9f2c1a07.0"``: 3)."""
+    head = call_id.split(".", 1)[0].split("-", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def _covers(snapshot_next_seq: int, call_seq: str) -> bool:
+    """Whether a snapshot whose next call number is ``snapshot_next_seq`` already includes the call
+    ``call_seq`` (so the call's journal records before it are superseded by it)."""
+    return _root_number(call_seq) < snapshot_next_seq
+
+
+def _ranges(counters: set[int]) -> list[list[int]]:
+    """``{1, 2, 3, 7}`` as ``[[1, 3], [7, 7]]``."""
+    out: list[list[int]] = []
+    for c in sorted(counters):
+        if out and out[-1][1] == c - 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return out
+
+
+def _spell(counters: set[int]) -> str:
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in _ranges(counters))
 
 
 @dataclass(slots=True)
@@ -58,13 +128,16 @@ class _IndexEntry:
     done: bool
     in_journal: bool  # stored as a journal entry (else a checkpoint file or record)
     durable: bool = True  # fsynced when written, or with the journal, or found by a later process
+    seq: str = ""  # intent / result: the call id
+    next_seq: int = 0  # snapshot: the next call number of its frame
 
 
 class CheckpointManager:
     """Writes and reads the checkpoints of one execution id through a :class:`CheckpointProvider`.
 
-    ``key`` signs records with an HMAC (default: the ``PLAYBOOKS_CHECKPOINT_KEY`` environment variable,
-    if set); ``snapshot_sync_every``: one snapshot in that many is fsynced (all survive a killed
+    ``key`` signs records with an HMAC (default: the ``key_env`` environment variable,
+    ``PLAYBOOKS_CHECKPOINT_KEY``, if set, else the per-user key file, created on first use: see
+    :func:`playbooks.checkpoints.codec.resolve_key`); ``snapshot_sync_every``: one snapshot in that many is fsynced (all survive a killed
     process; the journal is fsynced before every durable call); ``unpicklable`` is ``"skip"`` (leave the variable out, warn, and make a later use of it
     fail clearly) or ``"strict"`` (fail the checkpoint); ``max_checkpoint_size_mb`` bounds a snapshot.
     """
@@ -77,11 +150,11 @@ class CheckpointManager:
         keep_last_n: int | None = 10,
         max_checkpoint_size_mb: float = 100.0,
         unpicklable: UnpicklablePolicy = "skip",
-        key: str | bytes | None = _KEY_FROM_ENV,
+        key: str | bytes | RecordKey | None = None,
         snapshot_sync_every: int = 8,
+        key_env: str = KEY_ENV_VAR,
     ) -> None:
-        if not isinstance(execution_id, str) or not execution_id:
-            raise ValueError("execution_id must be a non-empty string")
+        validate_execution_id(execution_id)
         if keep_last_n is not None and keep_last_n < 1:
             raise ValueError("keep_last_n must be at least 1 (or None to keep every checkpoint)")
         if unpicklable not in ("skip", "strict"):
@@ -98,7 +171,15 @@ class CheckpointManager:
         if snapshot_sync_every < 1:
             raise ValueError("snapshot_sync_every must be at least 1")
         self.snapshot_sync_every = snapshot_sync_every
-        self._key = resolve_key() if key is _KEY_FROM_ENV else resolve_key(key)
+        self._key = key if isinstance(key, RecordKey) else resolve_key(key, env_var=key_env)
+        self._lineage: bytes | None = None
+        self._tip: tuple[int, bytes] | None = None  # the record written last: (counter, digest)
+        self._head_counter = 0
+        self._places: dict[int, Place] = {}  # verified places of the loaded records
+        self._tombstones: dict[int, set[int]] = {}  # tombstone counter -> the counters it lists
+        self._pruned: set[int] = set()
+        self._checked = False
+        self._unreadable: set[int] = set()  # stored but failed verification (already reported)
         self._lock: ExecutionLock | None = None
         self._next_counter: int | None = None
         self._index: dict[int, _IndexEntry] = {}
@@ -126,6 +207,10 @@ class CheckpointManager:
 
         if provider is None:
             storage = os.fspath(storage_path) if storage_path is not None else durability.storage_path
+            if "\0" in storage:
+                raise StoragePathError(
+                    f"durability.storage_path {storage!r} contains a NUL byte, which no path can hold"
+                )
             if durability.provider == "memory":
                 provider = create_provider("memory")
             elif durability.provider == "sqlite":
@@ -134,14 +219,19 @@ class CheckpointManager:
                     path = os.path.join(path, "checkpoints.sqlite3")
                 provider = create_provider("sqlite", path=path)
             else:
-                provider = create_provider(durability.provider, base_path=storage)
+                try:
+                    provider = create_provider(durability.provider, base_path=storage)
+                except LookupError as exc:
+                    raise UnknownProviderError(
+                        f"durability.provider: {exc.args[0] if exc.args else exc}"
+                    ) from exc
         return cls(
             execution_id,
             provider,
             keep_last_n=durability.keep_last_n,
             max_checkpoint_size_mb=durability.max_checkpoint_size_mb,
             unpicklable=durability.unpicklable,
-            key=os.environ.get(durability.hmac_key_env) or None,
+            key_env=durability.hmac_key_env,
         )
 
     def __repr__(self) -> str:
@@ -159,6 +249,13 @@ class CheckpointManager:
             self._lock = await self.provider.acquire_lock(self.execution_id)
         if self._next_counter is None:
             counters = await self._stored_counters()
+            if counters and not self._checked:
+                await self.load_records()  # the chain continues from the newest verified record
+            if self._lineage is None:
+                self._lineage = new_lineage()
+            if self._places:
+                newest = max(self._places)
+                self._tip = (newest, self._places[newest].digest)
             self._next_counter = (max(counters) + 1) if counters else 1
             self._stale = set(counters) - set(self._records) - set(self._index)
             if self._stale:
@@ -185,7 +282,7 @@ class CheckpointManager:
         survive a killed process at once. A failed write raises
         :class:`~playbooks.errors.CheckpointWriteError` and leaves earlier records intact.
         """
-        data = encode_record(record.encode(), key=self._key)
+        data = self._encode(record.counter, encode_fields(record_to_fields(record)))
         snapshot = record.kind == "snapshot"
         in_journal = not snapshot or (not sync and len(data) <= _JOURNAL_SNAPSHOT_MAX)
         if in_journal:
@@ -196,8 +293,37 @@ class CheckpointManager:
             await self.provider.save_checkpoint(cid, data, sync=sync)
         self._index[record.counter] = _IndexEntry(
             record.kind, record.frame_id, frozenset(record.hosts), record.done, in_journal,
-            durable=sync or in_journal,
+            durable=sync or in_journal, seq=record.seq, next_seq=record.next_seq,
         )
+        await self._write_head(record.counter)
+
+    def _encode(self, counter: int, payload: bytes) -> bytes:
+        """Sign ``payload`` as record ``counter``, chained to the record encoded before it."""
+        if self._lineage is None:
+            raise RuntimeError("CheckpointManager.open() must be awaited before writing")
+        prev_counter, prev_digest = self._tip if self._tip is not None else (0, bytes(32))
+        data, digest = encode_record(
+            payload,
+            key=self._key,
+            place=Place(self.execution_id, counter, self._lineage, prev_counter, prev_digest),
+        )
+        self._tip = (counter, digest)
+        self._places[counter] = Place(
+            self.execution_id, counter, self._lineage, prev_counter, prev_digest, digest, self._key.id
+        )
+        return data
+
+    async def _write_head(self, counter: int) -> None:
+        """Point the head at record ``counter`` if it is the newest written so far."""
+        if counter <= self._head_counter or self._lineage is None:
+            return
+        self._head_counter = counter
+        head, _ = encode_record(
+            b"",
+            key=self._key,
+            place=Place(self.execution_id, HEAD_COUNTER, self._lineage, counter, self._places[counter].digest),
+        )
+        await self.provider.write_head(self.execution_id, head)
 
     async def sync(self) -> None:
         """Make the journal durable (one fsync) before a new durable call starts."""
@@ -277,6 +403,10 @@ class CheckpointManager:
         needed = self._needed()
         newest = max(self._index)
         doomed = sorted((set(self._index) | self._stale) - needed - {newest})
+        if all(c in self._index and self._index[c].kind == "tombstone" for c in doomed):
+            doomed = []  # a tombstone goes only when a newer one (which lists it) is written
+        if doomed:
+            await self._write_tombstone(doomed)
         for counter in doomed:
             entry = self._index.pop(counter, None)
             self._records.pop(counter, None)
@@ -288,6 +418,18 @@ class CheckpointManager:
         if len(self._dead_journal) >= self.provider.journal_drop_batch:
             await self._drop_dead_journal()
         return len(doomed)
+
+    async def _write_tombstone(self, doomed: list[int]) -> None:
+        """Append a record listing every counter pruned so far (these, and all earlier ones), before
+        they are deleted: a counter that is missing and listed here was pruned, not lost."""
+        self._pruned.update(doomed)
+        counter = self.allocate_counter()
+        data = self._encode(counter, encode_fields({"tombstone": _ranges(self._pruned)}))
+        await self.provider.append_journal(self.execution_id, counter, data)
+        self._unsynced = True
+        self._index[counter] = _IndexEntry("tombstone", "", frozenset(), False, True)
+        self._tombstones[counter] = set(self._pruned)
+        await self._write_head(counter)
 
     async def _drop_dead_journal(self) -> None:
         dead, self._dead_journal = self._dead_journal, set()
@@ -308,9 +450,9 @@ class CheckpointManager:
         finished = {e.frame_id for e in self._index.values() if e.done}
         needed = set(kept) | set(states.values())
         for frame_id, counters in by_frame.items():
-            if frame_id in finished:
+            if frame_id in finished or frame_id == "":
                 continue
-            own = sorted(c for c in counters if self._index[c].kind == "snapshot")
+            own = sorted(c for c in counters if self._usable_base(c, counters))
             if not own:
                 needed.update(counters)
                 continue
@@ -346,35 +488,147 @@ class CheckpointManager:
         """The ids of every stored record of this execution (files and journal entries), oldest first."""
         return [checkpoint_id(self.execution_id, c) for c in await self._stored_counters()]
 
+    def _usable_base(self, counter: int, frame_counters: list[int]) -> bool:
+        """Whether snapshot ``counter`` covers every call record of its frame written before it."""
+        entry = self._index[counter]
+        if entry.kind != "snapshot":
+            return False
+        return all(
+            _covers(entry.next_seq, self._index[c].seq)
+            for c in frame_counters
+            if c < counter and self._index[c].kind in ("intent", "result")
+        )
+
     async def _stored_counters(self) -> list[int]:
         ids = await self.provider.list_checkpoints(self.execution_id)
         files = {parse_checkpoint_id(cid)[1] for cid in ids}
-        return sorted(files | {c for c, _ in await self.provider.read_journal(self.execution_id)})
+        journal = {c for c, _ in await self.provider.read_journal(self.execution_id)}
+        return sorted((files | journal) - {HEAD_COUNTER})
 
     async def load_records(self) -> dict[int, Record]:
-        """Load and verify every stored record not loaded yet; corrupt ones are skipped and reported."""
+        """Load and verify every stored record not loaded yet; corrupt ones are skipped and reported.
+
+        Raises :class:`~playbooks.errors.CheckpointKeyError` when records were signed with another key
+        than the configured one (resuming without them would run finished calls again). A record of
+        another place (a transplant) is refused, and a missing record (truncation, rollback) is
+        reported; both with a :class:`~playbooks.errors.CheckpointWarning`, listed in
+        :attr:`fallbacks`.
+        """
         journal = dict(await self.provider.read_journal(self.execution_id))
+        head = await self._read_head()
+        first_load = not self._checked
+        self._checked = True
+        found: dict[int, tuple[Place, bytes]] = {}
         for counter in await self._stored_counters():
-            if counter in self._records:
+            if counter in self._records or counter in self._tombstones:
                 continue
             cid = checkpoint_id(self.execution_id, counter)
             try:
                 data = journal[counter] if counter in journal else await self.provider.load_checkpoint(cid)
                 if data is None:
                     continue
-                record = Record.decode(decode_record(data, key=self._key), cid)
+                found[counter] = decode_record(
+                    data, key=self._key, execution_id=self.execution_id, counter=counter
+                )
+            except CheckpointKeyError as exc:
+                raise CheckpointKeyError(f"cannot read checkpoint {cid}: {exc}") from None
+            except CheckpointCorruptError as exc:
+                self._unreadable.add(counter)
+                self._report(f"checkpoint {cid} is unreadable and was skipped: {exc}")
+        if self._lineage is None:
+            if head is not None:
+                self._lineage = head.lineage
+            elif found:
+                self._lineage = found[max(found)][0].lineage
+                if first_load:
+                    self._report(
+                        f"execution {self.execution_id!r} has no readable head, so a truncated or "
+                        "rolled-back store cannot be detected; trusting its newest verified record"
+                    )
+        for counter, (place, payload) in sorted(found.items()):
+            cid = checkpoint_id(self.execution_id, counter)
+            if place.lineage != self._lineage:
+                self._report(
+                    f"checkpoint {cid} was refused: {CheckpointForeignError.__name__}: it belongs to "
+                    f"another history of execution {self.execution_id!r} (lineage "
+                    f"{place.lineage.hex()[:12]}, this store's is {(self._lineage or b'').hex()[:12]}): "
+                    "copied from another store, or left from a run of the same id that was cleared"
+                )
+                continue
+            try:
+                fields = decode_fields(payload, cid)
+                if "tombstone" in fields:
+                    listed = {c for a, b in fields["tombstone"] for c in range(int(a), int(b) + 1)}
+                    self._tombstones[counter] = listed
+                    self._pruned |= listed
+                    self._places[counter] = place
+                    self._index.setdefault(
+                        counter, _IndexEntry("tombstone", "", frozenset(), False, counter in journal)
+                    )
+                    self._stale.discard(counter)
+                    continue
+                record = record_from_fields(fields, cid)
             except CheckpointCorruptError as exc:
                 self._report(f"checkpoint {cid} is unreadable and was skipped: {exc}")
                 continue
+            self._places[counter] = place
             self._records[counter] = record
             self._index.setdefault(
                 counter,
                 _IndexEntry(
-                    record.kind, record.frame_id, frozenset(record.hosts), record.done, counter in journal
+                    record.kind, record.frame_id, frozenset(record.hosts), record.done, counter in journal,
+                    seq=record.seq, next_seq=record.next_seq,
                 ),
             )
             self._stale.discard(counter)
+        if found or self._places:
+            self._check_chain(head)  # (no record at all: the run was cleared or never wrote)
         return self._records
+
+    async def _read_head(self) -> Place | None:
+        """The verified head, or ``None`` (reported when it exists but does not verify)."""
+        data = await self.provider.read_head(self.execution_id)
+        if data is None:
+            return None
+        try:
+            place, _ = decode_record(data, key=self._key, execution_id=self.execution_id, counter=HEAD_COUNTER)
+        except CheckpointKeyError as exc:
+            raise CheckpointKeyError(f"cannot read the head of execution {self.execution_id!r}: {exc}") from None
+        except CheckpointCorruptError as exc:
+            self._report(
+                f"the head of execution {self.execution_id!r} is unreadable ({exc}); a truncated or "
+                "rolled-back store cannot be detected"
+            )
+            return None
+        return place
+
+    def _check_chain(self, head: Place | None) -> None:
+        """Report records that a verified record (or the head) names but that are neither here nor
+        pruned: they were lost to a truncation or a rollback."""
+        named: dict[int, tuple[bytes, str]] = {}
+        if head is not None and head.lineage == self._lineage:
+            named[head.prev_counter] = (head.prev_digest, "the head")
+        for counter, place in self._places.items():
+            if place.prev_counter:
+                named.setdefault(place.prev_counter, (place.prev_digest, f"record {counter}"))
+        missing: set[int] = set()
+        for counter, (digest, by) in named.items():
+            stored = self._places.get(counter)
+            if stored is None:
+                if counter not in self._pruned and counter not in self._unreadable:
+                    missing.add(counter)
+            elif stored.digest != digest:
+                self._report(
+                    f"checkpoint {checkpoint_id(self.execution_id, counter)} is not the record that "
+                    f"{by} follows: it was replaced by another copy"
+                )
+        if missing:
+            newest = max(self._places) if self._places else 0
+            self._report(
+                f"execution {self.execution_id!r} lost records {_spell(missing)} (the store was truncated "
+                f"or a file was rolled back to an older copy): their calls and statements may run "
+                f"again; the state is rebuilt from the records that verify (newest: {newest})"
+            )
 
     def _report(self, message: str) -> None:
         if message not in self.fallbacks:
@@ -438,6 +692,12 @@ class CheckpointManager:
         for record in reversed(own):
             if record.kind != "snapshot":
                 continue
+            if any(
+                r.kind in ("intent", "result") and r.counter < record.counter
+                and not _covers(record.next_seq, r.seq)
+                for r in own
+            ):
+                continue  # written during a replay: journal records before it are not in it yet
             try:
                 resolved = self._resolve(record)
                 snapshot_response = self._snapshot_response(record)
@@ -454,13 +714,13 @@ class CheckpointManager:
         start = base.counter if base is not None else 0
         next_seq = base.next_seq if base is not None else 0
         response = snapshot_response if base is not None else ""
-        journal: dict[int, JournalEntry] = {}
+        journal: dict[str, JournalEntry] = {}
         for record in own:
             if record.counter <= start:
                 continue
             if record.response_start <= len(response):
                 response = response[: record.response_start] + record.response_text
-            if record.kind == "snapshot" or record.seq < next_seq:
+            if record.kind == "snapshot" or _root_number(record.seq) < next_seq:
                 continue
             finished = record.kind == "result"
             if not finished and record.seq in journal:
@@ -468,6 +728,7 @@ class CheckpointManager:
             journal[record.seq] = JournalEntry(
                 record.seq, record.name, record.fingerprint, record.display, record.key,
                 record.outcome if finished else None, record.value, record.counter,
+                record.mutations, record.sync,
             )
         last = own[-1]
         return FrameState(

@@ -14,7 +14,11 @@ checksum, HMAC) and meaning are the manager's business, so a provider is a small
   append-only file or table instead, so a durable call costs an append, not a file.
 * Ids are canonical: a method given a checkpoint id that is not exactly ``checkpoint_id(e, n)`` for some
   execution id ``e`` and counter ``n`` (say ``x_ckpt_01``) raises ``ValueError``, as does an execution id
-  the provider cannot store (the filesystem provider refuses path separators and a leading dot).
+  the provider cannot store (:func:`validate_execution_id` refuses an empty id, a leading dot, path
+  separators and control characters with :class:`~playbooks.errors.InvalidExecutionIdError`).
+* The *head* of an execution (:meth:`~CheckpointProvider.write_head`) is one small record, rewritten at
+  every write, that names the newest record: it is how a truncated or rolled-back store is told apart
+  from one that simply has fewer records. The default keeps it as record 0 (counters start at 1).
 
 Third-party providers register a class in the ``playbooks.checkpoint_providers`` entry-point group.
 """
@@ -23,11 +27,24 @@ from __future__ import annotations
 
 import abc
 import re
+import unicodedata
 from collections.abc import Collection
 from types import TracebackType
 from typing import ClassVar
 
-__all__ = ("CheckpointProvider", "ExecutionLock", "checkpoint_id", "parse_checkpoint_id")
+from playbooks.errors import InvalidExecutionIdError
+
+__all__ = (
+    "CheckpointProvider",
+    "ExecutionLock",
+    "HEAD_COUNTER",
+    "checkpoint_id",
+    "parse_checkpoint_id",
+    "validate_execution_id",
+)
+
+HEAD_COUNTER = 0
+"""The counter under which the default head is stored; records are numbered from 1."""
 
 _ID_RE = re.compile(r"^(?P<execution_id>.+)_ckpt_(?P<counter>\d+)$")
 
@@ -43,6 +60,32 @@ def parse_checkpoint_id(cid: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"not a checkpoint id (expected '<execution_id>_ckpt_<n>'): {cid!r}")
     return match["execution_id"], int(match["counter"])
+
+
+def validate_execution_id(execution_id: object) -> str:
+    """Return ``execution_id`` if it can name a run in any store, else raise
+    :class:`~playbooks.errors.InvalidExecutionIdError` saying why (empty, a leading dot, a path
+    separator, a NUL or other control character)."""
+    if not isinstance(execution_id, str) or not execution_id:
+        raise InvalidExecutionIdError(
+            f"a run (execution) id must be a non-empty string, got {execution_id!r}"
+        )
+    if execution_id.startswith("."):
+        raise InvalidExecutionIdError(
+            f"run id {execution_id!r} starts with '.', which is reserved for hidden files; choose a "
+            "name that starts with a letter or digit"
+        )
+    for bad in ("/", "\\"):
+        if bad in execution_id:
+            raise InvalidExecutionIdError(
+                f"run id {execution_id!r} contains {bad!r}: a run id is one name, not a path"
+            )
+    if any(unicodedata.category(ch) == "Cc" for ch in execution_id):
+        raise InvalidExecutionIdError(
+            f"run id {execution_id!r} contains a control character (NUL, newline, ...); use printable "
+            "characters only"
+        )
+    return execution_id
 
 
 class ExecutionLock(abc.ABC):
@@ -136,6 +179,24 @@ class CheckpointProvider(abc.ABC):
         """Forget these journal entries (the default deletes their records)."""
         for counter in counters:
             await self.delete_checkpoint(checkpoint_id(execution_id, counter))
+
+    # ----------------------------------------------------------------- head
+
+    async def write_head(self, execution_id: str, data: bytes) -> None:
+        """Replace the execution's head (a small record naming its newest record); not fsynced.
+
+        Called after every write, so it must be cheap. The default stores it as record
+        ``checkpoint_id(execution_id, HEAD_COUNTER)``.
+        """
+        await self.save_checkpoint(checkpoint_id(execution_id, HEAD_COUNTER), data, sync=False)
+
+    async def read_head(self, execution_id: str) -> bytes | None:
+        """The execution's head as last written, or ``None``."""
+        return await self.load_checkpoint(checkpoint_id(execution_id, HEAD_COUNTER))
+
+    async def check_writable(self) -> None:
+        """Raise :class:`~playbooks.errors.StoragePathError` if this store cannot be written (a run
+        calls it before it starts); the default checks nothing."""
 
     async def cleanup_old_checkpoints(self, execution_id: str, keep_last_n: int) -> int:
         """Delete all but the newest ``keep_last_n`` records; return how many were deleted.

@@ -4,7 +4,7 @@ Layout::
 
     {base}/{execution_id}/{execution_id}_ckpt_{n}.pkl    one record (an encoded checkpoint)
     {base}/{execution_id}/{execution_id}.journal         the journal: entries appended one after another
-    {base}/{execution_id}/.lock                          the execution's lock; holds the holder's pid
+    {base}/{execution_id}/.lock                          the execution's lock: the holder's pid, then the head
     {base}/{execution_id}/.{record}.{random}.tmp         a write in progress (or left by a killed writer)
 
 Theory of operation
@@ -38,10 +38,23 @@ deleted: unlinking a lock file races with a process that has just opened it. ``f
 machine; on network file systems use a provider built for many machines.
 
 *Journal.* Journal entries (two per durable call) are appended to one file per execution, each framed
-by its counter and length, through a descriptor kept open; :meth:`sync_journal` is one ``fdatasync``
-(plus a folder fsync the first time, for the file's name). An append is one ``write``, so a killed
-process leaves at most a short last entry, which :meth:`read_journal` drops. Dropping entries rewrites
-the file (temporary file, fsync, rename), which the manager does in batches.
+by a marker, its counter, its length and a CRC-32 of its bytes, through a descriptor kept open;
+:meth:`sync_journal` is one ``fdatasync`` (plus a folder fsync the first time, for the file's name).
+A short or failed write (disk full, a file-size limit, a kill during the write) can leave a torn last
+entry. It never hides the entries written after it: a failed append is cut off again at once
+(``ftruncate`` to the length before it), a process that opens the journal to append first cuts off a
+torn tail left by another (with a warning), and :meth:`read_journal` never stops at a damaged entry: it
+skips to the next marker whose entry checks out, and warns about the bytes it skipped. Dropping entries
+rewrites the file (temporary file, fsync, rename), which the manager does in batches.
+
+*Head.* The ``.lock`` file holds, after the holder's pid (bytes 0..31), the manager's head record
+(which record is the newest) at byte 64, rewritten in place with one ``pwrite`` after every write.
+
+*A deleted or replaced folder.* While this provider holds an execution's lock, every write first checks
+that the lock file at its path is still the one it locked and that the journal at its path is still the
+file it appends to; if the folder was deleted, moved or replaced (and another process may have taken a
+new lock in the new one), the write raises :class:`~playbooks.errors.StoreReplacedError` instead of
+writing to a file nobody will read.
 
 This module is POSIX-only (it needs ``fcntl``).
 """
@@ -53,7 +66,10 @@ import fcntl
 import os
 import secrets
 import struct
+import warnings
+import zlib
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import anyio.to_thread
 
@@ -62,8 +78,15 @@ from playbooks.checkpoints.provider import (
     ExecutionLock,
     checkpoint_id,
     parse_checkpoint_id,
+    validate_execution_id,
 )
-from playbooks.errors import CheckpointWriteError, ExecutionLockedError
+from playbooks.errors import (
+    CheckpointWarning,
+    CheckpointWriteError,
+    ExecutionLockedError,
+    StoragePathError,
+    StoreReplacedError,
+)
 
 __all__ = ("FilesystemCheckpointProvider",)
 
@@ -76,9 +99,11 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_HEAD_OFFSET = 64  # in the lock file; the pid comes first
 _JOURNAL_SUFFIX = ".journal"
-_ENTRY = struct.Struct(">QI")  # counter, length of the data that follows
+_ENTRY_MAGIC = b"PBJE"
+_ENTRY = struct.Struct(">4sQII")  # marker, counter, length of the data that follows, CRC-32 of the data
 
 _ERRNO_WORDS = {
     errno.ENOSPC: "disk full",
@@ -107,13 +132,57 @@ def _describe(exc: OSError) -> str:
 
 def _validate_execution_id(execution_id: str) -> None:
     """Reject ids that are not a single, visible folder name (path traversal, hidden, empty)."""
-    if not isinstance(execution_id, str) or not execution_id:
-        raise ValueError("execution id must be a non-empty string")
-    if execution_id.startswith("."):
-        raise ValueError(f"execution id must not start with '.': {execution_id!r}")
-    for bad in ("/", "\\", "\0"):
-        if bad in execution_id:
-            raise ValueError(f"execution id must not contain {bad!r}: {execution_id!r}")
+    validate_execution_id(execution_id)
+
+
+def _frame(counter: int, data: bytes) -> bytes:
+    return _ENTRY.pack(_ENTRY_MAGIC, counter, len(data), zlib.crc32(data)) + data
+
+
+def _scan_journal(data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]], int]:
+    """Parse a journal: its entries, the damaged byte ranges skipped, and the end of its last good entry.
+
+    A damaged entry (torn by a short write, or overwritten) never hides the ones after it: the scan
+    resumes at the next marker whose entry checks out.
+    """
+    entries: list[tuple[int, bytes]] = []
+    damage: list[tuple[int, int]] = []
+    view = memoryview(data)
+    size = len(data)
+    offset = end = 0
+    while offset < size:
+        if offset + _ENTRY.size <= size:
+            magic, counter, length, crc = _ENTRY.unpack_from(data, offset)
+            start = offset + _ENTRY.size
+            if magic == _ENTRY_MAGIC and start + length <= size:
+                if zlib.crc32(view[start : start + length]) == crc:
+                    entries.append((counter, data[start : start + length]))
+                    offset = end = start + length
+                    continue
+                if data.find(_ENTRY_MAGIC, offset + 1, start + length) < 0:
+                    # Damaged inside (a flipped bit), framing intact: hand it over, so the reader's
+                    # integrity check names the record it was.
+                    entries.append((counter, data[start : start + length]))
+                    offset = end = start + length
+                    continue
+        following = data.find(_ENTRY_MAGIC, offset + 1)
+        if following < 0:
+            damage.append((offset, size))
+            break
+        damage.append((offset, following))
+        offset = following
+    return entries, damage, end
+
+
+@dataclass(slots=True)
+class _Journal:
+    """An execution's journal open for appending."""
+
+    fd: int
+    unsynced: bool  # appends since the last fdatasync
+    created: bool  # the file is new since the last sync: its name needs a folder fsync
+    ident: tuple[int, int]  # (st_dev, st_ino) of the file we append to
+    size: int  # its length after our last complete append
 
 
 def _split(cid: str) -> tuple[str, int]:
@@ -161,6 +230,7 @@ class _FlockLock(ExecutionLock):
         self.execution_id = execution_id
         self._fd: int | None = fd
         self._on_release = on_release
+        self.fd_for_head = fd
 
     async def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -188,14 +258,18 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         *,
         inline_write_limit: int = 1 << 20,
     ) -> None:
+        raw = os.fspath(base_path)
+        if "\0" in raw:
+            raise StoragePathError(f"storage path {raw!r} contains a NUL byte, which no path can hold")
         # Absolute, so a later chdir of the host program does not move the store.
-        self._base = os.path.abspath(os.fspath(base_path))
+        self._base = os.path.abspath(raw)
         self._inline_write_limit = inline_write_limit
         # execution id -> names of records saved with sync=False and not fsynced since.
         self._pending: dict[str, set[str]] = {}
         self._locks: set[_FlockLock] = set()
-        # execution id -> (open journal descriptor, unsynced appends?, file new since the last sync?)
-        self._journals: dict[str, tuple[int, bool, bool]] = {}
+        self._journals: dict[str, _Journal] = {}
+        # execution id -> (lock path, (st_dev, st_ino)) of the lock this provider holds
+        self._held: dict[str, tuple[str, tuple[int, int]]] = {}
 
     @property
     def base_path(self) -> str:
@@ -205,9 +279,35 @@ class FilesystemCheckpointProvider(CheckpointProvider):
     def _folder(self, execution_id: str) -> str:
         return os.path.join(self._base, execution_id)
 
+    def _make_base(self) -> None:
+        """Create the base folder (mode 0700 whatever the umask) if it does not exist."""
+        if os.path.isdir(self._base):
+            return
+        os.makedirs(self._base, mode=_FOLDER_MODE, exist_ok=True)
+        os.chmod(self._base, _FOLDER_MODE)
+
+    def _check_store(self, execution_id: str) -> None:
+        """Raise :class:`StoreReplacedError` if the lock this provider holds is no longer at its path."""
+        held = self._held.get(execution_id)
+        if held is None:
+            return
+        path, ident = held
+        try:
+            st = os.stat(path)
+            current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            current = None
+        if current != ident:
+            raise StoreReplacedError(
+                f"the checkpoint folder of execution {execution_id!r} ({os.path.dirname(path)}) was "
+                f"{'deleted or moved' if current is None else 'replaced'} while this process was running "
+                "it; stopping, since its records would be written where no resume reads them (another "
+                "process may own the run now)"
+            )
+
     def _make_folder(self, folder: str) -> None:
         """Create ``folder`` (mode 0700) and the base if needed; fsync the base so the folder persists."""
-        os.makedirs(self._base, mode=_FOLDER_MODE, exist_ok=True)
+        self._make_base()
         try:
             os.mkdir(folder, _FOLDER_MODE)
         except FileExistsError:
@@ -258,6 +358,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         folder = self._folder(execution_id)
         name = checkpoint_id + _RECORD_SUFFIX
         path = os.path.join(folder, name)
+        self._check_store(execution_id)
         if not sync:
             # Noted before the write, so a cancellation while a worker thread writes cannot lose it;
             # a name whose write failed costs the next flush one ENOENT, which it skips.
@@ -373,16 +474,23 @@ class FilesystemCheckpointProvider(CheckpointProvider):
             os.close(fd)
             raise CheckpointWriteError(f"cannot lock {path}: {_describe(exc)}") from exc
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            # The pid, padded so the head after it (see write_head) stays where it is.
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii").ljust(32), 0)
             self._remove_stale_temp_files(folder)
         except OSError as exc:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             raise CheckpointWriteError(f"cannot write lock file {path}: {_describe(exc)}") from exc
-        lock = _FlockLock(execution_id, fd, self._locks.discard)
+        st = os.fstat(fd)
+        self._held[execution_id] = (path, (st.st_dev, st.st_ino))
+        lock = _FlockLock(execution_id, fd, self._released)
         self._locks.add(lock)
         return lock
+
+    def _released(self, lock: _FlockLock) -> None:
+        self._locks.discard(lock)
+        self._held.pop(lock.execution_id, None)
+        self._close_journal(lock.execution_id)
 
     @staticmethod
     def _remove_stale_temp_files(folder: str) -> None:
@@ -409,46 +517,91 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         return os.path.join(self._folder(execution_id), execution_id + _JOURNAL_SUFFIX)
 
     def _close_journal(self, execution_id: str) -> None:
-        entry = self._journals.pop(execution_id, None)
-        if entry is not None:
-            os.close(entry[0])
+        journal = self._journals.pop(execution_id, None)
+        if journal is not None:
+            os.close(journal.fd)
+
+    def _open_journal(self, execution_id: str, path: str) -> _Journal:
+        """Open the journal for appending; first cut off a torn tail another process left."""
+        created = not os.path.exists(path)
+        if created:
+            self._make_folder(self._folder(execution_id))
+        fd = os.open(path, _APPEND_FLAGS, _FILE_MODE)
+        try:
+            st = os.fstat(fd)
+            size = st.st_size
+            if size:
+                _, _, end = _scan_journal(os.pread(fd, size, 0))
+                if end < size:
+                    # A short write (disk full, a size limit) or a kill mid-write left a torn last
+                    # entry; appending after it would leave it in the middle. Cut it off first.
+                    os.ftruncate(fd, end)
+                    warnings.warn(
+                        f"journal {path} ended with {size - end} bytes of a torn entry (a write that "
+                        f"did not complete); they were cut off before appending",
+                        CheckpointWarning,
+                        stacklevel=4,
+                    )
+                    size = end
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Journal(fd, False, created, (st.st_dev, st.st_ino), size)
 
     async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
         _validate_execution_id(execution_id)
         path = self._journal_path(execution_id)
+        self._check_store(execution_id)
+        journal = self._journals.get(execution_id)
         try:
-            entry = self._journals.get(execution_id)
-            if entry is None:
-                created = not os.path.exists(path)
-                if created:
-                    self._make_folder(self._folder(execution_id))
-                fd = os.open(path, _APPEND_FLAGS, _FILE_MODE)
-                entry = (fd, False, created)
-            fd, _, created = entry
-            self._journals[execution_id] = (fd, True, created)
-            frame = _ENTRY.pack(counter, len(data)) + data
+            if journal is None:
+                journal = self._journals[execution_id] = self._open_journal(execution_id, path)
+            else:
+                try:
+                    st = os.stat(path)
+                    current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+                except FileNotFoundError:
+                    current = None
+                if current != journal.ident:
+                    self._close_journal(execution_id)
+                    raise StoreReplacedError(
+                        f"journal {path} was {'deleted' if current is None else 'replaced'} while this "
+                        "process was appending to it; stopping, since later records would be lost"
+                    )
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"cannot open journal {path}: {_describe(exc)}; earlier checkpoints are intact"
+            ) from exc
+        frame = _frame(counter, data)
+        journal.unsynced = True
+        try:
             view = memoryview(frame)
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(journal.fd, view) :]
         except OSError as exc:
+            # Cut a partial entry off at once, so the next append does not land after it.
+            try:
+                os.ftruncate(journal.fd, journal.size)
+            except OSError:
+                self._close_journal(execution_id)  # the next append reopens and repairs
             raise CheckpointWriteError(
                 f"cannot append to journal {path}: {_describe(exc)}; earlier checkpoints are intact"
             ) from exc
+        journal.size += len(frame)
 
     async def sync_journal(self, execution_id: str) -> None:
-        entry = self._journals.get(execution_id)
-        if entry is None or not entry[1]:
+        journal = self._journals.get(execution_id)
+        if journal is None or not journal.unsynced:
             return
-        fd, _, created = entry
         try:
-            os.fdatasync(fd)
-            if created:
+            os.fdatasync(journal.fd)
+            if journal.created:
                 _fsync_path(self._folder(execution_id), _DIR_FLAGS)
         except OSError as exc:
             raise CheckpointWriteError(
                 f"cannot flush journal {self._journal_path(execution_id)} to disk: {_describe(exc)}"
             ) from exc
-        self._journals[execution_id] = (fd, False, False)
+        journal.unsynced = journal.created = False
 
     async def sync(self, execution_id: str) -> None:
         await self.sync_journal(execution_id)
@@ -456,21 +609,65 @@ class FilesystemCheckpointProvider(CheckpointProvider):
 
     async def read_journal(self, execution_id: str) -> list[tuple[int, bytes]]:
         _validate_execution_id(execution_id)
+        path = self._journal_path(execution_id)
         try:
-            with open(self._journal_path(execution_id), "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return []
-        entries = []
-        offset = 0
-        while offset + _ENTRY.size <= len(data):
-            counter, length = _ENTRY.unpack_from(data, offset)
-            start = offset + _ENTRY.size
-            if start + length > len(data):
-                break  # a torn last entry: the process died while appending it
-            entries.append((counter, data[start : start + length]))
-            offset = start + length
+        entries, damage, _ = _scan_journal(data)
+        for begin, stop in damage:
+            where = "at its end" if stop == len(data) else "in its middle; the entries after it are read"
+            warnings.warn(
+                f"journal {path}: bytes {begin}..{stop} are a damaged or torn entry {where}; skipped",
+                CheckpointWarning,
+                stacklevel=2,
+            )
         return entries
+
+    # ----------------------------------------------------------------- head
+
+    async def write_head(self, execution_id: str, data: bytes) -> None:
+        _validate_execution_id(execution_id)
+        path = os.path.join(self._folder(execution_id), _LOCK_NAME)
+        held = [lock for lock in self._locks if lock.execution_id == execution_id]
+        try:
+            fd = held[0].fd_for_head if held else os.open(path, _LOCK_FLAGS, _FILE_MODE)
+            try:
+                os.pwrite(fd, data, _HEAD_OFFSET)
+                if os.fstat(fd).st_size != _HEAD_OFFSET + len(data):
+                    os.ftruncate(fd, _HEAD_OFFSET + len(data))
+            finally:
+                if not held:
+                    os.close(fd)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot write the head in {path}: {_describe(exc)}") from exc
+
+    async def read_head(self, execution_id: str) -> bytes | None:
+        _validate_execution_id(execution_id)
+        path = os.path.join(self._folder(execution_id), _LOCK_NAME)
+        try:
+            with open(path, "rb") as f:
+                f.seek(_HEAD_OFFSET)
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data or None
+
+    async def check_writable(self) -> None:
+        """Create the base folder if needed and check that this process can write in it."""
+        try:
+            self._make_base()
+            if not os.path.isdir(self._base):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+            probe = os.path.join(self._base, f".probe.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+            os.close(os.open(probe, _WRITE_FLAGS, _FILE_MODE))
+            os.unlink(probe)
+        except OSError as exc:
+            raise StoragePathError(
+                f"cannot store checkpoints in {self._base}: {_describe(exc)}; choose another "
+                "durability.storage_path or fix its permissions"
+            ) from exc
 
     async def drop_journal(self, execution_id: str, counters: Collection[int]) -> None:
         doomed = set(counters)
@@ -484,7 +681,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
             if not kept:
                 _remove_quietly(os.path.join(folder, name))
                 return
-            payload = b"".join(_ENTRY.pack(c, len(d)) + d for c, d in kept)
+            payload = b"".join(_frame(c, d) for c, d in kept)
             self._write_file(folder, name, payload, True)
             _fsync_path(folder, _DIR_FLAGS)
         except OSError as exc:
