@@ -117,6 +117,8 @@ class Program:
     items: list[Item]
     seed: int | None = None
     origin: str = field(default="")
+    recipe: str = ""
+    """The ``fuzz_worker.py trial`` options that generate this program again (empty if not generated)."""
 
     @property
     def text(self) -> str:
@@ -127,7 +129,7 @@ class Program:
         return {f for item in self.items for f in item.features}
 
     def without(self, index: int) -> Program:
-        return Program(self.backend, self.items[:index] + self.items[index + 1 :], self.seed, self.origin)
+        return Program(self.backend, self.items[:index] + self.items[index + 1 :], self.seed, "shrunk")
 
 
 _MARK = re.compile(r"^# fuzz: (.*)$", re.MULTILINE)
@@ -593,4 +595,9 @@ def generate(
         make: Callable[[int], Snippet] = getattr(gen, name)
         snippets.append(make(g))
     head = Item("import asyncio\n" if backend == "asyncio" else "import anyio\n", ())
-    return Program(backend, [head, *_interleave(rng, snippets)], seed=seed, origin="generated")
+    recipe = f"--program-seed {seed}"
+    if features:
+        recipe += f" --features {','.join(features)}"
+    if (min_features, max_features) != (2, 5):
+        recipe += f" --min-features {min_features} --max-features {max_features}"
+    return Program(backend, [head, *_interleave(rng, snippets)], seed=seed, origin="generated", recipe=recipe)

@@ -330,13 +330,22 @@ def _make_tools(ledger: _Ledger, chunk_seed: int) -> tuple[dict[str, Any], dict[
 
 def _error_text(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
-    tb = getattr(exc, "traceback_text", "")
+    tb = "\n".join(str(getattr(exc, "traceback_text", "")).splitlines()[-12:])
     cause = exc.__cause__ or exc.__context__
     if cause is not None and not tb:
         text += f"\n  caused by {type(cause).__name__}: {cause}"
     if tb:
         text += "\n" + tb
     return text
+
+
+def _hash_seed_api() -> Any:
+    """``playbooks.execution.hash_seed`` if this version of playbooks has it (issue 8, item 6)."""
+    try:
+        from playbooks.execution import hash_seed
+    except ImportError:
+        return None
+    return hash_seed if hasattr(hash_seed, "resume_hash_seed") else None
 
 
 async def _run_worker(options: argparse.Namespace) -> int:
@@ -349,10 +358,16 @@ async def _run_worker(options: argparse.Namespace) -> int:
     ledger = _Ledger(options.ledger)
     tools, _ = _make_tools(ledger, options.chunk_seed)
     agent = Agent(EXECUTION_ID, tools=tools)
-    Path(options.ready).write_text(repr(time.time()))
     report: dict[str, Any] = {"recovered": False, "finished_before": False, "error": None, "namespace": None}
     try:
         manager = CheckpointManager(execution_id=agent.id, provider=FilesystemCheckpointProvider(options.store))
+        seed_api = None if options.no_hash_seed_api else _hash_seed_api()
+        if seed_api is not None and options.resume:
+            # The documented resume: under the execution's recorded hash seed (this may re-execute
+            # the process with PYTHONHASHSEED set; the ready mark is written after it).
+            await seed_api.resume_hash_seed(manager)
+        ready = {"time": time.time(), "hash_seed": os.environ.get("PYTHONHASHSEED", "random")}
+        Path(options.ready).write_text(json.dumps(ready))
         executor = None
         if options.resume:
             coordinator = RecoveryCoordinator(manager)
@@ -392,7 +407,7 @@ async def _run_worker(options: argparse.Namespace) -> int:
             report["error"] = _error_text(result.error)
         report["namespace"] = canonicalize(result.namespace, skip=set(tools) | {"print"})
     except BaseException as exc:  # noqa: BLE001 - every failure is a result to report
-        report["error"] = _error_text(exc) + "\n" + traceback.format_exc()
+        report["error"] = _error_text(exc) + "\n" + "\n".join(traceback.format_exc().splitlines()[-16:])
     report["ended"] = time.time()
     Path(options.out).write_text(json.dumps(report))
     return 0 if report["error"] is None else 3
@@ -409,6 +424,11 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--chunk-seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--no-hash-seed-api",
+        action="store_true",
+        help="resume under this process's own hash seed, without playbooks.execution.hash_seed",
+    )
     options = parser.parse_args(argv)
     import warnings
 
@@ -475,6 +495,9 @@ class TrialResult:
     hash_seeds: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     error_kind: str = ""
+    recipe: str = ""
+    flags: list[str] = field(default_factory=list)
+    """The trial options that changed from the defaults (``--pin-hash-seed``, ``--no-hash-seed-api``)."""
 
     @property
     def signature(self) -> str:
@@ -500,6 +523,7 @@ def _spawn(
     hash_seed: str,
     kill_after: float | None,
     index: int,
+    hash_seed_api: bool = True,
 ) -> Proc:
     """Run one worker; SIGKILL it ``kill_after`` seconds after its ready mark (if still running)."""
     ready = tmp / f"ready.{index}"
@@ -523,7 +547,7 @@ def _spawn(
         backend,
         "--chunk-seed",
         str(chunk_seed),
-    ] + (["--resume"] if resume else [])
+    ] + (["--resume"] if resume else []) + ([] if hash_seed_api else ["--no-hash-seed-api"])
     with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=env, cwd=str(tmp))
@@ -556,6 +580,11 @@ def _spawn(
                 proc.kill()
                 proc.wait()
         ended = time.monotonic()
+    if ready.exists():
+        try:
+            hash_seed = json.loads(ready.read_text())["hash_seed"]
+        except ValueError:
+            pass  # killed while writing it
     report = None
     if out.exists() and killed_at is None:
         try:
@@ -605,7 +634,7 @@ def run_reference(program: Program, *, seed: int = 0, workdir: Path | None = Non
         duration = proc.ran_for
         if proc.report is not None and (tmp / "ready.0").exists():
             # The worker's own clock: Popen.wait() polls, and would round the duration up.
-            duration = float(proc.report["ended"]) - float((tmp / "ready.0").read_text())
+            duration = float(proc.report["ended"]) - json.loads((tmp / "ready.0").read_text())["time"]
         return Reference(program, proc.stdout, ns, calls, duration, proc.error)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -620,15 +649,45 @@ def _error_kind(text: str) -> str:
     return (preferred or names or ["?"])[0]
 
 
+def relabel(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The canonical namespace with ids replaced by where each object was first seen, so one
+    variable's value reads (and compares) the same whatever the numbering of the others."""
+    where: dict[int, str] = {}
+
+    def label(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "#" in node:
+                where[node["#"]] = path
+            for k, v in node.items():
+                label(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                label(v, f"{path}[{i}]")
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            if set(node) == {"ref"}:
+                return {"same object as": where.get(node["ref"], "?")}
+            return {k: rewrite(v) for k, v in node.items() if k != "#"}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, value in namespace.items():
+        label(value, name)
+    return {name: rewrite(value) for name, value in namespace.items()}
+
+
 def _diff_namespace(ref: dict[str, Any], got: dict[str, Any] | None) -> list[str]:
     if got is None:
-        return ["no namespace"]
+        return ["  no namespace"]
+    a_all, b_all = relabel(ref), relabel(got)
     lines = []
     for name in sorted(set(ref) | set(got)):
-        a, b = ref.get(name, "<missing>"), got.get(name, "<missing>")
+        a, b = a_all.get(name, "<missing>"), b_all.get(name, "<missing>")
         if a != b:
-            lines.append(f"  {name}: expected {json.dumps(a)[:400]}\n  {' ' * len(name)}  got      {json.dumps(b)[:400]}")
-    return lines or ["  (values equal per variable, but the sharing ids differ)"]
+            lines.append(f"  {name}: expected {json.dumps(a)[:500]}\n  {' ' * len(name)}  got      {json.dumps(b)[:500]}")
+    return lines or ["  (every variable reads the same, but the sharing between them differs)"]
 
 
 def _diff_output(ref: str, got: str) -> list[str]:
@@ -656,23 +715,36 @@ def compare(reference: Reference, procs: list[Proc], ledger: list[list[str]], in
     ends: dict[str, list[list[str]]] = {}
     for f in ledger:
         (starts if f[0] == "start" else ends).setdefault(f[1], []).append(f)
-    kill_times = [p.killed_at for p in procs if p.killed_at is not None]
+    killed_at = {str(p.pid): p.killed_at for p in procs if p.killed_at is not None}
     for key, lines in starts.items():
         if len({(f[2], f[3]) for f in lines}) > 1:
             problems.append(("diverged-ledger", f"key {key} ran with different calls: {[(f[2], f[3]) for f in lines]}"))
         if len(lines) < 2:
             continue
-        completed_before_kill = [
-            e for e in ends.get(key, [])[:-1] if any(float(e[4]) < k - COMPLETED_MARGIN for k in kill_times)
+        call = f"{lines[0][2]}{lines[0][3]} (key {key})"
+        # An end line older than the kill of its own process by COMPLETED_MARGIN: that call had completed.
+        completed = [
+            e for e in ends.get(key, [])
+            if e[-1] in killed_at and float(e[-2]) < killed_at[e[-1]] - COMPLETED_MARGIN  # type: ignore[operator]
+            and any(float(f[-2]) > float(e[-2]) for f in lines)
         ]
-        if key not in in_flight:
-            problems.append(("repeated-call", f"{lines[0][2]}{lines[0][3]} (key {key}) ran {len(lines)} times; recovery did not report it in flight"))
-        elif completed_before_kill:
-            problems.append(("repeated-call", f"{lines[0][2]}{lines[0][3]} (key {key}) ran again though it had ended ({completed_before_kill[0][3]}) before the kill; recovery reported it in flight"))
+        if completed:
+            e = completed[0]
+            problems.append(("repeated-call", f"{call} ran again though it had ended ({e[3]}) "
+                             f"{killed_at[e[-1]] - float(e[-2]):.3f} s before its process was killed"
+                             + ("; recovery reported it in flight" if key in in_flight else "")))
+        elif key not in in_flight:
+            problems.append(("repeated-call", f"{call} ran {len(lines)} times; recovery did not report it in flight"))
     got = Counter((lines[0][2], lines[0][3]) for lines in starts.values())
     extra, missing = got - reference.calls, reference.calls - got
-    if extra:
-        problems.append(("repeated-call", f"calls beyond the reference's (under other keys): {sorted(extra.elements())[:10]}"))
+    if problems and problems[0][0] in ("resume-error", "stuck"):
+        extra, missing = Counter(), Counter()  # the run did not get to the end
+    again = Counter({c: n for c, n in extra.items() if c in reference.calls})
+    new_calls = extra - again
+    if again:
+        problems.append(("repeated-call", f"calls that ran more often than in the reference (under new keys): {sorted(again.elements())[:10]}"))
+    if new_calls:
+        problems.append(("diverged-ledger", f"calls the reference never made: {sorted(new_calls.elements())[:10]}"))
     if missing:
         problems.append(("diverged-ledger", f"reference calls that never ran live: {sorted(missing.elements())[:10]}"))
     if not any(k in ("resume-error", "stuck") for k, _ in problems):
@@ -695,6 +767,7 @@ def run_trial(
     *,
     double_kill: float = 0.3,
     pin_hash_seed: bool = False,
+    hash_seed_api: bool = True,
     workdir: Path | None = None,
     keep: bool = False,
 ) -> TrialResult:
@@ -703,7 +776,7 @@ def run_trial(
     features = sorted(program.features)
     if reference.error is not None:
         return TrialResult(program.backend, program.seed, trial_seed, "reference-error", reference.error,
-                           features, error_kind=_error_kind(reference.error))
+                           features, error_kind=_error_kind(reference.error), recipe=program.recipe)
     rng = random.Random(f"trial:{trial_seed}")
     tmp = Path(tempfile.mkdtemp(prefix="fuzz-trial-", dir=workdir))
     try:
@@ -724,6 +797,7 @@ def run_trial(
                 hash_seed=pinned if pin_hash_seed else str(rng.randint(1, 2**32 - 1)),
                 kill_after=kill_after,
                 index=index,
+                hash_seed_api=hash_seed_api,
             )
             procs.append(proc)
             if proc.killed_at is None:
@@ -755,6 +829,8 @@ def run_trial(
             hash_seeds=[p.hash_seed for p in procs],
             problems=sorted(kinds),
             error_kind=_error_kind(error_text) if outcome in ("resume-error", "stuck") else "",
+            recipe=program.recipe,
+            flags=(["--pin-hash-seed"] if pin_hash_seed else []) + ([] if hash_seed_api else ["--no-hash-seed-api"]),
         )
     finally:
         if not keep:
@@ -765,11 +841,12 @@ def run_trial(
 
 
 def repro_command(result: TrialResult, program_file: str | None = None) -> str:
-    """The one command that runs this trial again."""
-    source = f"--program {program_file}" if program_file else f"--program-seed {result.program_seed}"
+    """The one command that runs this trial again (``program_file``: a saved program instead)."""
+    source = f"--program {program_file or 'PROGRAM.py'}" if program_file or not result.recipe else result.recipe
+    flags = "".join(f" {f}" for f in result.flags)
     return (
         f"{sys.executable} {Path(__file__).resolve()} trial --backend {result.backend} {source} "
-        f"--trial-seed {result.trial_seed}"
+        f"--trial-seed {result.trial_seed}{flags}"
     )
 
 
@@ -778,7 +855,8 @@ def describe(result: TrialResult, program: Program, reference: Reference | None 
     lines = [
         f"outcome {result.signature} ({result.backend}, program seed {result.program_seed}, "
         f"trial seed {result.trial_seed}, kills after {result.kills} s, hash seeds {result.hash_seeds})",
-        f"repeat: {repro_command(result, None if program.origin == 'generated' else 'PROGRAM.py')}",
+        f"repeat: {repro_command(result, None if program.origin == 'generated' else 'PROGRAM.py')}"
+        + ("" if program.origin == "generated" else "   (PROGRAM.py: the program below)"),
         "--- program ---",
         program.text.rstrip("\n"),
         "--- what differed ---",
@@ -796,6 +874,7 @@ def shrink(
     *,
     budget: float = 300.0,
     pin_hash_seed: bool = False,
+    hash_seed_api: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Program, TrialResult | None]:
     """Remove items from ``program`` while a trial still fails with ``signature``.
@@ -812,7 +891,7 @@ def shrink(
         if reference.error is not None or not reference.calls:
             return None
         for seed in trial_seeds:
-            result = run_trial(reference, seed, pin_hash_seed=pin_hash_seed)
+            result = run_trial(reference, seed, pin_hash_seed=pin_hash_seed, hash_seed_api=hash_seed_api)
             if result.signature == signature:
                 return result
             if time.monotonic() > deadline:
@@ -841,7 +920,14 @@ def _load_program(options: argparse.Namespace) -> Program:
         program = parse_program(Path(options.program).read_text(), options.backend)
         program.origin = "file"
         return program
-    return generate(options.program_seed, options.backend)
+    features = tuple(options.features.split(",")) if options.features else None
+    return generate(
+        options.program_seed,
+        options.backend,
+        features=features,
+        min_features=options.min_features,
+        max_features=options.max_features,
+    )
 
 
 def cli_main(argv: list[str]) -> int:
@@ -850,10 +936,15 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--program-seed", type=int, default=0)
     parser.add_argument("--program", help="a program file (as printed by a failing trial)")
+    parser.add_argument("--features", help="generate from these features only (comma-separated)")
+    parser.add_argument("--min-features", type=int, default=2)
+    parser.add_argument("--max-features", type=int, default=5)
     parser.add_argument("--trial-seed", type=int, default=0)
     parser.add_argument("--trials", type=int, default=1, help="trial seeds TRIAL_SEED.. TRIAL_SEED+N-1")
     parser.add_argument("--pin-hash-seed", action="store_true", help="one PYTHONHASHSEED for all processes")
     parser.add_argument("--keep", action="store_true", help="keep the trial folders")
+    parser.add_argument("--no-hash-seed-api", action="store_true",
+                        help="resume without playbooks.execution.hash_seed.resume_hash_seed")
     parser.add_argument("--budget", type=float, default=300.0, help="shrink: seconds")
     parser.add_argument("--attempts", type=int, default=6, help="shrink: trial seeds per candidate")
     options = parser.parse_args(argv)
@@ -866,7 +957,8 @@ def cli_main(argv: list[str]) -> int:
     failures = 0
     first_failure: TrialResult | None = None
     for seed in range(options.trial_seed, options.trial_seed + options.trials):
-        result = run_trial(reference, seed, pin_hash_seed=options.pin_hash_seed, keep=options.keep)
+        result = run_trial(reference, seed, pin_hash_seed=options.pin_hash_seed,
+                           hash_seed_api=not options.no_hash_seed_api, keep=options.keep)
         print(f"trial {seed}: {result.signature} kills={result.kills}")
         if result.outcome in FAILING:
             failures += 1
@@ -876,7 +968,8 @@ def cli_main(argv: list[str]) -> int:
         seeds = [first_failure.trial_seed] + [first_failure.trial_seed * 1000 + i for i in range(options.attempts - 1)]
         small, result = shrink(
             program, first_failure.signature, seeds, budget=options.budget,
-            pin_hash_seed=options.pin_hash_seed, log=lambda m: print(m, flush=True),
+            pin_hash_seed=options.pin_hash_seed, hash_seed_api=not options.no_hash_seed_api,
+            log=lambda m: print(m, flush=True),
         )
         print("--- shrunk program ---")
         print(small.text, end="")
