@@ -71,6 +71,7 @@ from playbooks.checkpoints.wire import decode_fields, encode_fields, record_from
 from playbooks.errors import (
     CheckpointCorruptError,
     CheckpointForeignError,
+    CheckpointFormatError,
     CheckpointKeyError,
     CheckpointTooLargeError,
     CheckpointWarning,
@@ -532,6 +533,10 @@ class CheckpointManager:
                 )
             except CheckpointKeyError as exc:
                 raise CheckpointKeyError(f"cannot read checkpoint {cid}: {exc}") from None
+            except CheckpointFormatError as exc:
+                # Not damage: a store of another version. Falling back to fewer records would
+                # silently resume an older state.
+                raise CheckpointFormatError(f"cannot read checkpoint {cid}: {exc}") from None
             except CheckpointCorruptError as exc:
                 self._unreadable.add(counter)
                 self._report(f"checkpoint {cid} is unreadable and was skipped: {exc}")
@@ -594,6 +599,8 @@ class CheckpointManager:
             place, _ = decode_record(data, key=self._key, execution_id=self.execution_id, counter=HEAD_COUNTER)
         except CheckpointKeyError as exc:
             raise CheckpointKeyError(f"cannot read the head of execution {self.execution_id!r}: {exc}") from None
+        except CheckpointFormatError as exc:
+            raise CheckpointFormatError(f"cannot read the head of execution {self.execution_id!r}: {exc}") from None
         except CheckpointCorruptError as exc:
             self._report(
                 f"the head of execution {self.execution_id!r} is unreadable ({exc}); a truncated or "

@@ -18,7 +18,7 @@ from typing import Any
 from playbooks.agent import AgentLike
 from playbooks.checkpoints.manager import CheckpointManager
 from playbooks.checkpoints.model import Checkpoint
-from playbooks.errors import ExecutorStateError
+from playbooks.errors import CheckpointCorruptError, ExecutorStateError
 
 __all__ = ("InFlightCall", "RecoveryCoordinator", "RecoveryReport")
 
@@ -30,7 +30,7 @@ class InFlightCall:
     """A durable call that had started but not finished: it may have run."""
 
     frame_id: str
-    seq: int
+    seq: str
     call: str
     idempotency_key: str
 
@@ -71,9 +71,22 @@ class RecoveryCoordinator:
         self.manager = manager
 
     async def can_recover(self) -> bool:
-        """Whether the execution has a readable checkpoint and had not finished."""
+        """Whether the execution has a readable checkpoint and had not finished.
+
+        Never a silent ``False`` for checkpoints that exist but cannot be read: records signed with
+        another key raise :class:`~playbooks.errors.CheckpointKeyError`, and an execution whose every
+        stored record failed its checks raises :class:`~playbooks.errors.CheckpointCorruptError`
+        listing why (starting over would run its finished calls again).
+        """
         latest = await self.manager.get_latest_checkpoint()
         if latest is None:
+            if self.manager.fallbacks:
+                reasons = "; ".join(self.manager.fallbacks)
+                raise CheckpointCorruptError(
+                    f"execution {self.manager.execution_id!r} has checkpoints but none can be read, so "
+                    f"it cannot be resumed ({reasons}). Starting it over would run its finished calls "
+                    "again: clear its checkpoints first if that is what you want"
+                )
             return False
         root = self.manager.frame_state(latest.root_frame_id)
         return root is not None and not root.done
@@ -87,7 +100,7 @@ class RecoveryCoordinator:
                 continue
             calls.extend(
                 InFlightCall(frame_id, e.seq, e.display, e.key)
-                for e in sorted(state.in_flight, key=lambda e: e.seq)
+                for e in sorted(state.in_flight, key=lambda e: e.counter)
             )
         return calls
 

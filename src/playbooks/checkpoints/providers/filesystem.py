@@ -447,6 +447,13 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         folder = self._folder(execution_id)
         path = os.path.join(folder, _LOCK_NAME)
         try:
+            self._make_base()
+        except OSError as exc:
+            raise StoragePathError(
+                f"cannot create the checkpoint folder {self._base}: {_describe(exc)}; choose another "
+                "durability.storage_path or fix its permissions"
+            ) from exc
+        try:
             self._make_folder(folder)
             fd = os.open(path, _LOCK_FLAGS, _FILE_MODE)
         except OSError as exc:

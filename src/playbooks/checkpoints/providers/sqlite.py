@@ -53,6 +53,7 @@ from playbooks.errors import (
     CheckpointError,
     CheckpointWriteError,
     ExecutionLockedError,
+    StoragePathError,
 )
 
 __all__ = ("SQLiteCheckpointProvider",)
@@ -186,6 +187,8 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         timeout: float = 10.0,
     ) -> None:
         raw = os.fspath(path)
+        if "\0" in raw:
+            raise StoragePathError(f"storage path {raw!r} contains a NUL byte, which no path can hold")
         self._path = raw if raw == ":memory:" else os.path.abspath(raw)
         self._timeout = timeout
         self._conn: sqlite3.Connection | None = None
@@ -256,6 +259,17 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             os.fsync(dir_fd)  # the new file's name must survive a power failure too
         finally:
             os.close(dir_fd)
+
+    async def check_writable(self) -> None:
+        """Open (creating if needed) the database and check this process can write it."""
+        try:
+            conn = self._connection()
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('writable', 1)")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoragePathError(
+                f"cannot store checkpoints in {self._path}: {_describe(exc)}; choose another "
+                "durability.storage_path or fix its permissions"
+            ) from exc
 
     def _set_synchronous(self, conn: sqlite3.Connection, mode: str) -> None:
         if self._synchronous != mode:
@@ -356,6 +370,8 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         pid = os.getpid()
         info = _process_info(pid)
         token = info[1] if info is not None else None
+        if self._conn is None:
+            await self.check_writable()  # a path that cannot hold the database: StoragePathError
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
