@@ -1,0 +1,316 @@
+"""Storage that never loses a finished call: a full disk, a file-size limit, kills in a row during a
+replay, a deleted or replaced run folder.
+
+Every test runs a durable executor, "kills" it (what kill -9 leaves: the stored records and no lock),
+resumes it, and counts the live calls of its tool: a call that returned is never run again, except the
+one whose result could not be written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from playbooks import Agent
+from playbooks.checkpoints import (
+    CheckpointManager,
+    CheckpointProvider,
+    FilesystemCheckpointProvider,
+    MemoryCheckpointProvider,
+    RecoveryCoordinator,
+    SQLiteCheckpointProvider,
+)
+from playbooks.checkpoints.model import Record
+from playbooks.errors import CheckpointWarning, CheckpointWriteError, StoreReplacedError
+from playbooks.execution import durable
+from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
+
+pytestmark = pytest.mark.anyio
+
+
+class Killed(BaseException):
+    """Raised by a tool to stop the process at a chosen live call (what SIGKILL does, in-process)."""
+
+
+class Tools:
+    """``Work(i)`` returns ``i * 10``; ``returned`` lists every live call that returned."""
+
+    def __init__(self) -> None:
+        self.returned: list[int] = []
+        self.kill_at: int | None = None  # the live call (1-based) that "kills" before it runs
+        self.live = 0
+
+    def tools(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+        async def Work(i: int) -> int:
+            self.live += 1
+            if self.kill_at is not None and self.live == self.kill_at:
+                raise Killed
+            self.returned.append(i)
+            return i * 10
+
+        return {"Work": Work}
+
+    def repeated(self) -> list[int]:
+        return sorted({i for i in self.returned if self.returned.count(i) > 1})
+
+
+def program(big: int) -> str:
+    """LLM-style code: a namespace of ``big`` small dicts, top-level awaits and loops of awaits."""
+    lines = [f"data = [{{'i': i, 's': 'x' * 40}} for i in range({big})]\n", "total = 0\n"]
+    for block in range(6):
+        lines.append(f"v{block} = await Work({block * 100})\n")
+        lines.append(f"for i in range({block * 100 + 1}, {block * 100 + 6}):\n    total += await Work(i)\n")
+        lines.append(f"data[{block}]['s'] = 'changed'\n")
+    lines.append("result = (total, v0, v5, len(data))\n")
+    return "".join(lines)
+
+
+async def _crash(manager: CheckpointManager) -> None:
+    if manager._lock is not None:
+        await manager._lock.release()
+        manager._lock = None
+
+
+async def _run(
+    agent: Agent, make: Callable[[], CheckpointProvider], code: str, *, resume: bool
+) -> tuple[StreamingPythonExecutor, CheckpointManager]:
+    """Start (or resume) the run and feed the rest of ``code`` in chunks; may raise Killed."""
+    manager = CheckpointManager(execution_id=agent.id, provider=make())
+    executor = None
+    try:
+        if resume:
+            coordinator = RecoveryCoordinator(manager)
+            if await coordinator.can_recover():
+                checkpoint = await manager.get_latest_checkpoint()
+                assert checkpoint is not None
+                await coordinator.recover_execution_state(agent)
+                executor = await StreamingPythonExecutor.resume_from_checkpoint(
+                    agent, checkpoint, checkpoint_manager=manager
+                )
+        if executor is None:
+            executor = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+        rest = code[len(executor.response) :]
+        for i in range(0, len(rest), 23):
+            await executor.add_chunk(rest[i : i + 23])
+        result = await executor.finalize()
+        assert result.success, result.error
+    except BaseException:
+        await _crash(manager)
+        raise
+    return executor, manager
+
+
+async def _uninterrupted(code: str) -> Any:
+    tools = Tools()
+    agent = Agent(f"ref-{uuid.uuid4().hex[:8]}", tools=tools.tools())
+    executor = StreamingPythonExecutor(agent)
+    await executor.add_chunk(code)
+    result = await executor.finalize()
+    assert result.success, result.error
+    return executor.namespace["result"]
+
+
+# ----------------------------------------------------------------- replay order
+
+
+async def test_a_snapshot_written_during_a_replay_never_hides_unreplayed_records() -> None:
+    """Records 2..7 are calls 0..5 after the first snapshot; record 8 is a snapshot written by a
+    resumed process after replaying calls 0..1 only (next call 2). It must not be the base: calls 2..5
+    stay in the journal."""
+    manager = CheckpointManager("replay", MemoryCheckpointProvider())
+    await manager.open()
+
+    def record(kind: str, **fields: Any) -> Record:
+        return Record(
+            kind=kind, execution_id="replay", counter=manager.allocate_counter(), timestamp=0.0,  # type: ignore[arg-type]
+            frame_id="replay", agent_id="a", call_stack=(), response_start=0, response_text="", **fields,
+        )
+
+    await manager.write(record("snapshot", next_seq=0))
+    for seq in range(6):
+        await manager.write(record("result", seq=str(seq), name="Work", outcome="value", value=b"x"))
+    await manager.write(record("snapshot", next_seq=2))  # written during the replay
+    fresh = CheckpointManager("replay", manager.provider)
+    await fresh.load_records()
+    state = fresh.frame_state("replay")
+    assert state is not None
+    assert state.snapshot_counter == 1
+    assert sorted(state.journal, key=int) == [str(s) for s in range(6)]
+    await manager.prune(force=True)  # the pruning rule agrees: nothing the journal needs is deleted
+    again = CheckpointManager("replay", manager.provider)
+    await again.load_records()
+    assert sorted(again.frame_state("replay").journal, key=int) == [str(s) for s in range(6)]  # type: ignore[union-attr]
+    await manager.close()
+
+
+@pytest.fixture
+def snapshot_whenever_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big namespace is snapshotted as soon as the throttle allows: make it allow every time, so a
+    resumed process snapshots during its replay whenever the executor would let it."""
+    monkeypatch.setattr(durable, "_SNAPSHOT_SPACING", 0)
+
+
+def _providers(tmp_path: Path) -> dict[str, Callable[[], CheckpointProvider]]:
+    memory = MemoryCheckpointProvider()
+    return {
+        "memory": lambda: memory,
+        "sqlite": lambda: SQLiteCheckpointProvider(tmp_path / "db.sqlite3"),
+        "filesystem": lambda: FilesystemCheckpointProvider(tmp_path / "fs"),
+    }
+
+
+@pytest.mark.parametrize("provider", ["memory", "sqlite", "filesystem"])
+@pytest.mark.parametrize("kills", [(9, 14), (3, 6, 9), (20, 4, 4)])
+async def test_kills_in_a_row_with_a_big_namespace_repeat_no_finished_call(
+    provider: str, kills: tuple[int, ...], tmp_path: Path, snapshot_whenever_allowed: None
+) -> None:
+    code = program(big=9000)  # ~0.5 MB pickled: above the small-namespace limit
+    expected = await _uninterrupted(code)
+    tools = Tools()
+    agent = Agent("dk", tools=tools.tools())
+    make = _providers(tmp_path)[provider]
+    resume = False
+    for kill_at in kills:
+        tools.kill_at, tools.live = kill_at, 0
+        with pytest.raises(Killed):
+            await _run(agent, make, code, resume=resume)
+        resume = True
+    tools.kill_at = None
+    executor, manager = await _run(agent, make, code, resume=True)
+    assert executor.namespace["result"] == expected
+    assert tools.repeated() == []
+    await manager.close()
+
+
+# ----------------------------------------------------------------- a full disk
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path) -> Iterator[Callable[[int], None]]:
+    """A folder whose free space can be set: a tmpfs when root can mount one (as in CI), else a
+    file-size limit (RLIMIT_FSIZE) on this process. Yields ``limit(n)``: n bytes more may be written
+    (``limit(-1)``: no limit)."""
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True
+    ).returncode == 0
+    filler = folder / "filler"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
+
+    def limit(free: int) -> None:
+        if mounted:
+            filler.unlink(missing_ok=True)
+            if free >= 0:
+                st = os.statvfs(folder)
+                total = st.f_bavail * st.f_frsize
+                with open(filler, "wb") as f:
+                    f.write(b"\0" * max(0, total - free))
+        else:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (hard if free < 0 else free + 64 * 1024, hard))
+
+    try:
+        yield limit
+    finally:
+        limit(-1)
+        signal.signal(signal.SIGXFSZ, old_handler)
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.integration
+async def test_a_full_disk_during_writes_then_resume_kill_resume_repeats_no_finished_call(tmp_path: Path) -> None:
+    """For each amount of free space: the run hits ENOSPC (or EFBIG) in the middle of a journal append
+    or a snapshot file; space comes back; the resumed run is killed; a last resume finishes. Records
+    the second run appended after the torn entry must all be read by the third."""
+    code = program(big=3000)
+    expected = await _uninterrupted(code)
+    hits: dict[str, int] = {}
+    with _small_disk(tmp_path / "disk") as limit:
+        for trial, free in enumerate(range(3_000, 120_000, 9_000)):
+            store = tmp_path / "disk" / f"t{trial}"
+            tools = Tools()
+            agent = Agent("full", tools=tools.tools())
+            make = lambda: FilesystemCheckpointProvider(store)  # noqa: E731
+            limit(free)
+            with pytest.raises(CheckpointWriteError) as info:
+                await _run(agent, make, code, resume=False)
+            limit(-1)
+            hits["journal" if "journal" in str(info.value) else "snapshot"] = hits.get(
+                "journal" if "journal" in str(info.value) else "snapshot", 0
+            ) + 1
+            at_risk = tools.returned[-1:]  # its result may be what could not be written
+            tools.kill_at, tools.live = 7, 0
+            with pytest.raises(Killed):
+                await _run(agent, make, code, resume=True)
+            tools.kill_at = None
+            executor, manager = await _run(agent, make, code, resume=True)
+            await manager.close()
+            assert executor.namespace["result"] == expected, trial
+            assert set(tools.repeated()) <= set(at_risk), (trial, free, tools.repeated())
+            shutil.rmtree(store)
+    assert hits.get("journal", 0) >= 1, hits
+
+
+# ----------------------------------------------------------------- a deleted or replaced folder
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "journal replaced"])
+async def test_a_deleted_or_replaced_run_folder_stops_the_writer(how: str, tmp_path: Path) -> None:
+    tools = Tools()
+    agent = Agent("gone", tools=tools.tools())
+    manager = CheckpointManager(execution_id="gone", provider=FilesystemCheckpointProvider(tmp_path))
+    executor = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+    await executor.add_chunk("a = await Work(1)\nfor i in range(2):\n    b = await Work(i)\n")
+    folder = tmp_path / "gone"
+    if how == "deleted":
+        shutil.rmtree(folder)
+    elif how == "replaced":
+        shutil.move(folder, tmp_path / "elsewhere")
+        shutil.copytree(tmp_path / "elsewhere", folder)
+    else:
+        journal = folder / "gone.journal"
+        shutil.copy(journal, tmp_path / "copy")
+        os.replace(tmp_path / "copy", journal)
+    with pytest.raises(StoreReplacedError, match="deleted|replaced|moved"):
+        await executor.add_chunk("c = await Work(2)\nfor i in range(2):\n    d = await Work(i)\n")
+        await executor.finalize()
+    await manager.close()
+
+
+async def test_a_second_process_cannot_take_the_lock_while_the_first_runs(tmp_path: Path) -> None:
+    first = CheckpointManager("both", FilesystemCheckpointProvider(tmp_path))
+    await first.open()
+    second = CheckpointManager("both", FilesystemCheckpointProvider(tmp_path))
+    from playbooks.errors import ExecutionLockedError
+
+    with pytest.raises(ExecutionLockedError):
+        await second.open()
+    await first.close()
+
+
+def test_base_folder_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    import anyio
+
+    old = os.umask(0)
+    try:
+        provider = FilesystemCheckpointProvider(tmp_path / "base" / "deeper")
+        anyio.run(provider.check_writable)
+        lock = anyio.run(provider.acquire_lock, "run")
+        anyio.run(lock.release)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "base" / "deeper").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "base" / "deeper" / "run").stat().st_mode & 0o777 == 0o700
+    time.sleep(0)
