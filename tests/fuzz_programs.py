@@ -29,6 +29,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = (
     "ASYNCIO_ONLY",
@@ -39,6 +40,7 @@ __all__ = (
     "features_for",
     "generate",
     "parse_program",
+    "program_strategy",
 )
 
 BACKENDS = ("asyncio", "trio")
@@ -601,3 +603,10 @@ def generate(
     if (min_features, max_features) != (2, 5):
         recipe += f" --min-features {min_features} --max-features {max_features}"
     return Program(backend, [head, *_interleave(rng, snippets)], seed=seed, origin="generated", recipe=recipe)
+
+
+def program_strategy(backend: str = "asyncio", **options: int) -> Any:
+    """A hypothesis strategy of generated programs (shrinks toward small seeds)."""
+    from hypothesis import strategies as st
+
+    return st.integers(min_value=0, max_value=2**32 - 1).map(lambda seed: generate(seed, backend, **options))

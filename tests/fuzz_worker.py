@@ -59,8 +59,10 @@ PROCESS_TIMEOUT = 45.0
 OUTCOMES = (
     "exact",
     "killed-before-start",
+    "finished-before-kill",
     "diverged-namespace",
     "diverged-output",
+    "diverged-unpicklable",
     "diverged-ledger",
     "repeated-call",
     "resume-error",
@@ -68,14 +70,17 @@ OUTCOMES = (
     "reference-error",
 )
 """``exact``: same namespace, output and calls as the reference. ``killed-before-start``: the kill
-landed before anything was stored, and the fresh restart matched. ``diverged-*``: the final namespace
-(values or sharing), the concatenated output, or the multiset of live calls differ. ``repeated-call``:
+landed before anything was stored, and the fresh restart matched. ``finished-before-kill``: the run
+ended before its kill instant (it ran faster than the reference) and matched. ``diverged-*``: the final namespace
+(values or sharing), the concatenated output, or the multiset of live calls differ;
+``diverged-unpicklable``: the only namespace difference is values the checkpoint could not store,
+restored as ``UnrestoredValue`` placeholders (the documented ``skip`` policy). ``repeated-call``:
 a call that had completed ran again (or a call ran twice under different keys). ``resume-error``: a
 process ended with an error (a ``NonDeterminismError``, a failed statement, an interpreter error).
 ``stuck``: a process outlived PROCESS_TIMEOUT. ``reference-error``: the uninterrupted run failed (a bug of
 the generator, or of the live path)."""
 
-FAILING = frozenset(OUTCOMES) - {"exact", "killed-before-start"}
+FAILING = frozenset(OUTCOMES) - {"exact", "killed-before-start", "finished-before-kill"}
 
 COMPLETED_MARGIN = 0.05
 """A call whose end line is older than this at the kill had completed (its result was stored): it
@@ -180,7 +185,16 @@ def canonicalize(namespace: dict[str, Any], skip: Iterable[str] = ()) -> dict[st
                 "context": canon(v.__context__, depth + 1),
                 "suppress_context": v.__suppress_context__,
             }
-        if isinstance(v, asyncio.Future):
+        if type(v).__name__ == "UnrestoredValue":  # the skip policy's placeholder for an unpicklable value
+            try:
+                stands_for = object.__getattribute__(v, "_type_name")
+            except AttributeError:
+                stands_for = "?"
+            return {"#": n, "unrestored": str(stands_for)}
+        if isinstance(v, asyncio.Future) or all(
+            callable(getattr(type(v), m, None)) for m in ("done", "cancelled", "result", "exception")
+        ):
+            # A task, or what stands for a finished one after a resume: compared by what it answers.
             if not v.done():
                 state: Any = "pending"
             elif v.cancelled():
@@ -750,11 +764,22 @@ def compare(reference: Reference, procs: list[Proc], ledger: list[list[str]], in
     if not any(k in ("resume-error", "stuck") for k, _ in problems):
         ns = (final.report or {}).get("namespace")
         if ns != reference.namespace:
-            problems.append(("diverged-namespace", "namespace differs:\n" + "\n".join(_diff_namespace(reference.namespace, ns))))
+            kind = "diverged-namespace"
+            if ns is not None:
+                a_all, b_all = relabel(reference.namespace), relabel(ns)
+                pairs = [(a_all.get(k), b_all.get(k)) for k in set(a_all) | set(b_all) if a_all.get(k) != b_all.get(k)]
+                if pairs and all(
+                    isinstance(a, dict) and "opaque" in a and isinstance(b, dict) and "unrestored" in b for a, b in pairs
+                ):
+                    kind = "diverged-unpicklable"
+            problems.append((kind, "namespace differs:\n" + "\n".join(_diff_namespace(reference.namespace, ns))))
         output = "".join(p.stdout for p in procs)
         if output != reference.stdout:
             problems.append(("diverged-output", "output differs:\n" + "\n".join(_diff_output(reference.stdout, output))))
-    order = ["resume-error", "stuck", "repeated-call", "diverged-ledger", "diverged-namespace", "diverged-output"]
+    order = [
+        "resume-error", "stuck", "repeated-call", "diverged-ledger", "diverged-namespace", "diverged-output",
+        "diverged-unpicklable",
+    ]
     if problems:
         outcome = min((k for k, _ in problems), key=order.index)
         return outcome, [f"{k}: {t}" for k, t in problems], error_text
@@ -814,6 +839,8 @@ def run_trial(
             and not any(f[-1] == str(first.pid) for f in ledger)
         ):
             outcome = "killed-before-start"
+        if outcome == "exact" and first.killed_at is None:
+            outcome = "finished-before-kill"
         kinds = {p.split(":", 1)[0] for p in problems}
         detail = "\n".join(problems)
         if keep:

@@ -100,3 +100,15 @@ def test_crash_trials(backend: str, tmp_path: Path) -> None:
     if examples:
         text = "\n\n".join(f"=== {kind} ===\n{example}" for kind, example in sorted(examples.items()))
         pytest.fail(f"{backend}: {trial} trials: {summary}\n\n{text}", pytrace=False)
+
+
+def test_hypothesis_strategy_makes_programs() -> None:
+    from hypothesis import given, settings
+
+    @settings(max_examples=25, deadline=None)
+    @given(fuzz_programs.program_strategy("trio"))
+    def check(program: fuzz_programs.Program) -> None:
+        compile(program.text, "<fuzz>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        assert program.features <= set(features_for("trio"))
+
+    check()
