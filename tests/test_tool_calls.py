@@ -68,29 +68,40 @@ async def test_next_seq_resumes_numbering():
     assert got == [5, 6] and icpt.next_seq == 7
 
 
-async def test_gather_numbered_in_call_start_order(anyio_backend):
+async def test_gather_calls_are_named_by_their_task_not_by_timing(anyio_backend):
+    """Each coroutine gather wraps is a task of the frame's code; its calls are named after the task
+    (created in program order, labelled by coroutine and arguments), whatever order they finish in."""
     if anyio_backend != "asyncio":
         pytest.skip("asyncio.gather is asyncio-only")
     finished: list[str] = []
-    started: list[tuple[int, str, str]] = []
+    started: dict[str, str] = {}
+    delays: dict[str, float] = {}
 
-    async def Work(tag, delay):
+    async def Work(tag):
         call = current_tool_call()
-        started.append((call.seq, tag, call.idempotency_key))
-        await asyncio.sleep(delay)
+        started[tag] = call.call_id
+        await asyncio.sleep(delays.get(tag, 0))
         finished.append(tag)
-        return call.seq
+        return call.idempotency_key
 
-    ex = StreamingPythonExecutor(Agent("g", {"Work": Work}), namespace={"asyncio": asyncio})
-    await ex.add_chunk(
-        "seqs = await asyncio.gather(Work('a', 0.03), Work('b', 0.0), Work('c', 0.01))\n"
-    )
-    res = await ex.finalize()
-    assert res.success, res.error
-    assert ex.namespace["seqs"] == [0, 1, 2]
-    f = ex.frame_id
-    assert sorted(started) == [(0, "a", f"g:{f}:0"), (1, "b", f"g:{f}:1"), (2, "c", f"g:{f}:2")]
-    assert finished == ["b", "c", "a"]  # finished out of order, numbered by call start
+    async def run(times):
+        started.clear()
+        delays.update(zip("abc", times))
+        ex = StreamingPythonExecutor(Agent("g", {"Work": Work}), namespace={"asyncio": asyncio})
+        await ex.add_chunk("keys = await asyncio.gather(Work('a'), Work('b'), Work('c'))\nafter = await Work('d')\n")
+        res = await ex.finalize()
+        assert res.success, res.error
+        return dict(started), ex
+
+    first, ex = await run((0.03, 0.0, 0.01))
+    assert finished[:3] == ["b", "c", "a"]  # finished out of order
+    finished.clear()
+    second, _ = await run((0.0, 0.02, 0.01))
+    assert finished[:3] == ["a", "c", "b"]
+    assert first == second  # the same ids, however the calls interleaved
+    assert len({first[t] for t in "abc"}) == 3 and all(first[t].startswith("0-") for t in "abc")
+    assert first["d"] == "0"  # the frame's own code: its first call (gather's tasks branch off)
+    assert ex.namespace["keys"][0] == f"g:{ex.frame_id}:{first['a']}"
 
 
 async def test_concurrent_calls_keep_their_own_current_call(anyio_backend):

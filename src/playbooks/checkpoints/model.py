@@ -6,8 +6,10 @@ Every stored record (one checkpoint id, one counter) is one of three kinds:
   the next call sequence number and the namespace, one pickle per variable. A variable that did not
   change since the frame's previous snapshot is stored as a reference (``host``) to the snapshot that
   holds its bytes, so an untouched namespace is not copied on every await.
-* ``intent``: a durable call is about to run (sequence number, name, argument fingerprint).
-* ``result``: a durable call finished; its value or exception, pickled.
+* ``intent``: a durable call is about to run (call id, name, argument fingerprint).
+* ``result``: a durable call finished: its value or exception, pickled, or ``cancelled``; the changes
+  it made to its arguments in place; whether it was a sync call. Results are written in the order the
+  calls finished, and a replay hands them back in that order.
 * ``state``: a value the host keeps for the whole execution (``name``; the newest one counts), such as
   the messages between agents that are not read yet.
 
@@ -31,10 +33,12 @@ from playbooks.errors import CheckpointCorruptError
 
 __all__ = ("Checkpoint", "FrameState", "JournalEntry", "Record", "RecordKind", "StoredVar")
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
+"""Version 3 names calls by a string call id (``seq``; version 2 numbered them with an int) and adds
+``mutations``, ``sync`` and the outcomes ``cancelled`` and ``interrupted``; version 2 is still read."""
 
 RecordKind = Literal["snapshot", "intent", "result", "state"]
-Outcome = Literal["value", "raise", "unrecorded"]
+Outcome = Literal["value", "raise", "cancelled", "unrecorded", "interrupted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,7 @@ class FrameRef:
 
     frame_id: str
     agent_id: str
-    parent_seq: int | None
+    parent_seq: str | None  # the call id in the parent frame that this frame serves
     executed_offset: int
     statement: str
 
@@ -95,13 +99,15 @@ class Record:
     error: bytes | None = None
     response_host: int | None = None  # the snapshot whose response is this one's up to response_start
     # intent / result
-    seq: int = -1
+    seq: str = ""  # the call id (see playbooks.execution.tasks)
     name: str = ""
     fingerprint: str = ""
     display: str = ""
     key: str = ""
     outcome: Outcome = "unrecorded"
     value: bytes | None = None
+    mutations: bytes | None = None  # what the call changed in its arguments (execution.mutations)
+    sync: bool = False  # a sync call (print, a sync tool): it has no intent and is not ordered
 
     @property
     def parent_frame(self) -> str | None:
@@ -139,12 +145,19 @@ class Record:
         """Rebuild a record from a verified payload; a payload of the wrong shape is corrupt."""
         try:
             envelope = pickle.loads(payload)
-            if envelope.get("v") != RECORD_VERSION:
+            version = envelope.get("v")
+            if version not in (2, RECORD_VERSION):
                 raise CheckpointCorruptError(
-                    f"checkpoint {checkpoint_id} has record version {envelope.get('v')!r}; this "
-                    f"version of playbooks reads version {RECORD_VERSION}"
+                    f"checkpoint {checkpoint_id} has record version {version!r}; this "
+                    f"version of playbooks reads versions 2 to {RECORD_VERSION}"
                 )
             state = dict(envelope["record"])
+            if version == 2:  # calls were numbered by an int: the frame's own call ids are those numbers
+                if "seq" in state:
+                    state["seq"] = str(state["seq"])
+                state["call_stack"] = [
+                    (f, a, None if p is None else str(p), o, st) for f, a, p, o, st in state["call_stack"]
+                ]
             state["call_stack"] = tuple(FrameRef(*ref) for ref in state["call_stack"])
             state["variables"] = {n: StoredVar(*v) for n, v in state.get("variables", {}).items()}
             state["skipped"] = tuple(tuple(s) for s in state.get("skipped", ()))
@@ -172,9 +185,13 @@ def _defaults() -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """A durable call of a frame after its snapshot: started (``outcome is None``) or finished."""
+    """A durable call of a frame after its snapshot: started (``outcome is None``) or finished.
 
-    seq: int
+    ``seq`` is the call id; ``counter`` the number of the record that holds the outcome (results are
+    numbered in the order the calls finished).
+    """
+
+    seq: str
     name: str
     fingerprint: str
     display: str
@@ -182,6 +199,8 @@ class JournalEntry:
     outcome: Outcome | None
     value: bytes | None
     counter: int
+    mutations: bytes | None = None
+    sync: bool = False
 
     @property
     def finished(self) -> bool:
@@ -206,7 +225,7 @@ class FrameState:
     variables: dict[str, StoredVar]
     resolved: dict[str, bytes]
     skipped: tuple[tuple[str, str, str], ...]
-    journal: dict[int, JournalEntry]
+    journal: dict[str, JournalEntry]
     done: bool
     error: bytes | None
 
@@ -264,7 +283,7 @@ class Checkpoint(Mapping[str, Any]):
             "journal": [
                 {"seq": e.seq, "name": e.name, "args": e.display, "idempotency_key": e.key,
                  "finished": e.finished}
-                for e in sorted(s.journal.values(), key=lambda e: e.seq)
+                for e in sorted(s.journal.values(), key=lambda e: e.counter)
             ],
             "skipped_variables": [
                 {"name": n, "type": t, "reason": r} for n, t, r in s.skipped

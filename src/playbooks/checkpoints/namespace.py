@@ -40,15 +40,19 @@ from typing import Any, Literal
 import cloudpickle
 
 from playbooks.checkpoints.model import StoredVar
+from playbooks.checkpoints.outcome import reduce_exception
 from playbooks.errors import UnpicklableValueError, UnrestoredValueError
 
 __all__ = (
     "EncodedNamespace",
+    "FinishedTask",
     "NamespaceEncoder",
+    "SHARED_PREFIX",
     "SkippedVar",
     "UnrestoredValue",
     "VarBlob",
     "decode_namespace",
+    "shared_names",
 )
 
 _logger = logging.getLogger("playbooks.checkpoints")
@@ -253,6 +257,59 @@ def _reduce_cell(cell: types.CellType) -> tuple[Any, ...]:
     return (_empty_cell, (), (contents,), None, None, _fill_cell)
 
 
+class FinishedTask:
+    """A task of the LLM's code that had finished when a snapshot was taken, as it comes back after a
+    resume: it holds the task's result or exception and answers what a done task answers."""
+
+    __slots__ = ("_result", "_exception", "_name")
+
+    def __init__(self, result: Any, exception: BaseException | None, name: str) -> None:
+        self._result = result
+        self._exception = exception
+        self._name = name
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def result(self) -> Any:
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        return self._exception
+
+    def get_name(self) -> str:
+        return self._name
+
+    def __await__(self) -> Any:
+        return self.result()
+        yield  # a generator: awaiting it returns the result at once
+
+    def __repr__(self) -> str:
+        return f"<finished task {self._name!r}>"
+
+
+def _rebuild_finished_task(result: Any, exception: BaseException | None, name: str) -> FinishedTask:
+    return FinishedTask(result, exception, name)
+
+
+def _finished_task(obj: Any) -> tuple[Any, ...] | None:
+    """The reduction of a finished (not cancelled) asyncio task or future, else ``None``."""
+    if "asyncio" not in sys.modules:
+        return None
+    import asyncio
+
+    if not isinstance(obj, asyncio.Future) or not obj.done() or obj.cancelled():
+        return None
+    name = obj.get_name() if isinstance(obj, asyncio.Task) else "future"
+    exception = obj.exception()
+    return (_rebuild_finished_task, (None if exception is not None else obj.result(), exception, name))
+
+
 def _tool_name(value: Any) -> str | None:
     """The name of a tool wrapper (``bind_tools`` marks them), bound again on resume, else ``None``."""
     if isinstance(value, types.FunctionType):
@@ -289,6 +346,11 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             return _reduce_function(obj, self._namespace)
         if isinstance(obj, types.CellType):
             return _reduce_cell(obj)
+        if isinstance(obj, BaseException):
+            return reduce_exception(obj)
+        finished = _finished_task(obj)
+        if finished is not None:
+            return finished
         if isinstance(obj, type) and obj.__module__ == self._module_name:
             # Pickling an instance caches ``__slotnames__`` on its class; do it before the class is
             # pickled, so that the class's pickle (and digest) does not change after its first snapshot.
@@ -300,11 +362,69 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         return super().reducer_override(obj)
 
 
-def _dump(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> bytes:
+_NO_IDENTITY = frozenset(
+    {str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range, type, types.ModuleType,
+     types.BuiltinFunctionType, types.CodeType}
+)
+"""Types whose sharing between variables need not survive: immutable values (a tuple or frozenset
+that holds a mutable object shares it, which is seen on that object), classes (kept one per id by
+the decoder) and modules, restored by reference."""
+
+
+def _dump(
+    value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str], shared: set[int] | None = None
+) -> bytes:
+    """The pickle of one value; ``shared`` gets the ids of the objects in it whose identity matters."""
     buffer = io.BytesIO()
     buffer.write(_PREFIX)
-    _Pickler(buffer, namespace, bound_ids).dump(value)
+    pickler = _Pickler(buffer, namespace, bound_ids)
+    pickler.dump(value)
+    if shared is not None:
+        for oid, (_, obj) in pickler.memo.copy().items():
+            if type(obj) in _NO_IDENTITY or obj is namespace or oid in bound_ids or isinstance(obj, type):
+                continue
+            if isinstance(obj, types.FunctionType) and obj.__globals__ is not namespace:
+                continue  # a function of the host's modules (or a tool): restored by reference
+            shared.add(oid)
     return buffer.getvalue()
+
+
+_NOT_SAVED = frozenset({"__builtins__", "__warningregistry__"})
+"""Names the interpreter puts in a namespace: the builtins, and the registry of warnings already
+shown from the LLM's code (a warning about a replayed call must not become a variable)."""
+
+SHARED_PREFIX = "&"
+"""Starts the key under which variables that share objects are stored together, as one tuple: the
+names follow, separated by spaces (``"&alias shared"``). A name never contains either character."""
+
+
+def shared_names(key: str) -> list[str] | None:
+    """The variables stored together under ``key``, or ``None`` for a key of one variable."""
+    return key[len(SHARED_PREFIX) :].split(" ") if key.startswith(SHARED_PREFIX) else None
+
+
+def _groups(ids: Mapping[str, set[int]]) -> list[list[str]]:
+    """Variables that share an object, as groups of two or more (in namespace order)."""
+    owner: dict[int, str] = {}
+    parent: dict[str, str] = {name: name for name in ids}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for name, found in ids.items():
+        for oid in found:
+            first = owner.setdefault(oid, name)
+            if first != name:
+                a, b = find(first), find(name)
+                if a != b:
+                    parent[b] = a
+    members: dict[str, list[str]] = {}
+    for name in ids:
+        members.setdefault(find(name), []).append(name)
+    return [group for group in members.values() if len(group) > 1]
 
 
 # --- unpickling -----------------------------------------------------------------------------------
@@ -435,8 +555,10 @@ class NamespaceEncoder:
         bound = bound or {}
         bound_ids = {id(v): k for k, v in bound.items()}
         encoded = EncodedNamespace()
+        pickled: dict[str, bytes] = {}
+        ids: dict[str, set[int]] = {}
         for name, value in namespace.items():
-            if name == "__builtins__" or (name in bound and bound[name] is value) or _tool_name(value) == name:
+            if name in _NOT_SAVED or (name in bound and bound[name] is value) or _tool_name(value) == name:
                 continue  # bound again by the resuming executor (an alias is stored as a reference)
             encoded._values[name] = value
             remembered = self._memory.get(name)
@@ -446,12 +568,33 @@ class NamespaceEncoder:
                 else:
                     encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, None, remembered.host)
                 continue
-            data = self._pickle(name, value, namespace, bound_ids, encoded)
+            ids[name] = set()
+            pickled[name] = self._pickle(name, value, namespace, bound_ids, encoded, ids[name])
+        # Variables that share an object (an alias, two closures over one cell, one list in two
+        # dicts) are pickled together, so that they share it after loading too.
+        skipped = {s.name for s in encoded.skipped}
+        for group in _groups(ids):
+            values = tuple(
+                UnrestoredValue(n, _type_name(namespace[n]), "it could not be saved") if n in skipped
+                else namespace[n]
+                for n in group
+            )
+            try:
+                data = _dump(values, namespace, bound_ids)
+            except Exception as exc:  # each of them pickled alone: only their sharing is lost
+                _logger.warning("variables %s share objects but could not be saved together (%s: %s); "
+                                "after a resume they are copies", ", ".join(group), type(exc).__name__, exc)
+                continue
+            for n in group:
+                del pickled[n]
+            pickled[SHARED_PREFIX + " ".join(group)] = data
+        for key, data in pickled.items():
+            remembered = self._memory.get(key)
             digest = _digest(data)
             if remembered is not None and remembered.digest == digest and len(data) >= _REF_MIN_SIZE:
-                encoded.blobs[name] = VarBlob(digest, len(data), None, remembered.host)
+                encoded.blobs[key] = VarBlob(digest, len(data), None, remembered.host)
             else:
-                encoded.blobs[name] = VarBlob(digest, len(data), data, None)
+                encoded.blobs[key] = VarBlob(digest, len(data), data, None)
         return encoded
 
     def _pickle(
@@ -461,9 +604,10 @@ class NamespaceEncoder:
         namespace: Mapping[str, Any],
         bound_ids: Mapping[int, str],
         encoded: EncodedNamespace,
+        shared: set[int],
     ) -> bytes:
         try:
-            return _dump(value, namespace, bound_ids)
+            return _dump(value, namespace, bound_ids, shared)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             type_name = _type_name(value)
@@ -530,6 +674,13 @@ def decode_namespace(
             value = UnrestoredValue(name, "type unknown", reason, _LOAD_PROBLEM)
         for key in unpickler.missing_tools:
             _logger.warning("variable %r refers to the unbound tool %r: a placeholder stands in", name, key)
-        decoded[name] = value
+        names = shared_names(name)
+        if names is None:
+            decoded[name] = value
+        elif isinstance(value, tuple) and len(value) == len(names):
+            decoded.update(zip(names, value))
+        else:
+            for n in names:
+                decoded[n] = UnrestoredValue(n, "type unknown", f"the group {name!r} did not load whole", _LOAD_PROBLEM)
     target.update(decoded)
     return decoded

@@ -36,9 +36,15 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from playbooks.checkpoints.manager import CheckpointManager
 from playbooks.checkpoints.model import FrameRef, FrameState, JournalEntry, Record
-from playbooks.errors import CheckpointWarning, InterpreterError, NonDeterminismError
+from playbooks.checkpoints.outcome import dump_outcome, load_outcome
+from playbooks.errors import CheckpointCorruptError, CheckpointWarning, InterpreterError, NonDeterminismError
+from playbooks.execution.fingerprint import fingerprint
+from playbooks.execution.hash_seed import record_hash_seed, seed_mismatch
+from playbooks.execution.mutations import ArgumentWatch, apply_mutations
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor
 
 if TYPE_CHECKING:
@@ -56,11 +62,11 @@ _RESPONSE_DELTA_MAX = 4096  # characters a snapshot adds to its host's response 
 
 @dataclass(slots=True)
 class _CallContext:
-    """The durable call being served: which frame made it, its sequence number, and how many child
-    executors it has created so far."""
+    """The durable call being served: which frame made it, its call id, and how many child executors it
+    has created so far."""
 
     frame: DurableFrame
-    seq: int
+    seq: str
     children: Iterator[int]
 
 
@@ -72,58 +78,6 @@ _ACTIVE_CALL: contextvars.ContextVar[_CallContext | None] = contextvars.ContextV
 def current_durable_call() -> _CallContext | None:
     """The durable call whose tool is running now (``None`` outside one)."""
     return _ACTIVE_CALL.get()
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _canonical(value: Any, depth: int = 0) -> str:
-    """A text for ``value`` that is the same in every process: sets and dicts sorted, no addresses."""
-    if depth > 20:
-        return "..."
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        inner = ", ".join(_canonical(v, depth + 1) for v in value)
-        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
-    if isinstance(value, (set, frozenset)):
-        return "{" + ", ".join(sorted(_canonical(v, depth + 1) for v in value)) + "}"
-    if isinstance(value, dict):
-        items = sorted(f"{_canonical(k, depth + 1)}: {_canonical(v, depth + 1)}" for k, v in value.items())
-        return "{" + ", ".join(items) + "}"
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__qualname__}>"
-    return _ADDRESS.sub("", text)
-
-
-def fingerprint(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, str]:
-    """``(digest, display)`` of a call: equal across processes for equal arguments."""
-    parts = [_canonical(a) for a in args] + [f"{k}={_canonical(v)}" for k, v in sorted(kwargs.items())]
-    display = f"{name}({', '.join(parts)})"
-    digest = hashlib.blake2b(display.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-    if len(display) > 300:
-        display = display[:297] + "..."
-    return digest, display
-
-
-def _dump_outcome(value: Any) -> bytes | None:
-    """The pickle of a call's value or exception (``None`` if it cannot be pickled).
-
-    Plain pickle first (C speed; it refuses what it cannot rebuild, such as functions the LLM
-    defined), then cloudpickle.
-    """
-    try:
-        return pickle.dumps(value, protocol=5)
-    except Exception:
-        pass
-    import cloudpickle
-
-    try:
-        return bytes(cloudpickle.dumps(value))
-    except Exception:
-        return None
 
 
 class DurableFrame:
@@ -143,7 +97,17 @@ class DurableFrame:
         self.frame_id = frame_id
         self.parent = parent
         self.state = state
-        self.journal: dict[int, JournalEntry] = dict(state.journal) if state else {}
+        self.journal: dict[str, JournalEntry] = dict(state.journal) if state else {}
+        # A replay hands recorded outcomes back in the order the calls finished (sync calls, which
+        # cannot wait, excepted): ``_order`` is that order, ``_waiting`` the replayed calls waiting
+        # for their turn.
+        self._order: list[str] = [
+            e.seq for e in sorted(self.journal.values(), key=lambda e: e.counter)
+            if e.outcome in ("value", "raise", "cancelled") and not e.sync
+        ]
+        self._waiting: dict[str, anyio.Event] = {}
+        self._progress = 0
+        self._cancelled_live: list[ToolCall] = []
         self.encoder = manager.new_encoder()
         self.fatal: InterpreterError | None = None
         self.awaited = False
@@ -152,7 +116,7 @@ class DurableFrame:
         self._pending: list[Record] = []
         self._seeded = False
         self._unsynced_snapshots = 0
-        self._fingerprints: dict[int, tuple[str, str]] = {}
+        self._calls: dict[str, tuple[tuple[str, str], ArgumentWatch]] = {}
         self._response_host: tuple[int, int] | None = None  # (counter, length) of a whole response
         self._journal_since = 0
         self._last_snapshot_at = time.perf_counter()
@@ -218,6 +182,8 @@ class DurableFrame:
         frame started (a host calling a tool before feeding any code).
         """
         await self.manager.open()
+        if self.parent is None:
+            await record_hash_seed(self.manager)
         if not self._started:
             self._started = True
             await self.snapshot(sync=False, next_seq=next_seq)
@@ -272,9 +238,18 @@ class DurableFrame:
             self._journal_since += 1
             await self.manager.write(self._pending.pop(0), sync=False)
 
+    def _snapshot_blocked(self) -> bool:
+        """A snapshot now would lose something: recorded calls not handed back yet (a snapshot
+        supersedes the journal before it), or tasks of the LLM's code still running (a snapshot cannot
+        hold a running task; a resume must run the statement that created it again)."""
+        return bool(self.journal) or bool(self.executor.interceptor.root.pending)
+
     async def after_statement(self) -> None:
         """Snapshot after a statement that awaited a durable call; otherwise just flush."""
-        if self.awaited and self._snapshot_due():
+        self._cancelled_live.clear()  # the statement ended normally: its cancellations were its own
+        if self.awaited and self._snapshot_blocked():
+            await self.flush()
+        elif self.awaited and self._snapshot_due():
             self.awaited = False
             # Every snapshot survives a killed process; every ``snapshot_sync_every``-th is also
             # fsynced, so a power loss falls back at most that far (the journal after it is durable).
@@ -286,31 +261,35 @@ class DurableFrame:
 
     async def finish(self, error: BaseException | None) -> None:
         """The executor finished: a final, synced snapshot marks the frame done."""
-        await self.snapshot(done=True, error=_dump_outcome(error) if error is not None else None)
+        await self.snapshot(done=True, error=dump_outcome(error) if error is not None else None)
 
     # ----------------------------------------------------------------- calls
 
     def replay(self, call: ToolCall) -> JournalEntry | None:
         """The recorded outcome of ``call`` if it finished before the crash; ``None`` to run it live.
 
-        Raises :class:`NonDeterminismError` if the journal has a different call at this number.
+        Raises :class:`NonDeterminismError` if the journal has a different call under this call id.
         """
-        entry = self.journal.pop(call.seq, None)
+        entry = self.journal.pop(call.call_id, None)
         if entry is None:
             return None
+        self._progress += 1
         digest, display = fingerprint(call.name, call.args, call.kwargs)
         if entry.name != call.name or entry.fingerprint != digest:
             error = NonDeterminismError(
-                f"replay of frame {self.frame_id!r} diverged at call #{call.seq}: the journal has "
+                f"replay of frame {self.frame_id!r} diverged at call {call.call_id}: the journal has "
                 f"{entry.display} but the code now calls {display}. The code before this call must "
                 f"make the same durable calls with the same arguments as before the crash: read clocks "
-                f"and random numbers through a tool, and do not let a tool change its arguments in place "
-                f"(a replayed call returns its result but cannot redo such a change)."
+                f"and random numbers through a tool.{_seed_hint(self.manager)}"
             )
             self.fatal = error
             raise error
-        if entry.outcome is None or entry.outcome == "unrecorded":
-            reason = "had started but not finished" if entry.outcome is None else "returned a value that could not be saved"
+        if entry.outcome is None or entry.outcome in ("unrecorded", "interrupted"):
+            reason = {
+                None: "had started but not finished",
+                "unrecorded": "returned a value that could not be saved",
+                "interrupted": "was interrupted when the host cancelled the execution",
+            }[entry.outcome]
             warnings.warn(
                 f"call {entry.display} (idempotency key {entry.key}) {reason} when the process stopped; "
                 f"it may have run, and runs again with the same idempotency key",
@@ -320,48 +299,146 @@ class DurableFrame:
             return None
         return entry
 
+    @property
+    def replaying(self) -> bool:
+        """Whether recorded calls are still to be handed back (no snapshot may supersede them)."""
+        return bool(self.journal)
+
+    async def turn(self, entry: JournalEntry) -> None:
+        """Wait until every call that finished before ``entry`` in the recorded run has been handed
+        back, so concurrent code sees its results in the same order as before the crash."""
+        if entry.sync or entry.seq not in self._order:
+            return
+        while self._order and self._order[0] != entry.seq:
+            event = self._waiting.setdefault(entry.seq, anyio.Event())
+            seen = self._progress
+            with anyio.move_on_after(_REPLAY_STALL):
+                await event.wait()
+            if event.is_set():
+                self._waiting.pop(entry.seq, None)
+            elif self._progress == seen and self._order and self._order[0] in self.journal:
+                front = self.journal[self._order[0]]
+                error = NonDeterminismError(
+                    f"replay of frame {self.frame_id!r} is stuck: call {entry.display} finished after "
+                    f"{front.display} before the crash, but the code has not made that call again in "
+                    f"{_REPLAY_STALL:g} s. The code must make the same durable calls as before the crash."
+                )
+                self.fatal = error
+                raise error
+
+    def release(self, entry: JournalEntry) -> None:
+        """``entry`` was handed back: the next call in the recorded order may go."""
+        self._progress += 1
+        try:
+            self._order.remove(entry.seq)
+        except ValueError:
+            return
+        if self._order:
+            event = self._waiting.pop(self._order[0], None)
+            if event is not None:
+                event.set()
+
     def _outcome_fields(
-        self, call: ToolCall, value: Any, raised: BaseException | None, print_: tuple[str, str]
+        self,
+        call: ToolCall,
+        value: Any,
+        raised: BaseException | None,
+        before: tuple[tuple[str, str], ArgumentWatch],
+        *,
+        cancelled: bool = False,
     ) -> dict[str, Any]:
-        digest, display = print_
-        blob = _dump_outcome(raised if raised is not None else value)
-        outcome = "unrecorded" if blob is None else ("raise" if raised is not None else "value")
+        (digest, display), watch = before
+        if cancelled:
+            blob, outcome = None, "cancelled"
+        else:
+            blob = dump_outcome(raised if raised is not None else value, what=display)
+            outcome = "unrecorded" if blob is None else ("raise" if raised is not None else "value")
         return dict(
-            seq=call.seq, name=call.name, fingerprint=digest, display=display,
-            key=call.idempotency_key, outcome=outcome, value=blob,
+            seq=call.call_id, name=call.name, fingerprint=digest, display=display,
+            key=call.idempotency_key, outcome=outcome, value=blob, mutations=watch.changes(),
         )
 
     async def before_call(self, call: ToolCall) -> None:
         """Make earlier calls durable (fsync), then record that this one starts."""
-        await self.start(next_seq=call.seq)  # a host may call tools before feeding any code
+        await self.start(next_seq=_root_next(call))  # a host may call tools before feeding any code
         await self.flush()
         await self.manager.sync()
-        digest, display = self._fingerprints[call.seq] = fingerprint(call.name, call.args, call.kwargs)
+        before = self._calls[call.call_id] = _watch(call)
+        digest, display = before[0]
         record = self._record(
-            "intent", seq=call.seq, name=call.name, fingerprint=digest, display=display,
+            "intent", seq=call.call_id, name=call.name, fingerprint=digest, display=display,
             key=call.idempotency_key,
         )
         self._journal_since += 1
         await self.manager.write(record, sync=False)
 
-    async def after_call(self, call: ToolCall, value: Any, raised: BaseException | None) -> None:
+    async def after_call(
+        self, call: ToolCall, value: Any, raised: BaseException | None, *, cancelled: bool = False
+    ) -> None:
         """Record how the call ended (unsynced: the next call or snapshot makes it durable)."""
         self._journal_since += 1
         # The fingerprint of the arguments as they were when the call started (a tool may mutate them).
-        before = self._fingerprints.pop(call.seq)
-        fields = self._outcome_fields(call, value, raised, before)
+        before = self._calls.pop(call.call_id)
+        fields = self._outcome_fields(call, value, raised, before, cancelled=cancelled)
         await self.manager.write(self._record("result", **fields), sync=False)
+        if cancelled:
+            self._cancelled_live.append(call)
 
     def after_sync_call(
-        self, call: ToolCall, value: Any, raised: BaseException | None, before: tuple[str, str]
+        self, call: ToolCall, value: Any, raised: BaseException | None, before: tuple[tuple[str, str], ArgumentWatch]
     ) -> None:
         """Queue the record of a sync call; it is written at the next await or statement end."""
-        self._pending.append(self._record("result", **self._outcome_fields(call, value, raised, before)))
+        fields = self._outcome_fields(call, value, raised, before)
+        self._pending.append(self._record("result", sync=True, **fields))
+
+    async def interrupted(self) -> None:
+        """The host cancelled the execution: calls recorded as cancelled in this statement were not
+        cancelled by the LLM's code, so a replay must not replay that cancellation; they run again."""
+        calls, self._cancelled_live = self._cancelled_live, []
+        with anyio.CancelScope(shield=True):
+            for call in calls:
+                digest, display = fingerprint(call.name, call.args, call.kwargs)
+                record = self._record(
+                    "result", seq=call.call_id, name=call.name, fingerprint=digest, display=display,
+                    key=call.idempotency_key, outcome="interrupted",
+                )
+                await self.manager.write(record, sync=False)
+
+
+_REPLAY_STALL = 60.0
+"""Seconds a replayed call waits for an earlier-finished call that the code does not make again."""
+
+
+def _root_next(call: ToolCall) -> int | None:
+    """For a call of the frame's own code, the number after it (where its frame's snapshot resumes)."""
+    return int(call.call_id) if call.call_id.isdigit() else None
+
+
+def _watch(call: ToolCall) -> tuple[tuple[str, str], ArgumentWatch]:
+    return fingerprint(call.name, call.args, call.kwargs), ArgumentWatch(call.args, call.kwargs)
+
+
+def _seed_hint(manager: CheckpointManager) -> str:
+    """A note for a divergence that another hash seed could explain (set and dict-of-str order)."""
+    note = seed_mismatch(manager)
+    return f" {note}" if note else ""
 
 
 def _unwrap(interceptor: ToolCallInterceptor, call: ToolCall, entry: JournalEntry) -> Any:
-    """The recorded outcome of a replayed call: its value, or its exception raised again."""
-    value = pickle.loads(entry.value) if entry.value is not None else None
+    """The recorded outcome of a replayed call: its value, or its exception raised again.
+
+    The call's recorded changes to its arguments are applied first. A record that cannot be loaded
+    is a failure of the interpreter, never an exception of the tool.
+    """
+    if entry.mutations is not None:
+        apply_mutations(entry.mutations, call.args, call.kwargs, entry.display)
+    try:
+        value = load_outcome(entry.value) if entry.value is not None else None
+    except Exception as exc:
+        raise CheckpointCorruptError(
+            f"the recorded outcome of {entry.display} (idempotency key {entry.key}) cannot be loaded "
+            f"({type(exc).__name__}: {exc}); the code that defined its class may have changed since"
+        ) from exc
     if entry.outcome == "raise":
         assert isinstance(value, BaseException)
         interceptor.observe(call, None, value)
@@ -390,14 +467,19 @@ class DurableInterceptor(ToolCallInterceptor):
         entry = frame.replay(call)
         frame.awaited = True
         if entry is not None:
-            return _unwrap(self, call, entry)
+            return await self._replay_async(call, entry)
         await frame.before_call(call)
-        token = _ACTIVE_CALL.set(_CallContext(frame, call.seq, itertools.count()))
+        token = _ACTIVE_CALL.set(_CallContext(frame, call.call_id, itertools.count()))
         try:
             value = await super().call_async(call, fn)
         except InterpreterError as exc:  # the interpreter failed (a child's storage, a divergence)
             _ACTIVE_CALL.reset(token)
             frame.fatal = frame.fatal or exc
+            raise
+        except anyio.get_cancelled_exc_class():
+            _ACTIVE_CALL.reset(token)
+            with anyio.CancelScope(shield=True):
+                await frame.after_call(call, None, None, cancelled=True)
             raise
         except Exception as exc:
             _ACTIVE_CALL.reset(token)
@@ -410,12 +492,25 @@ class DurableInterceptor(ToolCallInterceptor):
         await frame.after_call(call, value, None)
         return value
 
+    async def _replay_async(self, call: ToolCall, entry: JournalEntry) -> Any:
+        frame = self.frame
+        try:
+            await frame.turn(entry)
+            if entry.outcome == "cancelled":
+                # Cancelled before the crash (a timeout, a cancelled task): wait for the same
+                # cancellation, which the same code brings about again.
+                await anyio.sleep_forever()
+            return _unwrap(self, call, entry)
+        finally:
+            frame.release(entry)
+
     def call_sync(self, call: ToolCall, fn: Callable[..., Any]) -> Any:
         frame = self.frame
         entry = frame.replay(call)
         if entry is not None:
+            frame.release(entry)
             return _unwrap(self, call, entry)
-        before = fingerprint(call.name, call.args, call.kwargs)
+        before = _watch(call)
         try:
             value = super().call_sync(call, fn)
         except InterpreterError as exc:

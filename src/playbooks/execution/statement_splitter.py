@@ -34,6 +34,7 @@ that does not parse is held until a fence shows it was prose, or until ``close()
 from __future__ import annotations
 
 import ast
+import gc
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -43,6 +44,23 @@ from playbooks.errors import CodeSyntaxError
 
 __all__ = ("END", "NEED_DATA", "Statement", "StatementSplitter")
 
+
+
+def _parse(source: str, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse`` with the garbage collector paused.
+
+    CPython 3.11 keeps the AST converter's recursion depth in per-interpreter state: a finalizer that
+    runs during a parse and parses too (a task of the LLM's code collected with an exception nobody
+    retrieved is logged, and 3.11's traceback formatting calls ``ast.parse`` for its carets) corrupts
+    it, and the outer parse fails with ``SystemError: AST constructor recursion depth mismatch``.
+    """
+    if not gc.isenabled():
+        return ast.parse(source, filename=filename)
+    gc.disable()
+    try:
+        return ast.parse(source, filename=filename)
+    finally:
+        gc.enable()
 
 class _Sentinel:
     def __init__(self, name: str) -> None:
@@ -508,7 +526,7 @@ class StatementSplitter:
     @staticmethod
     def _parses(text: str) -> bool:
         try:
-            ast.parse(text)
+            _parse(text)
         except (SyntaxError, ValueError):
             return False
         return True
@@ -531,7 +549,7 @@ class StatementSplitter:
 
     def _emit(self, source: str, seg_start: int, seg_line: int, scanned: str) -> None:
         try:
-            tree = ast.parse(source, filename=self.filename)
+            tree = _parse(source, filename=self.filename)
         except (SyntaxError, ValueError) as exc:
             error = self._syntax_error(exc, source, seg_start, seg_line)
             if self._mode == "raw" and not self._released_any and self._held_error is None:

@@ -23,13 +23,14 @@ import builtins
 import inspect
 import itertools
 import linecache
-import pickle
 import secrets
 import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from playbooks.agent import AgentLike
 from playbooks.errors import (
@@ -42,6 +43,7 @@ from playbooks.errors import (
     NonDeterminismError,
 )
 from playbooks.execution.statement_splitter import END, NEED_DATA, Statement, StatementSplitter
+from playbooks.execution.tasks import current_task, install_task_hooks, running_node
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, bind_tools
 
 if TYPE_CHECKING:
@@ -152,6 +154,8 @@ class StreamingPythonExecutor:
         self._expected_response: str | None = None
         self._error: LLMCodeError | None = self._restored_error
         self._finalized = False
+        self._finished_before_crash = False
+        self._refed = 0
         self._on_statement = on_statement
         if _state is not None and _state.done:
             self._finalized_from_checkpoint()
@@ -209,7 +213,9 @@ class StreamingPythonExecutor:
         self._last_statement = state.statement
         self._recovered_response = state.response
         if state.done and state.error is not None:
-            error = pickle.loads(state.error)
+            from playbooks.checkpoints.outcome import load_outcome
+
+            error = load_outcome(state.error)
             if isinstance(error, LLMCodeError):
                 self._restored_error = error
 
@@ -261,6 +267,21 @@ class StreamingPythonExecutor:
         self._chunks = [self._recovered_response]
         self._response_cache = self._recovered_response
         self._finalized = True
+        self._finished_before_crash = True
+
+    def _skip_refed(self, text: str) -> None:
+        """A finished frame is fed its code again (its host re-runs after a resume): skip what it had
+        run; anything else is not the code it had run."""
+        start = self._refed
+        expected = self._recovered_response[start : start + len(text)]
+        if text != expected:
+            error = NonDeterminismError(
+                f"frame {self.frame_id!r} had finished before the crash, and is now fed other code than it "
+                f"ran: at offset {start} expected {expected[:80]!r} but got {text[:80]!r}"
+            )
+            self._fatal = error
+            raise error
+        self._refed += len(text)
 
     @property
     def restored(self) -> bool:
@@ -269,7 +290,11 @@ class StreamingPythonExecutor:
 
     @property
     def finished(self) -> bool:
-        """Whether :meth:`finalize` ran (in this process, or before the crash for a restored frame)."""
+        """Whether :meth:`finalize` ran (in this process, or before the crash for a restored frame).
+
+        A restored frame that had finished skips the code it is fed again (it must be the code it had
+        run) and :meth:`finalize` returns the result it had returned.
+        """
         return self._finalized
 
     async def checkpoint(self) -> None:
@@ -348,6 +373,9 @@ class StreamingPythonExecutor:
         if self._fatal is not None:
             raise self._fatal
         if self._finalized:
+            if self._finished_before_crash:
+                self._skip_refed(text)
+                return
             raise ExecutorStateError("add_chunk() after finalize()")
         if not text:
             return
@@ -445,13 +473,22 @@ class StreamingPythonExecutor:
             raise error from exc
         if self._on_statement is not None:
             self._on_statement(statement)
+        root = self.interceptor.root
+        root.task = current_task()
+        root.statement = self._statements_executed
+        install_task_hooks()
         try:
-            if code.co_flags & inspect.CO_COROUTINE:
-                await eval(code, self.namespace)
-            else:
-                exec(code, self.namespace)
+            with running_node(root):
+                if code.co_flags & inspect.CO_COROUTINE:
+                    await eval(code, self.namespace)
+                else:
+                    exec(code, self.namespace)
         except InterpreterError as exc:
             self._fatal = exc
+            raise
+        except anyio.get_cancelled_exc_class():
+            if self._frame is not None:
+                await self._frame.interrupted()
             raise
         except Exception as exc:
             if self._frame is not None and self._frame.fatal is not None:

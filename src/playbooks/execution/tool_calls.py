@@ -1,10 +1,12 @@
 """The one interception point for calls from LLM code to the host's tools.
 
 Every tool an agent exposes is bound in the LLM's namespace to a thin wrapper that routes the call
-through a :class:`ToolCallInterceptor`. Each call gets a sequence number *when it starts* (so concurrent
-calls under ``asyncio.gather`` are numbered in the order the code issued them) and an idempotency key
-``{run_id}:{frame_id}:{seq}`` that a tool can read with :func:`current_tool_call` to make itself
-exactly-once. The durability layer journals calls by subclassing the interceptor; the executor never
+through a :class:`ToolCallInterceptor`. Each call gets a **call id** when it starts: its number in the
+frame's own code (``"3"``), or, for a call made by a task the LLM's code created, the task's path and
+the call's number in that task (``"3-9f2c1a07.0"``; see :mod:`playbooks.execution.tasks`), so the id
+does not depend on how concurrent calls interleave. The idempotency key ``{run_id}:{frame_id}:{call_id}``,
+which a tool reads with :func:`current_tool_call` to make itself exactly-once, is the same on every
+attempt. The durability layer journals calls by subclassing the interceptor; the executor never
 changes for it.
 """
 
@@ -17,18 +19,26 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from playbooks.execution.tasks import TaskNode, node_for_call, running_node
+
 __all__ = ("ToolCall", "ToolCallInterceptor", "bind_tools", "current_tool_call")
 
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
-    """One call of a tool by LLM code: which tool, its arguments, and its stable identity."""
+    """One call of a tool by LLM code: which tool, its arguments, and its stable identity.
+
+    ``call_id`` identifies the call in its frame on every attempt (the journal's key); ``seq`` is the
+    order in which calls reached the interceptor in this process, for display only (under concurrency
+    it depends on timing).
+    """
 
     name: str
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
     seq: int
     idempotency_key: str
+    call_id: str = ""
 
 
 _CURRENT: contextvars.ContextVar[ToolCall | None] = contextvars.ContextVar("playbooks_tool_call", default=None)
@@ -56,7 +66,9 @@ class ToolCallInterceptor:
     ) -> None:
         self.run_id = run_id
         self.frame_id = frame_id
-        self.next_seq = next_seq
+        self.root = TaskNode(self, "", next_seq)
+        """The frame's own code: its calls are numbered ``0, 1, ...`` (tasks it creates branch off)."""
+        self._issued = next_seq
         self.observer = observer
         """Called after every call ends, with its value or exception (also for replayed calls)."""
 
@@ -65,17 +77,28 @@ class ToolCallInterceptor:
         if self.observer is not None:
             self.observer(call, value, error)
 
+    @property
+    def next_seq(self) -> int:
+        """The number the frame's own code's next call gets."""
+        return self.root.calls
+
+    @next_seq.setter
+    def next_seq(self, value: int) -> None:
+        self.root.calls = value
+
     def start(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ToolCall:
-        """Assign the next sequence number to a call that is about to run."""
-        seq = self.next_seq
-        self.next_seq += 1
-        return ToolCall(name, args, dict(kwargs), seq, f"{self.run_id}:{self.frame_id}:{seq}")
+        """Give a call that is about to run its id (from the task that makes it)."""
+        call_id = node_for_call(self.root).next_call()
+        seq = self._issued
+        self._issued += 1
+        return ToolCall(name, args, dict(kwargs), seq, f"{self.run_id}:{self.frame_id}:{call_id}", call_id)
 
     async def call_async(self, call: ToolCall, fn: Callable[..., Awaitable[Any]]) -> Any:
         """Run an async tool for ``call``; override to journal or replay."""
         token = _CURRENT.set(call)
         try:
-            value = await fn(*call.args, **call.kwargs)
+            with running_node(None):  # the tool is host code: tasks it creates are not the LLM's
+                value = await fn(*call.args, **call.kwargs)
         except Exception as exc:
             self.observe(call, None, exc)
             raise
@@ -88,7 +111,8 @@ class ToolCallInterceptor:
         """Run a sync tool for ``call``; override to journal or replay."""
         token = _CURRENT.set(call)
         try:
-            value = fn(*call.args, **call.kwargs)
+            with running_node(None):
+                value = fn(*call.args, **call.kwargs)
         except Exception as exc:
             self.observe(call, None, exc)
             raise
