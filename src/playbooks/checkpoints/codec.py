@@ -44,7 +44,7 @@ import hmac
 import os
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from playbooks.errors import (
     CheckpointCorruptError,
@@ -121,10 +121,10 @@ class RecordKey:
 
     secret: bytes
     source: str
+    id: bytes = field(init=False, compare=False)
 
-    @property
-    def id(self) -> bytes:
-        return key_id(self.secret)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", key_id(self.secret))
 
     def __repr__(self) -> str:  # never show the secret
         return f"RecordKey(id={self.id.hex()}, source={self.source!r})"

@@ -30,7 +30,8 @@ of itself, and deletion of a whole run. docs/durability.md ("Trust model") says 
 Replay order. A snapshot written while a frame replays its journal (a resumed process snapshots a big
 namespace as soon as the throttle allows) has a higher counter than journal records it has not replayed
 yet. Such a snapshot is never used as a frame's base: a base must cover every call record written
-before it (:func:`_covers`), so unreplayed records stay visible however many kills follow.
+before it (its next call number is above theirs), so unreplayed records stay visible however many
+kills follow. Pruning applies the same rule.
 """
 
 from __future__ import annotations
@@ -100,10 +101,6 @@ def _root_number(call_id: str) -> int:
     return int(head) if head.isdigit() else -1
 
 
-def _covers(snapshot_next_seq: int, call_seq: str) -> bool:
-    """Whether a snapshot whose next call number is ``snapshot_next_seq`` already includes the call
-    ``call_seq`` (so the call's journal records before it are superseded by it)."""
-    return _root_number(call_seq) < snapshot_next_seq
 
 
 def _ranges(counters: set[int]) -> list[list[int]]:
@@ -453,7 +450,7 @@ class CheckpointManager:
         for frame_id, counters in by_frame.items():
             if frame_id in finished or frame_id == "":
                 continue
-            own = sorted(c for c in counters if self._usable_base(c, counters))
+            own = self._usable_bases(counters)
             if not own:
                 needed.update(counters)
                 continue
@@ -489,16 +486,20 @@ class CheckpointManager:
         """The ids of every stored record of this execution (files and journal entries), oldest first."""
         return [checkpoint_id(self.execution_id, c) for c in await self._stored_counters()]
 
-    def _usable_base(self, counter: int, frame_counters: list[int]) -> bool:
-        """Whether snapshot ``counter`` covers every call record of its frame written before it."""
-        entry = self._index[counter]
-        if entry.kind != "snapshot":
-            return False
-        return all(
-            _covers(entry.next_seq, self._index[c].seq)
-            for c in frame_counters
-            if c < counter and self._index[c].kind in ("intent", "result")
-        )
+    def _usable_bases(self, frame_counters: list[int]) -> list[int]:
+        """The frame's snapshots that cover every call record of the frame written before them
+        (ascending); one pass: a snapshot covers them when the highest call number so far is below
+        its next call number."""
+        usable: list[int] = []
+        highest = -1
+        for c in sorted(frame_counters):
+            entry = self._index[c]
+            if entry.kind == "snapshot":
+                if highest < entry.next_seq:
+                    usable.append(c)
+            elif entry.kind in ("intent", "result"):
+                highest = max(highest, _root_number(entry.seq))
+        return usable
 
     async def _stored_counters(self) -> list[int]:
         ids = await self.provider.list_checkpoints(self.execution_id)
@@ -696,15 +697,17 @@ class CheckpointManager:
             return None
         base: Record | None = None
         resolved: dict[str, bytes] = {}
+        # A snapshot written during a replay does not cover the journal records before it that it
+        # has not replayed: it is no base (see the module docstring, "Replay order").
+        highest, uncovered = -1, set()
+        for record in own:
+            if record.kind == "snapshot" and highest >= record.next_seq:
+                uncovered.add(record.counter)
+            elif record.kind in ("intent", "result"):
+                highest = max(highest, _root_number(record.seq))
         for record in reversed(own):
-            if record.kind != "snapshot":
+            if record.kind != "snapshot" or record.counter in uncovered:
                 continue
-            if any(
-                r.kind in ("intent", "result") and r.counter < record.counter
-                and not _covers(record.next_seq, r.seq)
-                for r in own
-            ):
-                continue  # written during a replay: journal records before it are not in it yet
             try:
                 resolved = self._resolve(record)
                 snapshot_response = self._snapshot_response(record)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import abc
 import re
-import unicodedata
 from collections.abc import Collection
 from types import TracebackType
 from typing import ClassVar
@@ -46,6 +45,7 @@ __all__ = (
 HEAD_COUNTER = 0
 """The counter under which the default head is stored; records are numbered from 1."""
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 _ID_RE = re.compile(r"^(?P<execution_id>.+)_ckpt_(?P<counter>\d+)$")
 
 
@@ -80,7 +80,7 @@ def validate_execution_id(execution_id: object) -> str:
             raise InvalidExecutionIdError(
                 f"run id {execution_id!r} contains {bad!r}: a run id is one name, not a path"
             )
-    if any(unicodedata.category(ch) == "Cc" for ch in execution_id):
+    if _CONTROL.search(execution_id):
         raise InvalidExecutionIdError(
             f"run id {execution_id!r} contains a control character (NUL, newline, ...); use printable "
             "characters only"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import fields
+from functools import cache
 from typing import Any
 
 from playbooks.checkpoints.model import FrameRef, Record, StoredVar
@@ -34,24 +35,31 @@ _BLOB_KEY = "$b"
 
 
 def encode_fields(state: dict[str, Any]) -> bytes:
-    """Encode a dict of JSON values, tuples and ``bytes`` (at any depth)."""
+    """Encode a dict of JSON values in which ``bytes`` may appear as a top-level value, as an item of
+    a top-level list, or in a list that is a value of a top-level dict (a record's variables)."""
     blobs: list[bytes] = []
 
-    def strip(value: Any) -> Any:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            blobs.append(bytes(value))
-            return {_BLOB_KEY: len(blobs) - 1}
-        if isinstance(value, (list, tuple)):
-            return [strip(v) for v in value]
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        return value
+    def blob(value: bytes | bytearray | memoryview) -> dict[str, int]:
+        blobs.append(bytes(value))
+        return {_BLOB_KEY: len(blobs) - 1}
 
-    text = json.dumps(strip(state), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    plain: dict[str, Any] = {}
+    for name, value in state.items():
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            value = blob(value)
+        elif isinstance(value, dict) and any(isinstance(v, list) for v in value.values()):
+            value = {
+                k: [blob(x) if isinstance(x, bytes) else x for x in v] if isinstance(v, list) else v
+                for k, v in value.items()
+            }
+        elif isinstance(value, list) and any(isinstance(v, bytes) for v in value):
+            value = [blob(x) if isinstance(x, bytes) else x for x in value]
+        plain[name] = value
+    text = json.dumps(plain, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     parts = [WIRE_MAGIC, _LEN.pack(len(text)), text]
-    for blob in blobs:
-        parts.append(_BLOB.pack(len(blob)))
-        parts.append(blob)
+    for item in blobs:
+        parts.append(_BLOB.pack(len(item)))
+        parts.append(item)
     return b"".join(parts)
 
 
@@ -89,21 +97,30 @@ def decode_fields(payload: bytes, where: str) -> dict[str, Any]:
         ) from exc
 
 
+@cache
+def _layout() -> tuple[tuple[str, Any], ...]:
+    """Every field of :class:`Record` with its default (``_NO_DEFAULT`` when it has none)."""
+    defaults = _defaults()
+    return tuple((f.name, defaults.get(f.name, _NO_DEFAULT)) for f in fields(Record))
+
+
+_NO_DEFAULT = object()
+
+
 def record_to_fields(record: Record) -> dict[str, Any]:
     """A record's fields that differ from their defaults, as plain values."""
-    defaults = _defaults()
     state: dict[str, Any] = {}
-    for f in fields(Record):
-        value = getattr(record, f.name)
-        if f.name in defaults and value == defaults[f.name]:
+    for name, default in _layout():
+        value = getattr(record, name)
+        if default is not _NO_DEFAULT and value == default:
             continue
-        if f.name == "call_stack":
+        if name == "call_stack":
             value = [
                 [r.frame_id, r.agent_id, r.parent_seq, r.executed_offset, r.statement] for r in value
             ]
-        elif f.name == "variables":
+        elif name == "variables":
             value = {n: [v.digest, v.size, v.data, v.host] for n, v in value.items()}
-        state[f.name] = value
+        state[name] = value
     return state
 
 

@@ -183,6 +183,7 @@ class _Journal:
     created: bool  # the file is new since the last sync: its name needs a folder fsync
     ident: tuple[int, int]  # (st_dev, st_ino) of the file we append to
     size: int  # its length after our last complete append
+    path: str
 
 
 def _split(cid: str) -> tuple[str, int]:
@@ -231,11 +232,13 @@ class _FlockLock(ExecutionLock):
         self._fd: int | None = fd
         self._on_release = on_release
         self.fd_for_head = fd
+        self.head_size = -1
 
     async def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        self.fd_for_head = -1
         self._on_release(self)
         try:
             # Explicit unlock: a forked child sharing the descriptor would otherwise keep the lock.
@@ -267,6 +270,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         # execution id -> names of records saved with sync=False and not fsynced since.
         self._pending: dict[str, set[str]] = {}
         self._locks: set[_FlockLock] = set()
+        self._lock_of: dict[str, _FlockLock] = {}  # execution id -> the lock held through this provider
         self._journals: dict[str, _Journal] = {}
         # execution id -> (lock path, (st_dev, st_ino)) of the lock this provider holds
         self._held: dict[str, tuple[str, tuple[int, int]]] = {}
@@ -492,10 +496,12 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         self._held[execution_id] = (path, (st.st_dev, st.st_ino))
         lock = _FlockLock(execution_id, fd, self._released)
         self._locks.add(lock)
+        self._lock_of[execution_id] = lock
         return lock
 
     def _released(self, lock: _FlockLock) -> None:
         self._locks.discard(lock)
+        self._lock_of.pop(lock.execution_id, None)
         self._held.pop(lock.execution_id, None)
         self._close_journal(lock.execution_id)
 
@@ -553,17 +559,18 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         except BaseException:
             os.close(fd)
             raise
-        return _Journal(fd, False, created, (st.st_dev, st.st_ino), size)
+        return _Journal(fd, False, created, (st.st_dev, st.st_ino), size, path)
 
     async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
-        _validate_execution_id(execution_id)
-        path = self._journal_path(execution_id)
-        self._check_store(execution_id)
         journal = self._journals.get(execution_id)
+        path = journal.path if journal is not None else self._journal_path(execution_id)
         try:
             if journal is None:
+                _validate_execution_id(execution_id)
+                self._check_store(execution_id)
                 journal = self._journals[execution_id] = self._open_journal(execution_id, path)
             else:
+                # One stat per append: a deleted or replaced folder or journal resolves elsewhere.
                 try:
                     st = os.stat(path)
                     current: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -600,6 +607,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         journal = self._journals.get(execution_id)
         if journal is None or not journal.unsynced:
             return
+        self._check_store(execution_id)  # before the next durable call can start
         try:
             os.fdatasync(journal.fd)
             if journal.created:
@@ -635,18 +643,22 @@ class FilesystemCheckpointProvider(CheckpointProvider):
     # ----------------------------------------------------------------- head
 
     async def write_head(self, execution_id: str, data: bytes) -> None:
-        _validate_execution_id(execution_id)
+        lock = self._lock_of.get(execution_id)
         path = os.path.join(self._folder(execution_id), _LOCK_NAME)
-        held = [lock for lock in self._locks if lock.execution_id == execution_id]
         try:
-            fd = held[0].fd_for_head if held else os.open(path, _LOCK_FLAGS, _FILE_MODE)
+            if lock is not None and lock.fd_for_head >= 0:
+                os.pwrite(lock.fd_for_head, data, _HEAD_OFFSET)
+                if lock.head_size != len(data):
+                    os.ftruncate(lock.fd_for_head, _HEAD_OFFSET + len(data))
+                    lock.head_size = len(data)
+                return
+            _validate_execution_id(execution_id)
+            fd = os.open(path, _LOCK_FLAGS, _FILE_MODE)
             try:
                 os.pwrite(fd, data, _HEAD_OFFSET)
-                if os.fstat(fd).st_size != _HEAD_OFFSET + len(data):
-                    os.ftruncate(fd, _HEAD_OFFSET + len(data))
+                os.ftruncate(fd, _HEAD_OFFSET + len(data))
             finally:
-                if not held:
-                    os.close(fd)
+                os.close(fd)
         except OSError as exc:
             raise CheckpointWriteError(f"cannot write the head in {path}: {_describe(exc)}") from exc
 
