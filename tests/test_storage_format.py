@@ -147,3 +147,28 @@ def test_uncreatable_storage_path(provider: str, tmp_path: Path) -> None:
         anyio.run(main)
     with pytest.raises(StoragePathError):
         anyio.run(manager.open)
+
+
+def test_listing_runs_and_checkpoints_unpickles_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    store = tmp_path / "store"
+    shutil.copytree(GOLDEN / f"v{FORMAT_VERSION}" / "nested", store)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("listing unpickled something")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+
+    async def main() -> None:
+        provider = FilesystemCheckpointProvider(store)
+        assert await provider.list_executions() == ["agent_1"]
+        manager = CheckpointManager("agent_1", provider, key=GOLDEN_KEY)
+        records = await manager.load_records()  # what `playbooks runs` and `checkpoints list` read
+        assert records and manager.last_statement()
+        assert {r.kind for r in records.values()} >= {"snapshot", "intent", "result"}
+        assert await manager.list_checkpoints()
+
+    anyio.run(main)
