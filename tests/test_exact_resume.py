@@ -29,7 +29,7 @@ import pytest
 
 from playbooks import Agent
 from playbooks.checkpoints import CheckpointManager, MemoryCheckpointProvider, RecoveryCoordinator
-from playbooks.checkpoints.namespace import UnrestoredValue
+from playbooks.checkpoints.namespace import ExitedTaskGroup, UnrestoredValue
 from playbooks.errors import NonDeterminismError
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 from playbooks.execution.tool_calls import current_tool_call
@@ -186,8 +186,10 @@ def canonical(namespace: dict[str, Any], skip: set[str]) -> Any:
                 return ("cell", me, "<empty>")
         if isinstance(v, BaseException):
             return ("exc", me, type(v).__name__, walk(v.args, depth + 1), walk(v.__cause__, depth + 1))
-        if isinstance(v, UnrestoredValue):  # what cannot be saved (a closed task group) is named only
+        if isinstance(v, UnrestoredValue):  # what cannot be saved is named only
             return ("ref", object.__getattribute__(v, "_type_name").rsplit(".", 1)[-1])
+        if isinstance(v, ExitedTaskGroup):
+            return ("ref", v.type_name.rsplit(".", 1)[-1])
         module = type(v).__module__.split(".")[0]
         if hasattr(v, "result") and hasattr(v, "done") and v.done() and not v.cancelled():
             return ("task", walk(v.result(), depth + 1))
@@ -573,3 +575,28 @@ def test_a_resume_under_another_hash_seed_is_explained_and_resume_hash_seed_fixe
     data = json.loads(fixed.stdout.strip().splitlines()[-1])
     assert sorted(data["seen"]) == ["alice", "bob", "carol", "dave", "eve"]
     assert len(data["calls"]) == 3  # two replayed; the one in flight and the last two run live
+
+
+async def test_finished_tasks_and_exited_task_groups_come_back_as_stand_ins(anyio_backend: str) -> None:
+    """``async with TaskGroup() as tg`` and ``t = create_task(...)`` leave objects that cannot be
+    pickled in the namespace; after a resume they are stand-ins that answer what they still can."""
+    if anyio_backend == "asyncio":
+        code = """
+        async def two(i):
+            return await Work(i) * 2
+        t = asyncio.create_task(two(1))
+        r = await t
+        async with asyncio.TaskGroup() as tg:
+            t2 = tg.create_task(two(2))
+        after = await Work(3)
+        """
+    else:
+        code = """
+        async def two(i, out):
+            out.append(await Work(i) * 2)
+        out = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(two, 2, out)
+        after = await Work(3)
+        """
+    await check_every_kill(code)

@@ -29,9 +29,18 @@ FROZEN_GLOBALS: frozenset[str] = frozenset(
     {
         # functions and classes of the LLM's code (cloudpickle by value) come back through this
         "playbooks.checkpoints.namespace:_restore_function",
+        # closure cells (shared between closures), tools referred to by alias, placeholders
+        "playbooks.checkpoints.namespace:_empty_cell",
+        "playbooks.checkpoints.namespace:_fill_cell",
+        "playbooks.checkpoints.namespace:_live_bound",
+        "playbooks.checkpoints.namespace:UnrestoredValue",
+        # tasks and task groups of the LLM's code, as they come back after a resume
+        "playbooks.checkpoints.namespace:FinishedTask",
+        "playbooks.checkpoints.namespace:ExitedTaskGroup",
         # exceptions raised by tools and by the LLM's code
         "playbooks.checkpoints.outcome:rebuild_exception",
         "playbooks.checkpoints.outcome:restore_exception_state",
+        "playbooks.checkpoints.outcome:StoredExceptionStandIn",
         "playbooks.errors:_rebuild_error",
         "playbooks.errors:CodeExecutionError",
         "playbooks.errors:CodeSyntaxError",

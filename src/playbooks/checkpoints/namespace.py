@@ -45,6 +45,7 @@ from playbooks.errors import UnpicklableValueError, UnrestoredValueError
 
 __all__ = (
     "EncodedNamespace",
+    "ExitedTaskGroup",
     "FinishedTask",
     "NamespaceEncoder",
     "SHARED_PREFIX",
@@ -293,8 +294,35 @@ class FinishedTask:
         return f"<finished task {self._name!r}>"
 
 
-def _rebuild_finished_task(result: Any, exception: BaseException | None, name: str) -> FinishedTask:
-    return FinishedTask(result, exception, name)
+class ExitedTaskGroup:
+    """A task group (asyncio, anyio or a trio nursery) left in a variable by ``async with ... as tg``,
+    as it comes back after a resume: it had exited (a snapshot is never taken while a task of the
+    LLM's code runs), so it can start nothing; it only says what it was."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def __repr__(self) -> str:
+        return f"<exited {self.type_name}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ExitedTaskGroup, (self.type_name,))
+
+
+_TASK_GROUP_TYPES = {
+    ("asyncio.taskgroups", "TaskGroup"),
+    ("anyio._backends._asyncio", "TaskGroup"),
+    ("anyio._backends._trio", "TaskGroup"),
+    ("trio._core._run", "Nursery"),
+    ("trio", "Nursery"),
+}
+
+
+def _is_task_group(obj: Any) -> bool:
+    cls = type(obj)
+    return (cls.__module__, cls.__qualname__) in _TASK_GROUP_TYPES
 
 
 def _finished_task(obj: Any) -> tuple[Any, ...] | None:
@@ -307,7 +335,7 @@ def _finished_task(obj: Any) -> tuple[Any, ...] | None:
         return None
     name = obj.get_name() if isinstance(obj, asyncio.Task) else "future"
     exception = obj.exception()
-    return (_rebuild_finished_task, (None if exception is not None else obj.result(), exception, name))
+    return (FinishedTask, (None if exception is not None else obj.result(), exception, name))
 
 
 def _tool_name(value: Any) -> str | None:
@@ -351,6 +379,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         finished = _finished_task(obj)
         if finished is not None:
             return finished
+        if _is_task_group(obj):
+            return (ExitedTaskGroup, (_type_name(obj),))
         if isinstance(obj, type) and obj.__module__ == self._module_name:
             # Pickling an instance caches ``__slotnames__`` on its class; do it before the class is
             # pickled, so that the class's pickle (and digest) does not change after its first snapshot.
