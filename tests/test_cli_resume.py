@@ -16,12 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from playbooks.program import load_program
+from test_cli_kill_injection import python_calls
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +58,6 @@ def _killed_after_line(name: str, folder: Path, k: int) -> tuple[str, str, int]:
     return stdout, "".join(seen) + rest, proc.returncode
 
 
-def _tool_calls(stderr: str, tools: set[str]) -> Counter[str]:
-    """Live calls of python playbooks, from the verbose progress lines ``> Agent.Tool(args)``."""
-    calls: Counter[str] = Counter()
-    for line in stderr.splitlines():
-        match = re.search(r"> (\w+)\.(\w+)\((.*)\)$", line)
-        if match and match.group(2) in tools:
-            calls[f"{match.group(2)}({match.group(3)})"] += 1
-    return calls
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_sigkill_after_every_line_then_resume(name: str, tmp_path: Path) -> None:
     program = load_program(EXAMPLES / f"{name}.pb")
@@ -82,7 +72,7 @@ def test_sigkill_after_every_line_then_resume(name: str, tmp_path: Path) -> None
     assert reference.returncode == 0, reference.stderr
     lines = reference.stderr.splitlines()
     returned = [line for line in lines if re.search(r"^(\[\w+\] )?< \w+\.Main returned", line)]
-    reference_calls = _tool_calls(reference.stderr, tools)
+    reference_calls = python_calls(reference.stderr, tools)
     done_at = next(i for i, line in enumerate(lines) if line.startswith("done:"))
     for k in range(1, done_at + 1):  # every line before "done:" (after it the run has completed)
         folder = tmp_path / f"kill-{k}"
@@ -102,7 +92,7 @@ def test_sigkill_after_every_line_then_resume(name: str, tmp_path: Path) -> None
         for line in returned:
             assert line in resumed.stderr.splitlines(), f"{where}: {line!r} missing"
         in_flight = [line for line in resumed.stderr.splitlines() if "was running when the process stopped" in line]
-        calls = _tool_calls(killed_err, tools) + _tool_calls(resumed.stderr, tools)
+        calls = python_calls(killed_err, tools) + python_calls(resumed.stderr, tools)
         for call, count in calls.items():
             extra = count - reference_calls[call]
             if extra > 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -363,6 +364,7 @@ async def _main(
                 else:
                     _warn(f"{call.call} was running when the process stopped; it may have run and runs "
                           f"again (idempotency key {call.idempotency_key})")
+    _arm_kill_switch(manager)
     runtime.manager = manager
     try:
         with warnings.catch_warnings():
@@ -374,6 +376,41 @@ async def _main(
             return await runtime.run(**kwargs)
     finally:
         await manager.close()
+
+
+KILL_SWITCH_ENV = "PLAYBOOKS_TEST_KILL_AT_RECORD"
+"""A test hook: ``after:N`` (or ``before:N``) makes the process SIGKILL itself just after (before) its
+N-th durable record write (journal append or checkpoint file), so tests can kill a run exactly at
+every record."""
+
+
+def _arm_kill_switch(manager: CheckpointManager) -> None:
+    spec = os.environ.get(KILL_SWITCH_ENV)
+    if not spec:
+        return
+    when, _, number = spec.partition(":")
+    if when not in ("after", "before") or not number.isdigit():
+        _warn(f"{KILL_SWITCH_ENV}={spec!r} is not after:N or before:N; ignored")
+        return
+    target = int(number)
+    provider = manager.provider
+    writes = 0
+
+    def wrap(method: Any) -> Any:
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            nonlocal writes
+            writes += 1
+            if writes == target and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = await method(*args, **kwargs)
+            if writes == target and when == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        return write
+
+    for name in ("append_journal", "save_checkpoint"):
+        setattr(provider, name, wrap(getattr(provider, name)))
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

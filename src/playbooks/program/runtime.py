@@ -368,6 +368,7 @@ class PlaybookFrame:
     returned: bool = False
     return_value: Any = None
     llm_calls: int = 0
+    turn_ran: bool = False
     children: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
 
@@ -444,6 +445,8 @@ class _TurnOutcome:
     returned: bool
     return_value: Any
     report: ResponseReport
+    frame_id: str = ""
+    """The durable frame that ran the response: its final snapshot holds what the code assigned."""
 
 
 class ProgramRuntime:
@@ -571,7 +574,9 @@ class ProgramRuntime:
         playbook by name goes through the runtime like LLM code does.
         """
         path = self.program.path
-        tools = {name: fn for name, fn in agent.tools.items() if name != "print" and "." not in name}
+        tools = {
+            name: _frame_tool(name, fn) for name, fn in agent.tools.items() if name != "print" and "." not in name
+        }
         namespace: dict[str, Any] = {
             "__name__": f"playbooks_agent_{agent.name}",
             "__file__": path,
@@ -735,11 +740,49 @@ class ProgramRuntime:
         return value
 
     async def _run_python(self, frame: PlaybookFrame, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """Await a python playbook. In a durable run it is a frame of its own: the built-ins, playbooks
+        and tools it calls are journaled calls of that frame, so after a crash it runs again from its
+        start with its finished calls replayed (nothing said twice), and a call that had finished
+        returns its stored outcome without running at all."""
         function = frame.agent.functions[frame.spec.name]
+        executor = self._python_executor(frame)
+        if executor is None:
+            try:
+                return await function(*args, **kwargs)
+            except PlaybookReturn as returned:
+                return returned.value
+        if executor.finished:  # it had finished before the crash: its outcome is in its final snapshot
+            return _stored_outcome(frame, executor.namespace)
         try:
-            return await function(*args, **kwargs)
+            value = await function(*args, **kwargs)
         except PlaybookReturn as returned:
-            return returned.value
+            value = returned.value
+        except Exception as exc:
+            if not isinstance(exc, InterpreterError):
+                executor.namespace[_OUTCOME] = ("raise", _pickled(exc))
+                await executor.finalize()
+            raise
+        executor.namespace[_OUTCOME] = ("value", _pickled(value))
+        await executor.finalize()
+        return value
+
+    def _python_executor(self, frame: PlaybookFrame) -> StreamingPythonExecutor | None:
+        """The durable frame of a python playbook call (``None`` when the run is not durable).
+
+        No code is fed to it: it only journals the calls the function makes, through its bound tools,
+        which the function's globals reach by name (see :func:`_frame_tool`) and agent handles through
+        the frame's namespace. A start playbook's frame is named after its agent; a nested one derives
+        from the call that runs it.
+        """
+        if self.manager is None:
+            return None
+        explicit = frame.agent.name if current_durable_call() is None else None
+        executor = StreamingPythonExecutor(
+            frame.agent, namespace={}, checkpoint_manager=self.manager, frame_id=explicit
+        )
+        executor.namespace.update(self._handles(frame.agent))
+        frame.namespace = executor.namespace
+        return executor
 
     async def _run_markdown(self, frame: PlaybookFrame) -> Any:
         """The LLM loop of a markdown playbook; return what its code passed to ``Return``."""
@@ -761,7 +804,10 @@ class ProgramRuntime:
         while loop["number"] < self.max_llm_calls:
             number = loop["number"] + 1
             if scope is not None:
+                frame.turn_ran = False
                 outcome: _TurnOutcome = await scope.bound[_TURN](number)
+                if not frame.turn_ran:
+                    self._restore_turn(frame, outcome)
             else:
                 outcome = await self._turn(frame, number)
             messages = loop["messages"] + [Message("assistant", outcome.response)]
@@ -808,6 +854,28 @@ class ProgramRuntime:
             playbook=spec.name,
         )
 
+    def _restore_turn(self, frame: PlaybookFrame, outcome: _TurnOutcome) -> None:
+        """Give the namespace what a turn replayed from the journal had assigned.
+
+        The turn's result record can be the last record before a crash: the playbook's own snapshot
+        (taken after the turn) is then missing, and the variables the response's code assigned are only
+        in the final snapshot of the frame that ran it. Re-attaching to that finished frame restores
+        them into the shared namespace; nothing runs again.
+        """
+        assert self.manager is not None
+        if not outcome.frame_id:
+            return
+        if outcome.frame_id not in self.manager.loaded_frame_ids():
+            raise PlaybookRunError(
+                f"the checkpoints of LLM call {frame.llm_calls or '?'} of {frame.agent.name}.{frame.spec.name} "
+                f"(frame {outcome.frame_id!r}) are missing: the variables its code assigned cannot be restored",
+                agent=frame.agent.name,
+                playbook=frame.spec.name,
+            )
+        StreamingPythonExecutor(
+            frame.agent, namespace=frame.namespace, checkpoint_manager=self.manager, frame_id=outcome.frame_id
+        )
+
     def _new_scope(self, frame: PlaybookFrame) -> StreamingPythonExecutor | None:
         """The durable frame of one markdown playbook call (``None`` when the run is not durable).
 
@@ -837,6 +905,7 @@ class ProgramRuntime:
         frame.namespace.pop(_RETURNED, None)
         frame.returned = False
         frame.llm_calls = number
+        frame.turn_ran = True
         self.llm_calls += 1
         request = LLMRequest(list(frame.namespace[_LOOP]["messages"]), model=self.model, temperature=self.temperature)
         self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
@@ -844,11 +913,12 @@ class ProgramRuntime:
         result = await self._run_response(frame, executor, request)
         returned = _RETURNED in frame.namespace
         return _TurnOutcome(
-            response=result.response,
+            response=_response_seen(result),
             error=result.error,
             returned=returned,
             return_value=frame.namespace[_RETURNED] if returned else None,
             report=self._report(frame, result),
+            frame_id=executor.frame_id if self.manager is not None else "",
         )
 
     async def _run_response(
@@ -864,11 +934,19 @@ class ProgramRuntime:
         chunks = self._stream_llm(request) if not executor.response else self._continue_llm(request, executor.response)
         try:
             if self.stream:
+                tail: int | None = None  # characters read after Return, to let the stream end cleanly
                 async for chunk in chunks:
+                    if tail is not None:
+                        tail += len(chunk)
+                        if tail > _TAIL_AFTER_RETURN:
+                            break
+                        continue
                     try:
                         await executor.add_chunk(chunk)
-                    except LLMCodeError:
-                        break
+                    except LLMCodeError as exc:
+                        if not _returned(exc):
+                            break
+                        tail = 0  # usually just the closing fence: read it, so a recording is complete
             else:
                 text = "".join([chunk async for chunk in chunks])
                 try:
@@ -1149,6 +1227,73 @@ class ProgramRuntime:
             return
         text = (" " if sep is None else sep).join(str(value) for value in values)
         self._emit(Printed(frame.agent.name, frame.spec.name, text, frame.depth))
+
+
+_OUTCOME = "__playbook_outcome__"
+_TAIL_AFTER_RETURN = 400
+
+
+def _pickled(value: Any) -> bytes | None:
+    """``value`` pickled for a python playbook's final snapshot (``None`` if it cannot be)."""
+    import cloudpickle
+
+    try:
+        return bytes(cloudpickle.dumps(value))
+    except Exception:
+        return None
+
+
+def _stored_outcome(frame: PlaybookFrame, namespace: Mapping[str, Any]) -> Any:
+    """What a python playbook that had finished before a crash returned (or raised)."""
+    import pickle
+
+    kind, data = namespace.get(_OUTCOME, ("value", None))
+    if data is None:
+        raise PlaybookRunError(
+            f"python playbook {frame.agent.name}.{frame.spec.name} had finished before the crash, but what it "
+            "returned could not be saved, so it cannot be given again without running it twice",
+            agent=frame.agent.name,
+            playbook=frame.spec.name,
+        )
+    value = pickle.loads(data)
+    if kind == "raise" and isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _response_seen(result: ExecutionResult) -> str:
+    """The response as the conversation keeps it: whole, or, when its code failed, up to the end of
+    the line where the failing statement ends. What arrived after that depends on how the endpoint cut
+    its stream into chunks; leaving it out keeps the next request the same however the text was cut
+    (so a recorded cassette replays at any chunk size)."""
+    error, text = result.error, result.response
+    if error is None:
+        return text
+    start = text.find(error.statement, result.executed_offset) if error.statement else -1
+    if start >= 0:
+        end = start + len(error.statement)
+    elif error.lineno is not None:
+        end = sum(len(line) for line in text.splitlines(keepends=True)[: error.lineno])
+    else:
+        return text
+    newline = text.find("\n", end)
+    return text if newline < 0 else text[: newline + 1]
+
+
+def _frame_tool(name: str, tool: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A tool as python playbooks see it in their globals: in a durable run, the running frame's
+    bound (journaled) tool of that name; otherwise the tool itself."""
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        frame = _CURRENT_FRAME.get()
+        bound = frame.namespace.get(name) if frame is not None else None
+        if bound is None or getattr(bound, "__playbooks_tool__", None) != name:
+            bound = tool
+        return await bound(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = tool.__doc__
+    return call
 
 
 def _bind_arguments(spec: PlaybookSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""``playbooks run`` killed exactly before and exactly after its N-th durable record, then ``--resume``.
+
+The test hook ``PLAYBOOKS_TEST_KILL_AT_RECORD=after:N`` (``before:N``) makes the process SIGKILL itself
+just after (before) its N-th record write (a journal append or a checkpoint file). For every example
+program, including ``reporter.pb`` whose python playbooks say several lines and call a markdown
+playbook, and for N = 1, 2, ... until the run completes without being killed, a fresh run is killed at
+record N and ``--resume`` finishes it. Then:
+
+* the resumed run succeeds and returns what the uninterrupted run returned (no variable of a finished
+  statement is lost: a lost one fails the next response's code or changes its requests);
+* the two runs' standard output together is the uninterrupted run's output: no line lost, none twice,
+  except the line of a ``Say`` that the resume reports as in flight at the kill (it may have been shown;
+  it runs again with its idempotency key, as docs/durability.md says);
+* no python playbook runs more often than in the reference, except a call reported in flight.
+
+CI runs every ``STRIDE``-th record (set ``PLAYBOOKS_KILL_INJECTION_STRIDE=1`` for every record).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from playbooks.program import load_program
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NAMES = ("orders", "nested", "two_agents", "reporter")
+STRIDE = int(os.environ.get("PLAYBOOKS_KILL_INJECTION_STRIDE", "17"))
+KILL_ENV = "PLAYBOOKS_TEST_KILL_AT_RECORD"
+
+
+def _env(kill: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    if kill is not None:
+        env[KILL_ENV] = kill
+    return env
+
+
+def _run(folder: Path, name: str, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "playbooks.cli", "run", f"{name}.pb", "--verbose", *extra],
+        cwd=folder, env=_env(kill), text=True, capture_output=True, timeout=60,
+    )
+
+
+def _copy(name: str, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for suffix in (".pb", ".cassette.json"):
+        shutil.copy(EXAMPLES / f"{name}{suffix}", folder)
+
+
+def _in_flight(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "was running when the process stopped" in line]
+
+
+def same_output(got: str, want: str, resumed_stderr: str) -> bool:
+    """``got`` is ``want``, except that a line whose ``Say`` was reported in flight may appear twice."""
+    if got == want:
+        return True
+    lines = got.splitlines()
+    for report in _in_flight(resumed_stderr):
+        match = re.search(r"warning: Say\('user', (.*)\) was running when the process stopped", report)
+        if match is None:
+            continue
+        said = ast.literal_eval(match.group(1))
+        seen = [i for i, line in enumerate(lines) if line == said]
+        if len(seen) >= 2:
+            del lines[seen[1]]
+    return lines == want.splitlines()
+
+
+def python_calls(stderr: str, tools: set[str]) -> Counter[str]:
+    calls: Counter[str] = Counter()
+    for line in stderr.splitlines():
+        match = re.search(r"> (\w+)\.(\w+)\((.*)\)$", line)
+        if match and match.group(2) in tools:
+            calls[f"{match.group(2)}({match.group(3)})"] += 1
+    return calls
+
+
+def kill_trial(name: str, folder: Path, kill: str, reference: subprocess.CompletedProcess[str]) -> str | None:
+    """Kill a run at ``kill`` and resume it; ``None`` if the run completed unkilled, else a verdict
+    (``""`` when the trial matched the reference, otherwise what differed)."""
+    program = load_program(EXAMPLES / f"{name}.pb")
+    tools = {p.name for agent in program.agents for p in agent.playbooks.values() if p.kind == "python"}
+    _copy(name, folder)
+    killed = _run(folder, name, kill=kill)
+    if killed.returncode == 0:
+        return None
+    assert killed.returncode == -9, killed.stderr
+    resumed = _run(folder, name, "--resume")
+    where = f"{name} killed {kill}"
+    if resumed.returncode != 0:
+        return f"{where}: the resume failed:\n{resumed.stderr[-2000:]}"
+    if not same_output(killed.stdout + resumed.stdout, reference.stdout, resumed.stderr):
+        return f"{where}: output\n{killed.stdout}---\n{resumed.stdout}"
+    for line in reference.stderr.splitlines():
+        if re.search(r"^(\[\w+\] )?< \w+\.Main returned", line) and line not in resumed.stderr.splitlines():
+            return f"{where}: {line!r} missing"
+    want = python_calls(reference.stderr, tools)
+    got = python_calls(killed.stderr, tools) + python_calls(resumed.stderr, tools)
+    reported = _in_flight(resumed.stderr)
+    for call, count in got.items():
+        extra = count - want[call]
+        if extra > sum(call.split("(")[0] in line for line in reported):
+            return f"{where}: {call} ran {count} times, {want[call]} in the reference"
+    return ""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kill_before_and_after_every_record_then_resume(name: str, tmp_path: Path) -> None:
+    reference_dir = tmp_path / "reference"
+    _copy(name, reference_dir)
+    reference = _run(reference_dir, name)
+    assert reference.returncode == 0, reference.stderr
+    failures: list[str] = []
+    trials = 0
+    for mode in ("after", "before"):
+        n = 1 if mode == "after" else 1 + STRIDE // 2
+        while True:
+            verdict = kill_trial(name, tmp_path / f"{mode}-{n}", f"{mode}:{n}", reference)
+            if verdict is None:
+                break
+            trials += 1
+            if verdict:
+                failures.append(verdict)
+            n += STRIDE
+    assert trials > 0
+    assert not failures, f"{len(failures)} of {trials} trials differ:\n" + "\n\n".join(failures[:3])
