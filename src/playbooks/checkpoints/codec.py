@@ -206,7 +206,12 @@ def resolve_key(key: str | bytes | None = None, *, env_var: str = KEY_ENV_VAR) -
     return RecordKey(raw, "the key passed to CheckpointManager(key=...)")
 
 
+_ONE_SHOT = 1 << 16  # below this, joining header and payload for hmac.digest is cheaper than hmac.new
+
+
 def _digest(header: bytes | memoryview, payload: bytes | memoryview, secret: bytes) -> bytes:
+    if len(payload) < _ONE_SHOT:
+        return hmac.digest(secret, b"".join((header, payload)), "sha256")
     h = hmac.new(secret, header, hashlib.sha256)
     h.update(payload)
     return h.digest()

@@ -280,15 +280,24 @@ class CheckpointManager:
         survive a killed process at once. A failed write raises
         :class:`~playbooks.errors.CheckpointWriteError` and leaves earlier records intact.
         """
+        before = self._tip
         data = self._encode(record.counter, encode_fields(record_to_fields(record)))
         snapshot = record.kind == "snapshot"
         in_journal = not snapshot or (not sync and len(data) <= _JOURNAL_SNAPSHOT_MAX)
-        if in_journal:
-            await self.provider.append_journal(self.execution_id, record.counter, data)
-            self._unsynced = True
-        else:
-            cid = checkpoint_id(self.execution_id, record.counter)
-            await self.provider.save_checkpoint(cid, data, sync=sync)
+        try:
+            if in_journal:
+                await self.provider.append_journal(self.execution_id, record.counter, data)
+                self._unsynced = True
+            else:
+                cid = checkpoint_id(self.execution_id, record.counter)
+                await self.provider.save_checkpoint(cid, data, sync=sync)
+        except BaseException:
+            # Not stored: the next record must not name it as its predecessor (a resume would
+            # report it lost).
+            if self._tip is not None and self._tip[0] == record.counter:
+                self._tip = before
+            self._places.pop(record.counter, None)
+            raise
         self._index[record.counter] = _IndexEntry(
             record.kind, record.frame_id, frozenset(record.hosts), record.done, in_journal,
             durable=sync or in_journal, seq=record.seq, next_seq=record.next_seq,

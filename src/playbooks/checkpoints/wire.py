@@ -32,6 +32,7 @@ WIRE_MAGIC = b"PBW1"
 _LEN = struct.Struct(">I")
 _BLOB = struct.Struct(">Q")
 _BLOB_KEY = "$b"
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 
 
 def encode_fields(state: dict[str, Any]) -> bytes:
@@ -55,7 +56,7 @@ def encode_fields(state: dict[str, Any]) -> bytes:
         elif isinstance(value, list) and any(isinstance(v, bytes) for v in value):
             value = [blob(x) if isinstance(x, bytes) else x for x in value]
         plain[name] = value
-    text = json.dumps(plain, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text = _ENCODER.encode(plain).encode("utf-8")
     parts = [WIRE_MAGIC, _LEN.pack(len(text)), text]
     for item in blobs:
         parts.append(_BLOB.pack(len(item)))
