@@ -211,3 +211,16 @@ def test_new_lineages_differ() -> None:
 def test_large_payload_roundtrip() -> None:
     payload = bytes(range(256)) * 40_000  # ~10 MB
     assert _decode(_encode(payload)) == payload
+
+
+def test_head_roundtrip_and_damage() -> None:
+    from playbooks.checkpoints.codec import decode_head, encode_head
+
+    head = encode_head(LINEAGE, 42, b"d" * 32)
+    assert decode_head(head) == (LINEAGE, 42, b"d" * 32)
+    with pytest.raises(CheckpointCorruptError, match="not a checkpoint head"):
+        decode_head(head[:-1])
+    newer = bytearray(head)
+    newer[4] = FORMAT_VERSION + 1
+    with pytest.raises(CheckpointFormatError, match="version"):
+        decode_head(bytes(newer))

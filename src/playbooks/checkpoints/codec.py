@@ -13,7 +13,7 @@ Layout of a record, format version 2 (all integers big-endian)::
     6       8     payload length in bytes
     14      8     key id: the first 8 bytes of SHA-256(b"playbooks key id\\0" + key)
     22      16    lineage: random id of this execution's history in this store
-    38      8     counter: the record's number in its execution (0 for the head)
+    38      8     counter: the record's number in its execution (from 1)
     46      8     previous counter: the record written just before this one (0: none)
     54      32    previous digest: that record's digest (zeros: none)
     86      2     length e of the execution id
@@ -63,14 +63,17 @@ __all__ = (
     "MAGIC",
     "Place",
     "RecordKey",
+    "decode_head",
     "decode_record",
     "default_key_file",
+    "encode_head",
     "encode_record",
     "header_size",
     "key_id",
     "new_lineage",
     "read_place",
     "resolve_key",
+    "seal",
 )
 
 MAGIC = b"PBCK"
@@ -224,12 +227,49 @@ def encode_record(payload: bytes, *, key: RecordKey, place: Place) -> tuple[byte
         raise ValueError(f"execution id is too long ({len(eid)} bytes, at most {_MAX_ID})")
     if len(place.lineage) != LINEAGE_SIZE or len(place.prev_digest) != DIGEST_SIZE:
         raise ValueError("a record's lineage must be 16 bytes and its previous digest 32 bytes")
+    return seal(payload, key, eid, place.counter, place.lineage, place.prev_counter, place.prev_digest)
+
+
+def seal(
+    payload: bytes, key: RecordKey, eid: bytes, counter: int, lineage: bytes, prev_counter: int,
+    prev_digest: bytes,
+) -> tuple[bytes, bytes]:
+    """:func:`encode_record` without the checks, for a writer that made its arguments itself (the
+    manager, once per record); ``eid`` is the execution id in UTF-8."""
     header = _FIXED.pack(
-        MAGIC, FORMAT_VERSION, 0, len(payload), key.id, place.lineage, place.counter,
-        place.prev_counter, place.prev_digest, len(eid),
+        MAGIC, FORMAT_VERSION, 0, len(payload), key.id, lineage, counter, prev_counter, prev_digest,
+        len(eid),
     ) + eid
     digest = _digest(header, payload, key.secret)
     return b"".join((header, digest, payload)), digest
+
+
+_HEAD = struct.Struct(">4sB16sQ32s")
+_HEAD_MAGIC = b"PBHD"
+
+
+def encode_head(lineage: bytes, counter: int, digest: bytes) -> bytes:
+    """An execution's head: its lineage and its newest record (counter and digest).
+
+    The head is not signed: it only points at a record, whose own digest (an HMAC) the reader
+    compares with the one named here, so a forged head can only name a record that exists (which
+    looks like a rollback) or fail to match (which is reported).
+    """
+    return _HEAD.pack(_HEAD_MAGIC, FORMAT_VERSION, lineage, counter, digest)
+
+
+def decode_head(data: bytes) -> tuple[bytes, int, bytes]:
+    """``(lineage, counter, digest)`` of a head; raise
+    :class:`~playbooks.errors.CheckpointCorruptError` (or its ``CheckpointFormatError``) if it is not one."""
+    if len(data) != _HEAD.size or data[:4] != _HEAD_MAGIC:
+        raise CheckpointCorruptError(f"not a checkpoint head ({len(data)} bytes starting {data[:4]!r})")
+    _, version, lineage, counter, digest = _HEAD.unpack(data)
+    if version != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"checkpoint head has format version {version}, and this playbooks reads version "
+            f"{FORMAT_VERSION}"
+        )
+    return lineage, counter, digest
 
 
 def read_place(data: bytes | memoryview) -> tuple[Place, int]:

@@ -12,8 +12,8 @@ Theory of operation: records bound to their place
 Every record is signed (:mod:`playbooks.checkpoints.codec`) together with its place: the execution id,
 its counter, the *lineage* (a random id of this execution's history in this store, chosen at its first
 write and kept by every resume) and its predecessor (the counter and digest of the record written just
-before it). After every write the manager rewrites the execution's *head*, a signed record naming the
-newest record. Pruning first appends a *tombstone* listing every counter it deletes. Loading then
+before it). After every write the manager rewrites the execution's *head*, which names the newest
+record by counter and digest. Pruning first appends a *tombstone* listing every counter it deletes. Loading then
 checks, before anything is unpickled:
 
 * each record where it was found (a record of another run, or of the same run id in another store or
@@ -48,10 +48,12 @@ from playbooks.checkpoints.codec import (
     KEY_ENV_VAR,
     Place,
     RecordKey,
+    decode_head,
     decode_record,
-    encode_record,
+    encode_head,
     new_lineage,
     resolve_key,
+    seal,
 )
 from playbooks.checkpoints.model import (
     Checkpoint,
@@ -174,9 +176,11 @@ class CheckpointManager:
         self._tip: tuple[int, bytes] | None = None  # the record written last: (counter, digest)
         self._head_counter = 0
         self._places: dict[int, Place] = {}  # verified places of the loaded records
+        self._written: dict[int, bytes] = {}  # digests of the records this manager wrote
         self._tombstones: dict[int, set[int]] = {}  # tombstone counter -> the counters it lists
         self._pruned: set[int] = set()
         self._checked = False
+        self._eid = b""
         self._unreadable: set[int] = set()  # stored but failed verification (already reported)
         self._lock: ExecutionLock | None = None
         self._next_counter: int | None = None
@@ -254,6 +258,7 @@ class CheckpointManager:
             if self._places:
                 newest = max(self._places)
                 self._tip = (newest, self._places[newest].digest)
+            self._eid = self.execution_id.encode("utf-8")
             self._next_counter = (max(counters) + 1) if counters else 1
             self._stale = set(counters) - set(self._records) - set(self._index)
             if self._stale:
@@ -296,7 +301,7 @@ class CheckpointManager:
             # report it lost).
             if self._tip is not None and self._tip[0] == record.counter:
                 self._tip = before
-            self._places.pop(record.counter, None)
+            self._written.pop(record.counter, None)
             raise
         self._index[record.counter] = _IndexEntry(
             record.kind, record.frame_id, frozenset(record.hosts), record.done, in_journal,
@@ -309,15 +314,9 @@ class CheckpointManager:
         if self._lineage is None:
             raise RuntimeError("CheckpointManager.open() must be awaited before writing")
         prev_counter, prev_digest = self._tip if self._tip is not None else (0, bytes(32))
-        data, digest = encode_record(
-            payload,
-            key=self._key,
-            place=Place(self.execution_id, counter, self._lineage, prev_counter, prev_digest),
-        )
+        data, digest = seal(payload, self._key, self._eid, counter, self._lineage, prev_counter, prev_digest)
         self._tip = (counter, digest)
-        self._places[counter] = Place(
-            self.execution_id, counter, self._lineage, prev_counter, prev_digest, digest, self._key.id
-        )
+        self._written[counter] = digest
         return data
 
     async def _write_head(self, counter: int) -> None:
@@ -325,12 +324,9 @@ class CheckpointManager:
         if counter <= self._head_counter or self._lineage is None:
             return
         self._head_counter = counter
-        head, _ = encode_record(
-            b"",
-            key=self._key,
-            place=Place(self.execution_id, HEAD_COUNTER, self._lineage, counter, self._places[counter].digest),
+        await self.provider.write_head(
+            self.execution_id, encode_head(self._lineage, counter, self._written[counter])
         )
-        await self.provider.write_head(self.execution_id, head)
 
     async def sync(self) -> None:
         """Make the journal durable (one fsync) before a new durable call starts."""
@@ -552,7 +548,7 @@ class CheckpointManager:
                 self._report(f"checkpoint {cid} is unreadable and was skipped: {exc}")
         if self._lineage is None:
             if head is not None:
-                self._lineage = head.lineage
+                self._lineage = head[0]
             elif found:
                 self._lineage = found[max(found)][0].lineage
                 if first_load:
@@ -596,19 +592,18 @@ class CheckpointManager:
                 ),
             )
             self._stale.discard(counter)
-        if found or self._places:
+        if found or self._places or self._written:
             self._check_chain(head)  # (no record at all: the run was cleared or never wrote)
         return self._records
 
-    async def _read_head(self) -> Place | None:
-        """The verified head, or ``None`` (reported when it exists but does not verify)."""
+    async def _read_head(self) -> tuple[bytes, int, bytes] | None:
+        """The head, ``(lineage, newest counter, its digest)``, or ``None`` (reported when it exists
+        but cannot be read)."""
         data = await self.provider.read_head(self.execution_id)
         if data is None:
             return None
         try:
-            place, _ = decode_record(data, key=self._key, execution_id=self.execution_id, counter=HEAD_COUNTER)
-        except CheckpointKeyError as exc:
-            raise CheckpointKeyError(f"cannot read the head of execution {self.execution_id!r}: {exc}") from None
+            return decode_head(data)
         except CheckpointFormatError as exc:
             raise CheckpointFormatError(f"cannot read the head of execution {self.execution_id!r}: {exc}") from None
         except CheckpointCorruptError as exc:
@@ -617,24 +612,27 @@ class CheckpointManager:
                 "rolled-back store cannot be detected"
             )
             return None
-        return place
 
-    def _check_chain(self, head: Place | None) -> None:
+    def _digest_of(self, counter: int) -> bytes | None:
+        place = self._places.get(counter)
+        return place.digest if place is not None else self._written.get(counter)
+
+    def _check_chain(self, head: tuple[bytes, int, bytes] | None) -> None:
         """Report records that a verified record (or the head) names but that are neither here nor
         pruned: they were lost to a truncation or a rollback."""
         named: dict[int, tuple[bytes, str]] = {}
-        if head is not None and head.lineage == self._lineage:
-            named[head.prev_counter] = (head.prev_digest, "the head")
+        if head is not None and head[0] == self._lineage:
+            named[head[1]] = (head[2], "the head")
         for counter, place in self._places.items():
             if place.prev_counter:
                 named.setdefault(place.prev_counter, (place.prev_digest, f"record {counter}"))
         missing: set[int] = set()
         for counter, (digest, by) in named.items():
-            stored = self._places.get(counter)
+            stored = self._digest_of(counter)
             if stored is None:
                 if counter not in self._pruned and counter not in self._unreadable:
                     missing.add(counter)
-            elif stored.digest != digest:
+            elif stored != digest:
                 self._report(
                     f"checkpoint {checkpoint_id(self.execution_id, counter)} is not the record that "
                     f"{by} follows: it was replaced by another copy"
