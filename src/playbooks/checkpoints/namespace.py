@@ -41,6 +41,7 @@ import cloudpickle
 
 from playbooks.checkpoints.model import StoredVar
 from playbooks.checkpoints.outcome import reduce_exception
+from playbooks.checkpoints.set_order import canonicalize_sets, may_hold_sets
 from playbooks.errors import UnpicklableValueError, UnrestoredValueError
 
 __all__ = (
@@ -599,7 +600,11 @@ class NamespaceEncoder:
                     encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, None, remembered.host)
                 continue
             ids[name] = set()
-            pickled[name] = self._pickle(name, value, namespace, bound_ids, encoded, ids[name])
+            data = self._pickle(name, value, namespace, bound_ids, encoded, ids[name])
+            if may_hold_sets(data) and canonicalize_sets(value):  # see set_order: pickle it as fixed
+                ids[name] = set()
+                data = self._pickle(name, value, namespace, bound_ids, EncodedNamespace(), ids[name])
+            pickled[name] = data
         # Variables that share an object (an alias, two closures over one cell, one list in two
         # dicts) are pickled together, so that they share it after loading too.
         skipped = {s.name for s in encoded.skipped}
@@ -698,6 +703,8 @@ def decode_namespace(
         unpickler = _Unpickler(io.BytesIO(data), name, target, bound, classes)
         try:
             value = unpickler.load()
+            if may_hold_sets(data):
+                canonicalize_sets(value)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             _logger.warning("variable %r is not restored: it could not be unpickled (%s)", name, reason)
