@@ -32,7 +32,7 @@ from playbooks.checkpoints import (
     SQLiteCheckpointProvider,
 )
 from playbooks.checkpoints.model import Record
-from playbooks.errors import CheckpointWarning, CheckpointWriteError, StoreReplacedError
+from playbooks.errors import CheckpointWriteError, ExecutionLockedError, StoreReplacedError
 from playbooks.execution import durable
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
@@ -291,15 +291,22 @@ async def test_a_deleted_or_replaced_run_folder_stops_the_writer(how: str, tmp_p
     assert manager._lock is None
 
 
-async def test_a_second_process_cannot_take_the_lock_while_the_first_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("folder", ["kept", "deleted", "replaced"])
+async def test_a_second_process_cannot_take_the_lock_while_the_first_runs(folder: str, tmp_path: Path) -> None:
     first = CheckpointManager("both", FilesystemCheckpointProvider(tmp_path))
     await first.open()
+    if folder == "deleted":
+        shutil.rmtree(tmp_path / "both")
+    elif folder == "replaced":
+        shutil.move(tmp_path / "both", tmp_path / "moved")
+        (tmp_path / "both").mkdir()
     second = CheckpointManager("both", FilesystemCheckpointProvider(tmp_path))
-    from playbooks.errors import ExecutionLockedError
-
-    with pytest.raises(ExecutionLockedError):
+    with pytest.raises(ExecutionLockedError, match="another process|this process"):
         await second.open()
-    await first.close()
+    with contextlib.suppress(StoreReplacedError):
+        await first.close()
+    await second.open()  # free again once the first one is gone
+    await second.close()
 
 
 def test_base_folder_is_private_whatever_the_umask(tmp_path: Path) -> None:

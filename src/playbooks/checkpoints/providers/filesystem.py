@@ -5,6 +5,7 @@ Layout::
     {base}/{execution_id}/{execution_id}_ckpt_{n}.pkl    one record (an encoded checkpoint)
     {base}/{execution_id}/{execution_id}.journal         the journal: entries appended one after another
     {base}/{execution_id}/.lock                          the execution's lock: the holder's pid, then the head
+    {base}/.locks/{execution_id}                         a second lock, outside the run folder
     {base}/{execution_id}/.{record}.{random}.tmp         a write in progress (or left by a killed writer)
 
 Theory of operation
@@ -31,8 +32,10 @@ stalled while megabytes are copied and flushed. The folder fsync and all bookkee
 loop thread, so concurrent saves need no locking. Loads, listings and deletes run inline: they happen at
 resume and pruning time, not on the hot path.
 
-*Locking.* :meth:`~FilesystemCheckpointProvider.acquire_lock` takes ``flock(LOCK_EX | LOCK_NB)`` on the
-execution's ``.lock`` file and keeps the descriptor open. The kernel drops the lock when the process dies,
+*Locking.* :meth:`~FilesystemCheckpointProvider.acquire_lock` takes ``flock(LOCK_EX | LOCK_NB)`` on
+``{base}/.locks/{execution_id}`` and then on the execution's ``.lock`` file and keeps both descriptors
+open; the first one stays locked when the run folder is deleted or replaced under a running process,
+so a second process cannot take the run over while the first one still runs. The kernel drops the lock when the process dies,
 however it dies (``kill -9`` included), so there is never a stale lock to clean up. The lock file is never
 deleted: unlinking a lock file races with a process that has just opened it. ``flock`` is local to one
 machine; on network file systems use a provider built for many machines.
@@ -93,6 +96,7 @@ __all__ = ("FilesystemCheckpointProvider",)
 _RECORD_SUFFIX = ".pkl"
 _TMP_SUFFIX = ".tmp"
 _LOCK_NAME = ".lock"
+_LOCKS_FOLDER = ".locks"  # {base}/.locks/{execution_id}: the lock that outlives a deleted run folder
 _FOLDER_MODE = 0o700
 _FILE_MODE = 0o600
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -227,9 +231,12 @@ def _record_counter(name: str, execution_id: str) -> int | None:
 class _FlockLock(ExecutionLock):
     """An open ``.lock`` file descriptor holding ``flock(LOCK_EX)``."""
 
-    def __init__(self, execution_id: str, fd: int, on_release: Callable[[_FlockLock], None]) -> None:
+    def __init__(
+        self, execution_id: str, fd: int, outer: int, on_release: Callable[[_FlockLock], None]
+    ) -> None:
         self.execution_id = execution_id
         self._fd: int | None = fd
+        self._outer = outer  # the second lock, in {base}/.locks, which outlives a deleted run folder
         self._on_release = on_release
         self.fd_for_head = fd
         self.head_size = -1
@@ -240,11 +247,12 @@ class _FlockLock(ExecutionLock):
             return
         self.fd_for_head = -1
         self._on_release(self)
-        try:
-            # Explicit unlock: a forked child sharing the descriptor would otherwise keep the lock.
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        for held in (fd, self._outer):
+            try:
+                # Explicit unlock: a forked child sharing the descriptor would otherwise keep the lock.
+                fcntl.flock(held, fcntl.LOCK_UN)
+            finally:
+                os.close(held)
 
 
 class FilesystemCheckpointProvider(CheckpointProvider):
@@ -252,6 +260,8 @@ class FilesystemCheckpointProvider(CheckpointProvider):
 
     ``inline_write_limit`` is the payload size (bytes) above which a write runs in a worker thread.
     """
+
+    completes_without_suspending = True
 
     journal_drop_batch = 64  # dropping entries rewrites the journal file
 
@@ -445,20 +455,10 @@ class FilesystemCheckpointProvider(CheckpointProvider):
                 continue  # not one of ours, or vanished while we looked
         return sorted(found)
 
-    async def acquire_lock(self, execution_id: str) -> ExecutionLock:
-        """Take ``flock`` on ``{base}/{execution_id}/.lock``; remove temp files left by dead writers."""
-        _validate_execution_id(execution_id)
-        folder = self._folder(execution_id)
-        path = os.path.join(folder, _LOCK_NAME)
+    @staticmethod
+    def _flock(execution_id: str, folder: str, path: str) -> int:
+        """Open ``path`` and take ``flock(LOCK_EX | LOCK_NB)`` on it; write this pid at its start."""
         try:
-            self._make_base()
-        except OSError as exc:
-            raise StoragePathError(
-                f"cannot create the checkpoint folder {self._base}: {_describe(exc)}; choose another "
-                "durability.storage_path or fix its permissions"
-            ) from exc
-        try:
-            self._make_folder(folder)
             fd = os.open(path, _LOCK_FLAGS, _FILE_MODE)
         except OSError as exc:
             raise CheckpointWriteError(f"cannot open lock file {path}: {_describe(exc)}") from exc
@@ -487,14 +487,47 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         try:
             # The pid, padded so the head after it (see write_head) stays where it is.
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii").ljust(32), 0)
-            self._remove_stale_temp_files(folder)
         except OSError as exc:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             raise CheckpointWriteError(f"cannot write lock file {path}: {_describe(exc)}") from exc
+        return fd
+
+    async def acquire_lock(self, execution_id: str) -> ExecutionLock:
+        """Take ``flock`` on ``{base}/.locks/{execution_id}`` (which survives a deleted run folder),
+        then on ``{base}/{execution_id}/.lock``; remove temp files left by dead writers."""
+        _validate_execution_id(execution_id)
+        folder = self._folder(execution_id)
+        path = os.path.join(folder, _LOCK_NAME)
+        locks = os.path.join(self._base, _LOCKS_FOLDER)
+        try:
+            self._make_base()
+            if not os.path.isdir(locks):
+                os.makedirs(locks, mode=_FOLDER_MODE, exist_ok=True)
+                os.chmod(locks, _FOLDER_MODE)
+        except OSError as exc:
+            raise StoragePathError(
+                f"cannot create the checkpoint folder {self._base}: {_describe(exc)}; choose another "
+                "durability.storage_path or fix its permissions"
+            ) from exc
+        outer = self._flock(execution_id, locks, os.path.join(locks, execution_id))
+        try:
+            try:
+                self._make_folder(folder)
+            except OSError as exc:
+                raise CheckpointWriteError(f"cannot create folder {folder}: {_describe(exc)}") from exc
+            fd = self._flock(execution_id, folder, path)
+        except BaseException:
+            fcntl.flock(outer, fcntl.LOCK_UN)
+            os.close(outer)
+            raise
+        try:
+            self._remove_stale_temp_files(folder)
+        except OSError:
+            pass  # leftovers cost disk space, nothing else
         st = os.fstat(fd)
         self._held[execution_id] = (path, (st.st_dev, st.st_ino))
-        lock = _FlockLock(execution_id, fd, self._released)
+        lock = _FlockLock(execution_id, fd, outer, self._released)
         self._locks.add(lock)
         self._lock_of[execution_id] = lock
         return lock
