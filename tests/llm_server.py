@@ -13,6 +13,8 @@ import json
 import socket
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,11 +32,13 @@ class Reply:
     split: int | None = None
     done: bool = True
     events: list[str] | None = None
+    delay: float = 0.0
 
 
-def stream(pieces: list[str], *, split: int | None = None, done: bool = True) -> Reply:
-    """A 200 event stream with one content delta per piece, then ``finish_reason`` and ``[DONE]``."""
-    return Reply("stream", pieces=pieces, split=split, done=done)
+def stream(pieces: list[str], *, split: int | None = None, done: bool = True, delay: float = 0.0) -> Reply:
+    """A 200 event stream with one content delta per piece, then ``finish_reason`` and ``[DONE]``;
+    ``delay`` seconds pass before each HTTP chunk (a slow model, to be killed mid-response)."""
+    return Reply("stream", pieces=pieces, split=split, done=done, delay=delay)
 
 
 def raw_events(events: list[str]) -> Reply:
@@ -86,6 +90,8 @@ class FakeOpenAIServer:
     def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[RecordedRequest] = []
         self._script: list[Reply] = [stream(["ok"])]
+        self.responder: Callable[[RecordedRequest], Reply] | None = None
+        """When set, answers each request (the script is not used): replies that depend on the request."""
         self._lock = threading.Lock()
         self.stopping = threading.Event()
         server = self
@@ -99,8 +105,12 @@ class FakeOpenAIServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 raw = self.rfile.read(length)
-                server._record(self.path, dict(self.headers.items()), raw)
-                server._answer(self, server._next())
+                request = server._record(self.path, dict(self.headers.items()), raw)
+                responder = server.responder
+                try:
+                    server._answer(self, responder(request) if responder is not None else server._next())
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client went away (killed mid-response)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -123,13 +133,15 @@ class FakeOpenAIServer:
         with self._lock:
             return self._script.pop(0) if len(self._script) > 1 else self._script[0]
 
-    def _record(self, path: str, headers: dict[str, str], raw: bytes) -> None:
+    def _record(self, path: str, headers: dict[str, str], raw: bytes) -> RecordedRequest:
         try:
             body = json.loads(raw)
         except ValueError:
             body = {"<raw>": raw.decode("latin-1")}
+        request = RecordedRequest(path, {k.lower(): v for k, v in headers.items()}, body)
         with self._lock:
-            self.requests.append(RecordedRequest(path, {k.lower(): v for k, v in headers.items()}, body))
+            self.requests.append(request)
+        return request
 
     def _answer(self, handler: BaseHTTPRequestHandler, reply: Reply) -> None:
         if reply.kind == "stall":
@@ -163,6 +175,8 @@ class FakeOpenAIServer:
             body = b"".join(events)
             events = [body[i : i + reply.split] for i in range(0, len(body), reply.split)]
         for data in events:
+            if reply.delay:
+                time.sleep(reply.delay)
             handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             handler.wfile.flush()
         if reply.kind == "drop":

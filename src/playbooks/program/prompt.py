@@ -199,10 +199,16 @@ def error_prompt(
     return "\n".join(lines) + "\n"
 
 
-def continuation_note() -> str:
-    """Asks the LLM to go on with a response that a crash cut off (its text is the message before)."""
-    return (
-        "Your previous response was cut off after the text above, and the code in it up to the last "
-        "complete statement has already run. Continue exactly where it stopped: write only the rest, "
-        "without repeating anything."
-    )
+def continuation_note(spec: PlaybookSpec, report: ResponseReport) -> str:
+    """Asks the LLM to go on with a response that a crash cut off (its executed part is the message
+    before): what that part did, and to write only the rest."""
+    lines = [
+        "Your previous response was cut off after the code above (the run was interrupted). Its complete "
+        "statements have run; a statement that was cut off did not run.",
+        *_report_lines(report),
+        "",
+        f"Continue the playbook {spec.name} exactly where that code stopped: answer with only the rest of the "
+        "code in a ```python block, without repeating anything that already ran; call await Return(value) "
+        "when it is done.",
+    ]
+    return "\n".join(lines) + "\n"

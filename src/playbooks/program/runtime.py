@@ -49,9 +49,9 @@ import anyio.to_thread
 
 from playbooks.agent import Agent
 from playbooks.checkpoints.manager import CheckpointManager
-from playbooks.errors import InterpreterError, LLMCodeError, NonDeterminismError, PlaybooksError
+from playbooks.errors import CodeSyntaxError, InterpreterError, LLMCodeError, PlaybooksError
 from playbooks.execution.durable import current_durable_call
-from playbooks.execution.statement_splitter import Statement
+from playbooks.execution.statement_splitter import Statement, StatementSplitter
 from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, current_tool_call
 from playbooks.llm.base import LLMProvider, LLMRequest, Message
@@ -430,6 +430,7 @@ _RETURNED = "__playbook_returned__"
 _STEP = "__current_step__"
 _MAILBOX = "mailbox"
 _TURN = "__llm_turn__"
+_CUT = "__turn_cut__"
 
 
 @dataclass
@@ -447,6 +448,8 @@ class _TurnOutcome:
     report: ResponseReport
     frame_id: str = ""
     """The durable frame that ran the response: its final snapshot holds what the code assigned."""
+    preamble: tuple[Message, ...] = ()
+    """Responses a crash cut off, each with the message that asked for the rest, before ``response``."""
 
 
 class ProgramRuntime:
@@ -810,7 +813,7 @@ class ProgramRuntime:
                     self._restore_turn(frame, outcome)
             else:
                 outcome = await self._turn(frame, number)
-            messages = loop["messages"] + [Message("assistant", outcome.response)]
+            messages = loop["messages"] + list(outcome.preamble) + [Message("assistant", outcome.response)]
             if outcome.returned:
                 if scope is not None:
                     await scope.finalize()
@@ -907,10 +910,27 @@ class ProgramRuntime:
         frame.llm_calls = number
         frame.turn_ran = True
         self.llm_calls += 1
+        frame.namespace[_CUT] = []
         request = LLMRequest(list(frame.namespace[_LOOP]["messages"]), model=self.model, temperature=self.temperature)
         self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
-        executor = self._new_executor(frame, number)
-        result = await self._run_response(frame, executor, request)
+        preamble: list[Message] = []
+        while True:
+            executor = self._new_executor(frame, number)
+            result = await self._run_segment(frame, executor, request)
+            if executor.frame_id not in frame.namespace[_CUT]:
+                break
+            # A response a crash cut off: its executed part stays executed, and the model is asked
+            # for the rest (a new segment of this turn, in a frame of its own).
+            if result.executed_offset:
+                added = [
+                    Message("assistant", result.response),
+                    Message("user", continuation_note(spec, self._report(frame, result))),
+                ]
+                preamble += added
+                request = LLMRequest(
+                    request.messages + added, model=request.model, temperature=request.temperature,
+                    max_tokens=request.max_tokens, stop=request.stop,
+                )
         returned = _RETURNED in frame.namespace
         return _TurnOutcome(
             response=_response_seen(result),
@@ -919,19 +939,47 @@ class ProgramRuntime:
             return_value=frame.namespace[_RETURNED] if returned else None,
             report=self._report(frame, result),
             frame_id=executor.frame_id if self.manager is not None else "",
+            preamble=tuple(preamble),
         )
+
+    async def _run_segment(
+        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest
+    ) -> ExecutionResult:
+        """Run one response of a turn into ``executor``.
+
+        A restored executor of a live model whose response a crash cut off is not asked to repeat
+        itself: it is given the stored response up to the end of its last complete statement (those
+        statements run again with their finished calls replayed from the journal; the cut-off
+        statement never ran), finishes there, and is marked cut (``_CUT``) for :meth:`_turn` to ask
+        for the rest. A replayed cassette is read again from the same interaction instead (the
+        executor checks that the part that ran is the same).
+        """
+        cut: list[str] = frame.namespace[_CUT]
+        live = self.manager is not None and not isinstance(self.llm, ReplayProvider)
+        if not live or not executor.restored or executor.finished:
+            return await self._run_response(frame, executor, request)
+        assert self.manager is not None
+        state = self.manager.frame_state(executor.frame_id)
+        prefix = _complete_statements(state.response if state is not None else "")
+        try:
+            await executor.add_chunk(prefix)
+        except LLMCodeError:
+            pass
+        if executor.error is None:
+            cut.append(executor.frame_id)
+        return await self._finish_response(frame, executor)
 
     async def _run_response(
         self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest
     ) -> ExecutionResult:
         """Stream one response into ``executor``; stop reading at the first failing statement (or Return).
 
-        A restored executor already holds the start of the response (cut off by a crash) and has run
-        its complete statements: only the rest is streamed into it.
+        A restored executor (a replayed cassette after a crash) is streamed the whole response again:
+        it skips the statements that had run and checks that their text is the same.
         """
         if executor.finished:
             return await executor.finalize()
-        chunks = self._stream_llm(request) if not executor.response else self._continue_llm(request, executor.response)
+        chunks = self._stream_llm(request)
         try:
             if self.stream:
                 tail: int | None = None  # characters read after Return, to let the stream end cleanly
@@ -957,6 +1005,10 @@ class ProgramRuntime:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
+        return await self._finish_response(frame, executor)
+
+    async def _finish_response(self, frame: PlaybookFrame, executor: StreamingPythonExecutor) -> ExecutionResult:
+        """Finalize a response's executor: an outage behind its error ends the run; a Return is noted."""
         result = await executor.finalize()
         fatal = _fatal_cause(result.error)
         if fatal is not None:
@@ -994,34 +1046,6 @@ class ProgramRuntime:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-    async def _continue_llm(self, request: LLMRequest, prefix: str) -> AsyncIterator[str]:
-        """The rest of a response that a crash cut off after ``prefix`` (whose code already ran).
-
-        A replayed response is requested again and its first ``len(prefix)`` characters are dropped
-        (they must be the same); a live model is told what it had written and asked to go on.
-        """
-        if isinstance(self.llm, ReplayProvider):
-            skip = len(prefix)
-            seen = ""
-            async for chunk in self._stream_llm(request):
-                if skip:
-                    head, chunk = chunk[:skip], chunk[skip:]
-                    seen += head
-                    skip -= len(head)
-                    if not skip and seen != prefix:
-                        raise NonDeterminismError(
-                            "the replayed response differs from the one the run had received before the crash"
-                        )
-                if chunk:
-                    yield chunk
-            return
-        messages = list(request.messages) + [
-            Message("assistant", prefix),
-            Message("user", continuation_note()),
-        ]
-        async for chunk in self._stream_llm(LLMRequest(messages, model=request.model, temperature=request.temperature)):
-            yield chunk
 
     def _new_executor(self, frame: PlaybookFrame, number: int) -> StreamingPythonExecutor:
         """Every executor of the run: the one running the ``number``-th response of ``frame``."""
@@ -1278,6 +1302,22 @@ def _response_seen(result: ExecutionResult) -> str:
         return text
     newline = text.find("\n", end)
     return text if newline < 0 else text[: newline + 1]
+
+
+def _complete_statements(text: str) -> str:
+    """``text`` up to the end of its last complete top-level statement: what of a response cut off by
+    a crash had run (or was running). The statement splitter decides, as it did while the text streamed."""
+    splitter = StatementSplitter()
+    splitter.feed(text)
+    end = 0
+    while True:
+        try:
+            item = splitter.next_statement()
+        except CodeSyntaxError:
+            return text  # it failed there before the crash too: feeding it all fails it the same way
+        if not isinstance(item, Statement):
+            return text[:end]
+        end = item.end
 
 
 def _frame_tool(name: str, tool: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
