@@ -323,3 +323,65 @@ def test_base_folder_is_private_whatever_the_umask(tmp_path: Path) -> None:
     assert (tmp_path / "base" / "deeper").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "base" / "deeper" / "run").stat().st_mode & 0o777 == 0o700
     time.sleep(0)
+
+
+WORKER = Path(__file__).parent / "durable_worker.py"
+
+
+def _finished_keys(store: Path) -> set[str]:
+    """Idempotency keys of the calls whose result record is stored (and verifies)."""
+    import warnings
+
+    import anyio
+
+    async def main() -> set[str]:
+        manager = CheckpointManager("agent_1", FilesystemCheckpointProvider(store))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            records = await manager.load_records()
+        return {r.key for r in records.values() if r.kind == "result"}
+
+    return anyio.run(main) if store.exists() else set()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("scenario", ["loop", "gather", "nested"])
+def test_a_full_disk_then_resume_sigkill_resume_in_real_processes(scenario: str, tmp_path: Path) -> None:
+    """The same with real processes and a real SIGKILL: the first process stops on ENOSPC (or EFBIG),
+    the second resumes and is killed at its second live call, the third finishes. No idempotency key
+    appears twice in the ledger, except the last call of the first process (its result may be what
+    did not fit)."""
+    import json
+    import sys
+
+    reference = tmp_path / "ref.json"
+    subprocess.run(
+        [sys.executable, str(WORKER), scenario, str(tmp_path / "ref"), str(tmp_path / "ref.ledger"), str(reference)],
+        check=True, capture_output=True, timeout=120,
+    )
+    expected = json.loads(reference.read_text())["namespace"]
+    failures = 0
+    with _small_disk(tmp_path / "disk") as limit:
+        for trial, free in enumerate(range(0, 40_000, 4_096)):
+            store, ledger, out = tmp_path / "disk" / f"s{trial}", tmp_path / f"l{trial}", tmp_path / f"o{trial}"
+            args = [sys.executable, str(WORKER), scenario, str(store), str(ledger), str(out)]
+            limit(free)
+            first = subprocess.run(args, capture_output=True, text=True, timeout=120)
+            limit(-1)
+            if first.returncode == 0:
+                break  # enough space for the whole run: later trials would be the same
+            failures += 1
+            assert "Checkpoint" in first.stderr or "Storage" in first.stderr, first.stderr[-2000:]
+            lines = ledger.read_text().splitlines() if ledger.exists() else []
+            # Calls that ran but whose result is not stored were in flight: they may run again.
+            at_risk = {line.split("\t")[0] for line in lines} - _finished_keys(store)
+            second = subprocess.run([*args, "--resume", "--kill", "before:2"], capture_output=True, timeout=120)
+            assert second.returncode in (0, -signal.SIGKILL), second.stderr
+            third = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=120)
+            assert third.returncode == 0, third.stderr[-2000:]
+            assert json.loads(out.read_text())["namespace"] == expected, trial
+            keys = [line.split("\t")[0] for line in ledger.read_text().splitlines()]
+            repeated = {k for k in keys if keys.count(k) > 1}
+            assert repeated <= at_risk, (trial, free, sorted(repeated))
+            assert not repeated & _finished_keys(store) - at_risk
+    assert failures >= 2, "the disk never filled up"
