@@ -112,6 +112,11 @@ class ExecutionLock(abc.ABC):
 class CheckpointProvider(abc.ABC):
     """Async storage of encoded checkpoint records; see the module docstring for the contract."""
 
+    completes_without_suspending: bool = False
+    """Whether every write method finishes without suspending (it does its I/O synchronously). Then a
+    record of a sync call (``print``) is written the moment the call returns, not at the next await,
+    so a kill in between cannot show the line twice. A provider that awaits real I/O leaves it False."""
+
     @abc.abstractmethod
     async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
         """Store ``data`` under ``checkpoint_id`` atomically (replacing a record of the same id).

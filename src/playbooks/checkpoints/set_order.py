@@ -13,7 +13,7 @@ place (same object, same elements; only its iteration order, which Python leaves
 fixed), so the live run and a resumed one iterate alike after every snapshot.
 
 Limits: a ``frozenset`` cannot be rebuilt in place and keeps its loaded order; elements with equal
-hashes keep their relative order as found; a set changed after a snapshot and iterated before the next
+hashes and are not plain values (str, numbers, bytes) keep their relative order as found; a set changed after a snapshot and iterated before the next
 one iterates as Python's table makes it, in the live run and in a replay alike, unless a snapshot was
 taken in one and not the other (a replay defers snapshots while it hands back recorded calls).
 """
@@ -33,12 +33,22 @@ def may_hold_sets(pickled: bytes) -> bool:
     return _EMPTY_SET in pickled
 
 
+_SCALARS = (str, int, float, bytes, bool, complex, type(None))
+
+
+def _key(element: Any) -> tuple[int, str, str]:
+    """The hash, then for elements whose hashes are equal (``""`` and ``0``, ``-1`` and ``-2``) the type
+    and, for plain values, their ``repr``."""
+    kind = type(element)
+    return (hash(element), kind.__qualname__, repr(element) if kind in _SCALARS else "")
+
+
 def _canonical(found: set[Any]) -> bool:
     """Put one set in its canonical layout; return whether its iteration order changed."""
     if len(found) < 2:
         return False
     before = list(found)
-    order = sorted(before, key=hash)
+    order = sorted(before, key=_key)
     found.clear()
     found.update(order)
     return any(a is not b for a, b in zip(before, found))

@@ -32,7 +32,7 @@ import pickle
 import re
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -387,9 +387,12 @@ class DurableFrame:
     def after_sync_call(
         self, call: ToolCall, value: Any, raised: BaseException | None, before: tuple[tuple[str, str], ArgumentWatch]
     ) -> None:
-        """Queue the record of a sync call; it is written at the next await or statement end."""
+        """Record a sync call: at once when the provider writes without suspending (the frame must have
+        started), else at the next await or statement end."""
         fields = self._outcome_fields(call, value, raised, before)
         self._pending.append(self._record("result", sync=True, **fields))
+        if self._started and self.manager.provider.completes_without_suspending:
+            _run_to_completion(self.flush())
 
     async def interrupted(self) -> None:
         """The host cancelled the execution: calls recorded as cancelled in this statement were not
@@ -403,6 +406,19 @@ class DurableFrame:
                     key=call.idempotency_key, outcome="interrupted",
                 )
                 await self.manager.write(record, sync=False)
+
+
+def _run_to_completion(step: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that does not suspend (a write to a provider that completes without
+    suspending) from sync code; one that suspends is a broken provider promise."""
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    step.close()
+    raise InterpreterError(
+        "a checkpoint provider that declares completes_without_suspending suspended during a write"
+    )
 
 
 _REPLAY_STALL = 60.0

@@ -51,6 +51,8 @@ class _MemoryLock(ExecutionLock):
 class MemoryCheckpointProvider(CheckpointProvider):
     """Records in a dict of ``{execution_id: {counter: bytes}}``; nothing survives the process."""
 
+    completes_without_suspending = True
+
     def __init__(self) -> None:
         self._records: dict[str, dict[int, bytes]] = {}
         self._locks: set[_MemoryLock] = set()

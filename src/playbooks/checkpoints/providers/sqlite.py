@@ -180,6 +180,8 @@ class SQLiteCheckpointProvider(CheckpointProvider):
     ``timeout`` is how long (seconds) a write waits for another process's write to finish.
     """
 
+    completes_without_suspending = True
+
     def __init__(
         self,
         path: str | os.PathLike[str] = ".checkpoints/checkpoints.sqlite3",
