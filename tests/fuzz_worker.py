@@ -206,6 +206,8 @@ def canonicalize(namespace: dict[str, Any], skip: Iterable[str] = ()) -> dict[st
             return {"#": n, "task": state}
         if isinstance(v, (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)):
             return {"#": n, "opaque": type(v).__qualname__}
+        if type(v).__qualname__ == "ExitedTaskGroup" and isinstance(getattr(v, "type_name", None), str):
+            return {"#": n, "opaque": v.type_name}  # an exited task group, as a resume restores it
         d = getattr(v, "__dict__", None)
         if isinstance(d, dict) and is_llm(type(v)):
             return {"#": n, "instance": canon(type(v), depth + 1), "attrs": attrs(d, depth)}
@@ -510,6 +512,7 @@ class TrialResult:
     problems: list[str] = field(default_factory=list)
     error_kind: str = ""
     recipe: str = ""
+    reference_duration: float = 0.0
     flags: list[str] = field(default_factory=list)
     """The trial options that changed from the defaults (``--pin-hash-seed``, ``--no-hash-seed-api``)."""
 
@@ -795,8 +798,13 @@ def run_trial(
     hash_seed_api: bool = True,
     workdir: Path | None = None,
     keep: bool = False,
+    kill_fractions: list[float] | None = None,
 ) -> TrialResult:
-    """Run the reference's program killed at a random instant (maybe twice), resumed to the end."""
+    """Run the reference's program killed at a random instant (maybe twice), resumed to the end.
+
+    The kill instants are uniform over the reference's duration (from each process's ready mark);
+    ``kill_fractions`` gives them instead, as fractions of that duration (one per kill).
+    """
     program = reference.program
     features = sorted(program.features)
     if reference.error is not None:
@@ -810,6 +818,8 @@ def run_trial(
         kills = [rng.uniform(0.0, reference.duration)]
         if rng.random() < double_kill:
             kills.append(rng.uniform(0.0, max(0.05, reference.duration - kills[0]) + 0.05))
+        if kill_fractions is not None:
+            kills = [max(0.0, f) * reference.duration for f in kill_fractions]
         procs: list[Proc] = []
         for index in range(len(kills) + 1):
             kill_after = kills[index] if index < len(kills) else None
@@ -857,6 +867,7 @@ def run_trial(
             problems=sorted(kinds),
             error_kind=_error_kind(error_text) if outcome in ("resume-error", "stuck") else "",
             recipe=program.recipe,
+            reference_duration=reference.duration,
             flags=(["--pin-hash-seed"] if pin_hash_seed else []) + ([] if hash_seed_api else ["--no-hash-seed-api"]),
         )
     finally:
@@ -902,23 +913,32 @@ def shrink(
     budget: float = 300.0,
     pin_hash_seed: bool = False,
     hash_seed_api: bool = True,
+    kill_fractions: list[float] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Program, TrialResult | None]:
     """Remove items from ``program`` while a trial still fails with ``signature``.
 
     Kills land at random instants, so a candidate counts as failing if any of ``trial_seeds`` (tried
-    in order) reproduces the signature. Items are removed one at a time, last first, in passes until
+    in order) reproduces the signature; with ``kill_fractions`` (the failing trial's kill instants as
+    fractions of its reference's duration) every other attempt kills near those instants. Items are removed one at a time, last first, in passes until
     a pass removes nothing or ``budget`` seconds have gone.
     """
     deadline = time.monotonic() + budget
     last: TrialResult | None = None
+    jitter = random.Random(f"shrink:{trial_seeds}")
 
     def fails(candidate: Program) -> TrialResult | None:
         reference = run_reference(candidate)
         if reference.error is not None or not reference.calls:
             return None
-        for seed in trial_seeds:
-            result = run_trial(reference, seed, pin_hash_seed=pin_hash_seed, hash_seed_api=hash_seed_api)
+        for i, seed in enumerate(trial_seeds):
+            fractions = None
+            if kill_fractions and i % 2 == 0:
+                # Every other attempt kills near where the original failing trial did.
+                fractions = [min(1.0, max(0.0, f + jitter.uniform(-0.05, 0.05))) for f in kill_fractions]
+            result = run_trial(
+                reference, seed, pin_hash_seed=pin_hash_seed, hash_seed_api=hash_seed_api, kill_fractions=fractions
+            )
             if result.signature == signature:
                 return result
             if time.monotonic() > deadline:
@@ -996,6 +1016,7 @@ def cli_main(argv: list[str]) -> int:
         small, result = shrink(
             program, first_failure.signature, seeds, budget=options.budget,
             pin_hash_seed=options.pin_hash_seed, hash_seed_api=not options.no_hash_seed_api,
+            kill_fractions=[k / first_failure.reference_duration for k in first_failure.kills],
             log=lambda m: print(m, flush=True),
         )
         print("--- shrunk program ---")
