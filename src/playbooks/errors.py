@@ -160,3 +160,9 @@ class UnknownProviderError(CheckpointConfigError, LookupError):
 class InvalidExecutionIdError(CheckpointConfigError, ValueError):
     """Raised when an execution (run) id cannot name a run in a store: empty, starting with a dot, or
     containing a path separator, a NUL byte or other control characters."""
+
+
+class HostIOError(InterpreterError):
+    """Raised when the host fails under a call of the LLM's code (standard output closed, a full disk):
+    it ends the run and is never reported to the LLM or journaled as an error of its code, so a resumed
+    run makes the call again."""
