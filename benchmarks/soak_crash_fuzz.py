@@ -1,7 +1,7 @@
 """Soak the crash-trial fuzzer: N kill-and-resume trials of generated programs, on asyncio and trio.
 
     .venv/bin/python benchmarks/soak_crash_fuzz.py 10000                  # the issue's soak
-    .venv/bin/python benchmarks/soak_crash_fuzz.py 200 --per-feature      # one feature per program
+    .venv/bin/python benchmarks/soak_crash_fuzz.py 200 --per-feature      # one feature per program (twice)
     .venv/bin/python benchmarks/soak_crash_fuzz.py 200 --shrink 600       # + a shrunk example per failure
 
 Each program (``tests/fuzz_programs.py``) runs once uninterrupted, then ``--trials-per-program`` times
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import time
@@ -38,7 +39,7 @@ def run_program(
     if per_feature:
         features = features_for(backend)
         feature = features[program_seed % len(features)]
-        program = generate(program_seed, backend, features=(feature,), min_features=1, max_features=1)
+        program = generate(program_seed, backend, features=(feature,), min_features=2, max_features=2)
     else:
         program = generate(program_seed, backend)
     reference = fuzz_worker.run_reference(program, seed=program_seed)
@@ -77,7 +78,7 @@ def main() -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--jobs", type=int, default=2, help="trials running at once")
     parser.add_argument("--trials-per-program", type=int, default=2)
-    parser.add_argument("--per-feature", action="store_true", help="each program uses one feature")
+    parser.add_argument("--per-feature", action="store_true", help="each program: two instances of one feature")
     parser.add_argument("--pin-hash-seed", action="store_true", help="one PYTHONHASHSEED per trial")
     parser.add_argument("--no-hash-seed-api", action="store_true",
                         help="resume without playbooks.execution.hash_seed.resume_hash_seed")
@@ -168,24 +169,29 @@ def _result(row: dict[str, Any]) -> fuzz_worker.TrialResult:
 def _shrink_examples(results: list[dict[str, Any]], budget: float, pin_hash_seed: bool, hash_seed_api: bool) -> None:
     """Shrink one failing program per (backend, main feature, signature), sharing ``budget`` seconds."""
     chosen: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: len(r.get("program", ""))):
         if r["outcome"] in fuzz_worker.FAILING and r["outcome"] != "reference-error":
-            main = ",".join(f for f in r["features"] if f != "print") or "print"
-            chosen.setdefault((r["backend"], main, r["signature"]), r)
+            # One per kind: the signature and which variables differed (without their numbers).
+            names = sorted({re.sub(r"_\d+$", "", n) for n in re.findall(r"^  (\w+): expected", r["detail"], re.M)})
+            chosen.setdefault((r["backend"], ",".join(names), r["signature"]), r)
     # The smallest programs first: they shrink fastest.
     order = sorted(chosen.items(), key=lambda kv: len(kv[1]["program"]))
     deadline = time.monotonic() + budget
     print()
     print(f"shrinking {len(order)} failing programs ({budget:.0f} s):")
-    for (backend, main, signature), r in order:
+    for (backend, names, signature), r in order:
+        main = ",".join(f for f in r["features"] if f != "print") or "print"
         left = deadline - time.monotonic()
         if left <= 5:
             print("  (shrink budget spent)")
             break
         program = parse_program(r["program"], backend)
-        seeds = [r["trial_seed"]] + [r["trial_seed"] * 7 + i for i in range(5)]
-        small, result = fuzz_worker.shrink(program, signature, seeds, budget=min(left, max(30.0, budget / len(order) * 2)),
-                                           pin_hash_seed=pin_hash_seed, hash_seed_api=hash_seed_api)
+        seeds = [r["trial_seed"]] + [r["trial_seed"] * 7 + i for i in range(7)]
+        fractions = [k / r["reference_duration"] for k in r["kills"]] if r.get("reference_duration") else None
+        small, result = fuzz_worker.shrink(
+            program, signature, seeds, budget=min(left, max(30.0, budget / len(order) * 2)),
+            pin_hash_seed=pin_hash_seed, hash_seed_api=hash_seed_api, kill_fractions=fractions,
+        )
         print(f"\n=== {backend} [{main}] {signature}: {len(program.items)} -> {len(small.items)} items ===")
         print(small.text, end="")
         print("--- what differed ---")
