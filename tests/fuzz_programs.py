@@ -64,6 +64,8 @@ FEATURES: tuple[str, ...] = (
     "exc_llm_class",
     "timeout_hit",
     "timeout_ok",
+    "task_cancel",
+    "exc_in_gather",
     "set_iter",
     "dict_iter",
     "print",
@@ -481,6 +483,63 @@ class _Gen:
         else:
             text = f"with anyio.fail_after({GENEROUS_LIMIT}):\n    to_{g} = await {slow}\n"
         return [Item(text, ("timeout_ok",))]
+
+    def task_cancel(self, g: int) -> Snippet:
+        # The slow call sleeps TIMEOUT_SLEEP; the quick one and the cancel come far sooner.
+        c = self.c()
+        if self.aio:
+            return [
+                Item(
+                    f"slow_task_{g} = asyncio.create_task(Slow({c}, {TIMEOUT_SLEEP}))\n"
+                    f"quick_{g} = await Work({c})\n"
+                    f"slow_task_{g}.cancel()\n"
+                    f"try:\n"
+                    f"    await slow_task_{g}\n"
+                    f"    was_cancelled_{g} = False\n"
+                    f"except asyncio.CancelledError:\n"
+                    f"    was_cancelled_{g} = True\n",
+                    ("task_cancel",),
+                )
+            ]
+        return [
+            Item(
+                f"cancel_log_{g} = []\n"
+                f"async def slow_part_{g}():\n"
+                f"    cancel_log_{g}.append(await Slow({c}, {TIMEOUT_SLEEP}))\n",
+                ("task_cancel",),
+            ),
+            Item(
+                f"async with anyio.create_task_group() as cancel_group_{g}:\n"
+                f"    cancel_group_{g}.start_soon(slow_part_{g})\n"
+                f"    quick_{g} = await Work({c})\n"
+                f"    cancel_group_{g}.cancel_scope.cancel()\n",
+                ("task_cancel",),
+            ),
+        ]
+
+    def exc_in_gather(self, g: int) -> Snippet:
+        c = self.c()
+        if self.aio:
+            return [
+                Item(
+                    f"mixed_{g} = await asyncio.gather(Work({c}), Flaky('value', {c}), Flaky('custom', {c}), "
+                    f"return_exceptions=True)\n",
+                    ("exc_in_gather",),
+                ),
+                Item(f"mixed_info_{g} = [type(x).__name__ for x in mixed_{g}]\n", ("exc_in_gather",)),
+            ]
+        # A failing task cancels its sibling (which would sleep TIMEOUT_SLEEP); the group raises a group.
+        return [
+            Item(
+                f"try:\n"
+                f"    async with anyio.create_task_group() as failing_group_{g}:\n"
+                f"        failing_group_{g}.start_soon(Slow, {c}, {TIMEOUT_SLEEP})\n"
+                f"        failing_group_{g}.start_soon(Flaky, 'custom', {c})\n"
+                f"except* Exception as group:\n"
+                f"    group_info_{g} = [[type(x).__name__, str(x)] for x in group.exceptions]\n",
+                ("exc_in_gather",),
+            ),
+        ]
 
     def set_iter(self, g: int) -> Snippet:
         names = self.rng.sample(["alice", "bob", "carol", "dave", "erin", "frank", "grace"], self.c(3, 5))

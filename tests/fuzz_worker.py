@@ -920,8 +920,9 @@ def shrink(
 
     Kills land at random instants, so a candidate counts as failing if any of ``trial_seeds`` (tried
     in order) reproduces the signature; with ``kill_fractions`` (the failing trial's kill instants as
-    fractions of its reference's duration) every other attempt kills near those instants. Items are removed one at a time, last first, in passes until
-    a pass removes nothing or ``budget`` seconds have gone.
+    fractions of its reference's duration) every other attempt kills near those instants. Items are
+    removed one at a time, last first, in passes until a pass removes nothing or ``budget`` seconds
+    have gone.
     """
     deadline = time.monotonic() + budget
     last: TrialResult | None = None
