@@ -117,7 +117,7 @@ class World:
             return x * 10 if isinstance(x, int) else f"w:{x}"
 
         async def Slow(x: Any) -> Any:
-            await anyio.sleep(5)
+            await anyio.sleep(self.delays.get(("slow", x), 5))
             self._side_effect("Slow", x)
             return x
 
@@ -642,3 +642,22 @@ def test_set_layouts_survive_encoding_for_any_sets() -> None:
         assert list(back["nested"]["k"][0]) == list(namespace["nested"]["k"][0])
 
     check()
+
+
+async def test_a_host_cancellation_is_not_replayed_as_the_code_s_own() -> None:
+    """The host cancels the execution while a call runs: that call is journaled as cancelled, then
+    marked interrupted when the cancellation leaves the statement, so a resume runs it again instead
+    of waiting for a cancellation that the code itself never asked for."""
+    memory = MemoryCheckpointProvider()
+    world = World(KillableStore(memory), delays={("slow", 2): 0.6})
+    agent = Agent("p", world.tools())
+    manager = CheckpointManager(execution_id=world.execution_id, provider=world.store)  # type: ignore[arg-type]
+    executor = StreamingPythonExecutor(agent, checkpoint_manager=manager, frame_id="root")
+    with anyio.move_on_after(0.2):  # the host gives up: not the LLM code's timeout
+        await executor.add_chunk("a = await Work(1)\nb = await Slow(2)\nc = await Work(3)\n")
+    await manager.close()
+    again = World(KillableStore(memory), world.ledger, world.delays, world.execution_id)
+    with anyio.fail_after(20):  # a replayed cancellation would wait for ever
+        executor2, _ = await _resume(again.store, again, {}, "a = await Work(1)\nb = await Slow(2)\nc = await Work(3)\n")
+    assert executor2.namespace["b"] == 2 and executor2.namespace["c"] == 30
+    assert [c for _, c in world.ledger] == ["Work(1,)", "Slow(2,)", "Work(3,)"]
