@@ -118,13 +118,23 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert bad_arg.returncode == 2 and "NAME=VALUE" in bad_arg.stderr
 
 
-def test_resume_without_checkpoints_warns_and_runs_afresh(tmp_path: Path) -> None:
+def test_resume_with_nothing_to_resume_says_why_and_stops(tmp_path: Path) -> None:
     shutil.copy(EXAMPLES / "orders.pb", tmp_path)
     shutil.copy(EXAMPLES / "orders.cassette.json", tmp_path)
     proc = _run("run", "orders.pb", "--resume", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "no unfinished run of orders.pb to resume (no checkpoints); starting a fresh run" in proc.stderr
-    assert "All your orders together come to 160.40." in proc.stdout
+    assert proc.returncode == 2, proc.stderr
+    assert "no crashed or failed run of orders.pb to resume in .checkpoints/.runs (runs found: none)" in proc.stderr
+    assert "--resume-or-start" in proc.stderr and proc.stdout == ""
+    started = _run("run", "orders.pb", "--resume-or-start", cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert "starting a fresh run (--resume-or-start)" in started.stderr
+    assert "All your orders together come to 160.40." in started.stdout
+    again = _run("run", "orders.pb", "--resume", cwd=tmp_path)  # the latest run completed
+    assert again.returncode == 2
+    assert "(completed)" in again.stderr and again.stdout == ""
+    run_id = next((tmp_path / ".checkpoints" / ".runs").glob("*.json")).stem
+    named = _run("run", "orders.pb", "--resume", run_id, cwd=tmp_path)
+    assert named.returncode == 2 and f"run {run_id} completed; there is nothing to resume" in named.stderr
 
 
 def test_resume_of_an_unknown_run_is_a_usage_error(tmp_path: Path) -> None:
@@ -136,8 +146,10 @@ def test_resume_of_an_unknown_run_is_a_usage_error(tmp_path: Path) -> None:
 def test_resume_with_durability_off_says_how_to_turn_it_on(tmp_path: Path) -> None:
     (tmp_path / "playbooks.toml").write_text("[durability]\nenabled = false\n", encoding="utf-8")
     proc = _run("run", str(EXAMPLES / "orders.pb"), "--resume", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "set durability.enabled = true" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "set durability.enabled = true" in proc.stderr and proc.stdout == ""
+    afresh = _run("run", str(EXAMPLES / "orders.pb"), "--resume-or-start", cwd=tmp_path)
+    assert afresh.returncode == 0, afresh.stderr
     assert not (tmp_path / ".checkpoints").exists()
 
 

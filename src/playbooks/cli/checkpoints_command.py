@@ -18,7 +18,7 @@ import anyio
 
 from playbooks.checkpoints import Checkpoint, CheckpointManager
 from playbooks.checkpoints.provider import parse_checkpoint_id
-from playbooks.cli.run_store import RunStore, runs_folder
+from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import PlaybooksError
 
@@ -101,10 +101,10 @@ def _runs(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [("RUN", "STATUS", "CHECKPOINTS", "STARTED", "PROGRAM", "LAST STATEMENT")]
     for record in records:
-        count, statement = anyio.run(_progress, config, record.run_id)
+        status, count, statement = anyio.run(_progress, config, record)
         rows.append((
             record.run_id,
-            record.effective_status,
+            status,
             str(count),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started)),
             record.program,
@@ -116,14 +116,16 @@ def _runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _progress(config: Config, run_id: str) -> tuple[int, str]:
-    manager = _manager(config, run_id)
+async def _progress(config: Config, record: RunRecord) -> tuple[str, int, str]:
+    """A run's status (by its checkpoint lock), number of checkpoints and last statement."""
+    manager = _manager(config, record.run_id)
     try:
+        status = await run_status(record, manager.provider)
         ids = await manager.list_checkpoints()
         if not ids:
-            return 0, ""
+            return status, 0, ""
         await manager.load_records()
-        return len(ids), _first_line(manager.last_statement())
+        return status, len(ids), _first_line(manager.last_statement())
     finally:
         await manager.provider.close()
 

@@ -27,9 +27,17 @@ from typing import Any, TextIO
 import anyio
 
 from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
-from playbooks.cli.run_store import RunRecord, RunStore, runs_folder
+from playbooks.checkpoints.provider import CheckpointProvider
+from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
-from playbooks.errors import CheckpointWarning, PlaybooksError
+from playbooks.errors import (
+    CheckpointConfigError,
+    CheckpointWarning,
+    ExecutionLockedError,
+    HostIOError,
+    PlaybooksError,
+)
+from playbooks.execution.hash_seed import current_hash_seed, pin_hash_seed, resume_hash_seed
 from playbooks.llm import CassetteError, LLMProvider, create_llm_provider
 from playbooks.program import (
     Program,
@@ -37,6 +45,7 @@ from playbooks.program import (
     ProgramParseError,
     ProgramRuntime,
     RunEvent,
+    RunResult,
     load_program,
 )
 from playbooks.program.prompt import describe_value
@@ -97,7 +106,13 @@ def add_run_parser(commands: Any) -> None:
         const="latest",
         default=None,
         metavar="RUN_ID",
-        help="resume a killed run from its checkpoints (the latest run if RUN_ID is omitted)",
+        help="resume a killed or failed run from its checkpoints (the latest such run of the program if "
+        "RUN_ID is omitted); with none, say why and stop",
+    )
+    parser.add_argument(
+        "--resume-or-start",
+        action="store_true",
+        help="resume the latest killed or failed run of the program, or start a fresh run if there is none",
     )
     parser.add_argument(
         "--force", action="store_true", help="with --resume: resume even though the program changed"
@@ -176,8 +191,11 @@ class Progress:
     def _line(self, agent: str, depth: int, text: str) -> None:
         stream = self.stream if self.stream is not None else sys.stderr
         prefix = f"[{agent}] " if self.agents and agent else ""
-        stream.write(prefix + "  " * depth + text + "\n")
-        stream.flush()
+        try:
+            stream.write(prefix + "  " * depth + text + "\n")
+            stream.flush()
+        except OSError:
+            pass  # progress is for the eyes only: a closed standard error must not fail the program
 
     def __call__(self, event: RunEvent) -> None:
         if isinstance(event, PlaybookStarted):
@@ -245,6 +263,9 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _error(f"configuration error: {exc}")
         return EXIT_USAGE
+    resuming = args.resume is not None or args.resume_or_start
+    if config.durability.enabled and not resuming and getattr(args, "reexec", False):
+        pin_hash_seed()  # a new run records its seed; without PYTHONHASHSEED this re-executes with one
     loaded = _load(path)
     if isinstance(loaded, int):
         return loaded
@@ -261,111 +282,61 @@ def _run(args: argparse.Namespace) -> int:
     except PlaybooksError as exc:
         _error(str(exc))
         return EXIT_PROGRAM_ERROR
-    run = _choose_run(args, config, program)
-    if isinstance(run, int):
-        return run
     progress = Progress(verbose=args.verbose, agents=len(program.agents) > 1)
-    store = RunStore(runs_folder(config))
     try:
         runtime = ProgramRuntime(
-            program,
-            llm=llm,
-            on_event=progress,
-            temperature=config.model.temperature,
-            stream=args.stream,
-            run_id=run.run_id if run is not None else None,
+            program, llm=llm, on_event=progress, temperature=config.model.temperature, stream=args.stream,
         )
-        result = anyio.run(_main, runtime, main_args, config, run, args.resume is not None)
+        code: int = anyio.run(_session, args, config, program, runtime, main_args)
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except CheckpointConfigError as exc:
+        _error(f"configuration error: {exc}")
+        return EXIT_USAGE
     except PlaybooksError as exc:
         _error(f"error: {exc}")
-        if run is not None:
-            run.status, run.error = "failed", str(exc)
-            store.save(run)
         return EXIT_PROGRAM_ERROR
-    if run is not None:
-        run.status, run.llm_calls = "completed", result.llm_calls
-        store.save(run)
-    print(f"done: {result.agent}.{result.playbook} finished after {result.llm_calls} LLM calls", file=sys.stderr)
-    return EXIT_OK
+    return code
 
 
-def _choose_run(args: argparse.Namespace, config: Config, program: Program) -> RunRecord | None | int:
-    """The run to record checkpoints in: a new one, or the one ``--resume`` names (``None``: durability
-    is off); an exit code when ``--resume`` cannot go on."""
+async def _session(
+    args: argparse.Namespace, config: Config, program: Program, runtime: ProgramRuntime, kwargs: dict[str, Any]
+) -> int:
+    """Choose the run (new, or the one to resume), hold its checkpoint lock, run, and record how it ended."""
+    resuming = args.resume is not None or args.resume_or_start
     if not config.durability.enabled:
-        if args.resume is not None:
-            _warn("--resume needs checkpoints, and durability is off: set durability.enabled = true in "
-                  "playbooks.toml (or PLAYBOOKS_DURABILITY_ENABLED=true). Starting a fresh run without them.")
-        return None
+        if resuming and not args.resume_or_start:
+            _error("--resume needs checkpoints, and durability is off: set durability.enabled = true in "
+                   "playbooks.toml (or PLAYBOOKS_DURABILITY_ENABLED=true), or pass --resume-or-start to run "
+                   "afresh without them")
+            return EXIT_USAGE
+        if resuming:
+            _warn("durability is off: nothing to resume; starting a fresh run without checkpoints")
+        return _finished(await runtime.run(**kwargs), None)
     store = RunStore(runs_folder(config))
-    if args.resume is None:
-        return store.new_run(program.path, program.source_hash)
-    if args.resume == "latest":
-        run = store.latest_unfinished(program.path)
-        if run is None:
-            _warn(f"no unfinished run of {program.path} to resume (no checkpoints); starting a fresh run")
-            return store.new_run(program.path, program.source_hash)
-    else:
-        run = store.get(args.resume)
-        if run is None:
-            _error(f"no run {args.resume!r} in {store.folder} (see: playbooks runs)")
-            return EXIT_USAGE
-        if run.program != os.path.abspath(program.path):
-            _error(f"run {run.run_id} is a run of {run.program}, not of {program.path}")
-            return EXIT_USAGE
-        if run.effective_status == "running":
-            _error(f"run {run.run_id} is still running (pid {run.pid}); it cannot be resumed twice")
-            return EXIT_USAGE
-    if run.source_hash != program.source_hash and not args.force:
-        _error(f"{program.path} changed since run {run.run_id} was checkpointed; resuming it could replay "
-               "the old run into the new program. Run it afresh, or pass --force to resume anyway.")
+    provider = _manager(config, "_").provider
+    chosen = await _choose_run(args, program, store, provider)
+    if isinstance(chosen, int):
+        return chosen
+    run, resume = chosen
+    manager = _manager(config, run.run_id)
+    if resume and getattr(args, "reexec", False):
+        await _resume_hash_seed(manager, run)  # before the lock is taken: re-executing gives it up
+    try:
+        await manager.open()  # the run's lock, held to the end: it is how `playbooks runs` tells it is alive
+        if resume:
+            await _prepare_resume(manager, run)
+    except ExecutionLockedError:
+        await manager.close()
+        _error(f"run {run.run_id} was taken by another process a moment ago (its checkpoint lock is held)")
         return EXIT_USAGE
-    run.status, run.pid, run.error = "running", os.getpid(), ""
+    run.status, run.pid, run.error, run.hash_seed = "running", os.getpid(), "", current_hash_seed()
     store.save(run)
-    return run
-
-
-def _warn(message: str) -> None:
-    print(f"playbooks run: warning: {message}", file=sys.stderr, flush=True)
-
-
-async def _main(
-    runtime: ProgramRuntime, kwargs: dict[str, Any], config: Config, run: RunRecord | None, resume: bool
-) -> Any:
-    if run is None:
-        return await runtime.run(**kwargs)
-    manager = CheckpointManager.from_config(
-        config.durability, run.run_id, storage_path=config.resolve_path(config.durability.storage_path)
-    )
-    if resume:
-        await manager.load_records()
-        latest = await manager.get_latest_checkpoint()
-        for message in manager.fallbacks:
-            _warn(message)
-        if latest is None:
-            _warn(f"run {run.run_id} has no readable checkpoint; it starts from the beginning")
-        else:
-            statement = manager.last_statement().strip().splitlines()
-            shown = statement[0][:100] if statement else "(no statement had completed)"
-            print(
-                f"resuming run {run.run_id} from checkpoint {latest.checkpoint_id} "
-                f"(frame {latest.frame_id}); last statement: {shown}",
-                file=sys.stderr,
-                flush=True,
-            )
-            for call in RecoveryCoordinator(manager).in_flight():
-                if call.call.startswith("__llm_turn__("):
-                    number = call.call.removeprefix("__llm_turn__(").rstrip(")")
-                    _warn(f"LLM call {number} of frame {call.frame_id} was cut off; it goes on after the "
-                          "code that already ran")
-                else:
-                    _warn(f"{call.call} was running when the process stopped; it may have run and runs "
-                          f"again (idempotency key {call.idempotency_key})")
     _arm_kill_switch(manager)
+    runtime.run_id = run.run_id
     runtime.manager = manager
+    before = run.llm_calls
     try:
         with warnings.catch_warnings():
             # Reported above, in this command's words; other checkpoint warnings (a variable that
@@ -373,9 +344,121 @@ async def _main(
             warnings.filterwarnings("ignore", message=".*may have run", category=CheckpointWarning)
             warnings.filterwarnings("ignore", message=".*is unreadable and was skipped", category=CheckpointWarning)
             warnings.showwarning = _show_warning
-            return await runtime.run(**kwargs)
+            result = await runtime.run(**kwargs)
+    except PlaybooksError as exc:
+        run.status, run.error, run.llm_calls = "failed", str(exc), before + runtime.llm_calls
+        store.save(run)
+        if isinstance(exc, HostIOError):
+            _error(f"{exc}; the run stopped. Resume it with: playbooks run {program.path} --resume {run.run_id}")
+        else:
+            _error(f"error: {exc}")
+        return EXIT_PROGRAM_ERROR
     finally:
         await manager.close()
+    run.status, run.llm_calls = "completed", before + result.llm_calls
+    store.save(run)
+    return _finished(result, run)
+
+
+def _finished(result: RunResult, run: RunRecord | None) -> int:
+    calls = run.llm_calls if run is not None else result.llm_calls
+    print(f"done: {result.agent}.{result.playbook} finished after {_plural(calls, 'LLM call')}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _manager(config: Config, run_id: str) -> CheckpointManager:
+    return CheckpointManager.from_config(
+        config.durability, run_id, storage_path=config.resolve_path(config.durability.storage_path)
+    )
+
+
+async def _choose_run(
+    args: argparse.Namespace, program: Program, store: RunStore, provider: CheckpointProvider
+) -> tuple[RunRecord, bool] | int:
+    """The run to record checkpoints in and whether it is resumed; an exit code when ``--resume``
+    cannot go on. Nothing is resumed whose checkpoint lock is held (its process still runs), and with
+    nothing to resume ``--resume`` says why and stops; only ``--resume-or-start`` starts afresh."""
+    resuming = args.resume is not None or args.resume_or_start
+    if not resuming:
+        return store.new_run(program.path, program.source_hash), False
+    path = os.path.abspath(program.path)
+    if args.resume not in (None, "latest"):
+        run = store.get(args.resume)
+        if run is None:
+            _error(f"no run {args.resume!r} in {store.folder} (see: playbooks runs)")
+            return EXIT_USAGE
+        if run.program != path:
+            _error(f"run {run.run_id} is a run of {run.program}, not of {program.path}")
+            return EXIT_USAGE
+        status = await run_status(run, provider)
+        if status == "running":
+            _error(f"run {run.run_id} is running: its checkpoint lock is held by a live process "
+                   f"(pid {run.pid} when it started); it cannot be resumed twice")
+            return EXIT_USAGE
+        if status == "completed":
+            _error(f"run {run.run_id} completed; there is nothing to resume (run the program afresh)")
+            return EXIT_USAGE
+    else:
+        runs = [(r, await run_status(r, provider)) for r in store.all() if r.program == path]
+        resumable = [r for r, status in runs if status in ("crashed", "failed")]
+        if not resumable:
+            found = ", ".join(f"{r.run_id} ({status})" for r, status in runs[-5:]) or "none"
+            why = f"no crashed or failed run of {program.path} to resume in {store.folder} (runs found: {found})"
+            if not args.resume_or_start:
+                _error(f"{why}. Run it without --resume to start afresh, or pass --resume-or-start.")
+                return EXIT_USAGE
+            _warn(f"{why}; starting a fresh run (--resume-or-start)")
+            return store.new_run(program.path, program.source_hash), False
+        run = resumable[-1]
+    if run.source_hash != program.source_hash and not args.force:
+        _error(f"{program.path} changed since run {run.run_id} was checkpointed; resuming it could replay "
+               "the old run into the new program. Run it afresh, or pass --force to resume anyway.")
+        return EXIT_USAGE
+    return run, True
+
+
+async def _resume_hash_seed(manager: CheckpointManager, run: RunRecord) -> None:
+    """Re-execute this command under the hash seed the run recorded, if this process has another one
+    (then this does not return), so sets of strings iterate as they did before the crash."""
+    seed = await resume_hash_seed(manager)
+    if seed in (None, "random"):
+        _warn(f"run {run.run_id} did not record a fixed hash seed: sets of strings may iterate in another "
+              "order than before the crash")
+
+
+async def _prepare_resume(manager: CheckpointManager, run: RunRecord) -> None:
+    """Load the run's checkpoints and say where it resumes from."""
+    await manager.load_records()
+    latest = await manager.get_latest_checkpoint()
+    for message in manager.fallbacks:
+        _warn(message)
+    if latest is None:
+        _warn(f"run {run.run_id} has no readable checkpoint; it starts from the beginning")
+        return
+    statement = manager.last_statement().strip().splitlines()
+    shown = statement[0][:100] if statement else "(no statement had completed)"
+    print(
+        f"resuming run {run.run_id} from checkpoint {latest.checkpoint_id} "
+        f"(frame {latest.frame_id}); last statement: {shown}",
+        file=sys.stderr,
+        flush=True,
+    )
+    for call in RecoveryCoordinator(manager).in_flight():
+        if call.call.startswith("__llm_turn__("):
+            number = call.call.removeprefix("__llm_turn__(").rstrip(")")
+            _warn(f"LLM call {number} of frame {call.frame_id} was cut off; it goes on after the "
+                  "code that already ran")
+        else:
+            _warn(f"{call.call} was running when the process stopped; it may have run and runs "
+                  f"again (idempotency key {call.idempotency_key})")
+
+
+def _warn(message: str) -> None:
+    print(f"playbooks run: warning: {message}", file=sys.stderr, flush=True)
 
 
 KILL_SWITCH_ENV = "PLAYBOOKS_TEST_KILL_AT_RECORD"

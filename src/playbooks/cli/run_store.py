@@ -4,7 +4,7 @@ A run id scopes a run's checkpoints (it is their execution id), so two programs,
 program, never share checkpoints. The record says which program (path and source hash) the run
 belongs to, so ``--resume`` finds the latest unfinished run of a program and refuses one whose program
 changed; and how it ended, so ``playbooks runs`` can tell running, crashed, failed and completed apart
-(a run recorded as running whose process is gone crashed).
+(a run recorded as running whose checkpoint lock is free crashed: the lock dies with its process).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from playbooks.checkpoints.provider import CheckpointProvider
 from playbooks.config import Config
+from playbooks.errors import CheckpointConfigError, ExecutionLockedError
 
-__all__ = ("RunRecord", "RunStore", "runs_folder")
+__all__ = ("RunRecord", "RunStore", "run_status", "runs_folder")
 
 Status = Literal["running", "crashed", "failed", "completed"]
 
@@ -35,7 +37,8 @@ def runs_folder(config: Config) -> Path:
 
 @dataclass
 class RunRecord:
-    """One run of a program."""
+    """One run of a program. ``pid`` is informative only: whether a run is alive is decided by its
+    checkpoint lock (:func:`run_status`), which dies with its process, also in a container."""
 
     run_id: str
     program: str
@@ -46,25 +49,31 @@ class RunRecord:
     updated: float
     llm_calls: int = 0
     error: str = ""
-
-    @property
-    def effective_status(self) -> Status:
-        """``running`` only while its process lives; a run recorded as running whose process is gone crashed."""
-        if self.status != "running":
-            return self.status
-        return "running" if _alive(self.pid) else "crashed"
+    hash_seed: str = ""
+    """The ``PYTHONHASHSEED`` the run started under; a resume runs under the same one."""
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+async def run_status(record: RunRecord, provider: CheckpointProvider) -> Status:
+    """The run's status: one recorded as ``running`` is running while its checkpoint lock is held (by
+    its process, wherever it runs), else it crashed. The check takes the lock and gives it back."""
+    if record.status != "running":
+        return record.status
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock = await provider.acquire_lock(record.run_id)
+    except ExecutionLockedError:
+        return "running"
+    except CheckpointConfigError:
+        return "crashed"
+    await lock.release()
+    return "crashed"
+
+
+def _valid_run_id(run_id: str) -> bool:
+    """Whether ``run_id`` can name a record file in the folder (no path, no hidden file, no control
+    characters)."""
+    return bool(run_id) and not run_id.startswith(".") and run_id.isprintable() and not any(
+        sep in run_id for sep in ("/", "\\", os.sep)
+    )
 
 
 class RunStore:
@@ -74,13 +83,12 @@ class RunStore:
         self.folder = folder
 
     def new_run(self, program: str, source_hash: str) -> RunRecord:
-        """Record a new run of ``program``; its id is the program's name, the time and a random tag."""
+        """A new run of ``program`` (not saved yet); its id is the program's name, the time and a
+        random tag."""
         stem = Path(program).name.removesuffix(".pb") or "run"
         run_id = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         now = time.time()
-        record = RunRecord(run_id, os.path.abspath(program), source_hash, "running", os.getpid(), now, now)
-        self.save(record)
-        return record
+        return RunRecord(run_id, os.path.abspath(program), source_hash, "running", os.getpid(), now, now)
 
     def save(self, record: RunRecord) -> None:
         record.updated = time.time()
@@ -95,6 +103,9 @@ class RunStore:
             raise
 
     def get(self, run_id: str) -> RunRecord | None:
+        """The run's record, or ``None`` when there is none (or ``run_id`` cannot name one)."""
+        if not _valid_run_id(run_id):
+            return None
         path = self.folder / f"{run_id}.json"
         try:
             return RunRecord(**json.loads(path.read_text()))
@@ -108,15 +119,9 @@ class RunStore:
         records = [self.get(p.stem) for p in self.folder.glob("*.json")]
         return sorted((r for r in records if r is not None), key=lambda r: r.started)
 
-    def latest_unfinished(self, program: str) -> RunRecord | None:
-        """The newest run of ``program`` that did not complete and is not running now."""
-        path = os.path.abspath(program)
-        candidates = [
-            r for r in self.all() if r.program == path and r.effective_status in ("crashed", "failed")
-        ]
-        return candidates[-1] if candidates else None
-
     def delete(self, run_id: str) -> bool:
+        if not _valid_run_id(run_id):
+            return False
         try:
             (self.folder / f"{run_id}.json").unlink()
         except FileNotFoundError:

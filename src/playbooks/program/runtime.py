@@ -49,7 +49,7 @@ import anyio.to_thread
 
 from playbooks.agent import Agent
 from playbooks.checkpoints.manager import CheckpointManager
-from playbooks.errors import CodeSyntaxError, InterpreterError, LLMCodeError, PlaybooksError
+from playbooks.errors import CodeSyntaxError, HostIOError, InterpreterError, LLMCodeError, PlaybooksError
 from playbooks.execution.durable import current_durable_call
 from playbooks.execution.statement_splitter import Statement, StatementSplitter
 from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
@@ -259,8 +259,11 @@ class ProgramIO:
     async def say(self, message: str) -> None:
         """Show ``message`` to the user."""
         if self._output is None:
-            sys.stdout.write(message + "\n")
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(message + "\n")
+                sys.stdout.flush()
+            except OSError as exc:  # a closed pipe, a full disk: the host's failure, not the code's
+                raise HostIOError(f"cannot write to standard output: {exc.strerror or exc}") from exc
             return
         result = self._output(message)
         if inspect.isawaitable(result):

@@ -1,0 +1,132 @@
+"""Whether a run is alive is decided by its checkpoint lock, never by a PID.
+
+* A run killed while it was PID 1 of its PID namespace (a container restart, here ``unshare --pid``)
+  is crashed, not "running (pid 1)", and resumes.
+* A killed process that nobody reaped (a zombie) holds no lock: its run is crashed and resumes.
+* Two ``--resume`` at once: exactly one resumes, the other says why it did not, and no line is shown
+  twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    env.update(extra)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "playbooks.cli", *args]
+
+
+def _setup(folder: Path) -> subprocess.CompletedProcess[str]:
+    """Copy orders.pb and return its uninterrupted run (in a folder of its own)."""
+    for suffix in (".pb", ".cassette.json"):
+        shutil.copy(EXAMPLES / f"orders{suffix}", folder)
+    reference_dir = folder / "reference"
+    reference_dir.mkdir()
+    for suffix in (".pb", ".cassette.json"):
+        shutil.copy(EXAMPLES / f"orders{suffix}", reference_dir)
+    reference = subprocess.run(_cli("run", "orders.pb"), cwd=reference_dir, env=_env(), text=True,
+                               capture_output=True, timeout=60)
+    assert reference.returncode == 0, reference.stderr
+    return reference
+
+
+def _runs(folder: Path) -> str:
+    listed = subprocess.run(_cli("runs"), cwd=folder, env=_env(), text=True, capture_output=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    return listed.stdout
+
+
+def _kill_when_said(command: list[str], folder: Path, line: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``command``; SIGKILL it once standard output shows ``line``. Return it unreaped."""
+    proc = subprocess.Popen(command, cwd=folder, env=_env(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    seen = ""
+    for got in proc.stdout:
+        seen += got
+        if got.strip() == line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    return proc, seen
+
+
+def _resume(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_cli("run", "orders.pb", "--resume"), cwd=folder, env=_env(), text=True,
+                          capture_output=True, timeout=60)
+
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="unshare --pid needs root (or user namespaces)")
+def test_a_run_killed_as_pid_1_of_a_container_resumes(tmp_path: Path) -> None:
+    reference = _setup(tmp_path)
+    command = ["unshare", "--pid", "--fork", "--kill-child", *_cli("run", "orders.pb")]
+    proc, seen = _kill_when_said(command, tmp_path, "Order A101 is processing, total 18.00")
+    proc.communicate(timeout=60)
+    record = json.loads(next((tmp_path / ".checkpoints" / ".runs").glob("*.json")).read_text())
+    assert record["pid"] == 1  # what the old PID check mistook for a live process
+    assert "crashed" in _runs(tmp_path)
+    resumed = _resume(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = (seen + resumed.stdout).splitlines()
+    assert sorted(set(lines)) == sorted(reference.stdout.splitlines()), resumed.stderr
+
+
+def test_an_unreaped_killed_run_is_crashed_and_resumes(tmp_path: Path) -> None:
+    reference = _setup(tmp_path)
+    proc, seen = _kill_when_said(_cli("run", "orders.pb"), tmp_path, "Hello! Let me look at your orders.")
+    deadline = time.monotonic() + 10
+    while not Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "crashed" in _runs(tmp_path)  # the process is a zombie: its PID exists, its lock does not
+    resumed = _resume(tmp_path)
+    proc.communicate(timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert set((seen + resumed.stdout).splitlines()) == set(reference.stdout.splitlines())
+
+
+def test_two_resumes_at_once_one_resumes_the_other_says_why(tmp_path: Path) -> None:
+    reference = _setup(tmp_path)
+    killed = subprocess.run(_cli("run", "orders.pb"), cwd=tmp_path, env=_env(PLAYBOOKS_TEST_KILL_AT_RECORD="after:20"),
+                            text=True, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    seen = killed.stdout
+    both = [
+        subprocess.Popen(_cli("run", "orders.pb", "--resume"), cwd=tmp_path, env=_env(), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    results = [(p.communicate(timeout=60), p.returncode) for p in both]
+    codes = sorted(code for _, code in results)
+    assert codes == [0, 2], results
+    (out_ok, _), _ = next(r for r in results if r[1] == 0)
+    (out_no, err_no), _ = next(r for r in results if r[1] == 2)
+    assert out_no == ""
+    reasons = ("is running", "taken by another process", "(running)", "(completed)")  # (the other was quick)
+    assert any(reason in err_no for reason in reasons), err_no
+    assert seen + out_ok == reference.stdout
