@@ -737,3 +737,74 @@ async def test_fs_journal_sync_is_one_fdatasync(
     assert calls == ["fdatasync"]
     await fs.sync_journal("run")  # nothing new: nothing to do
     assert calls == ["fdatasync"]
+
+
+@conformance
+async def test_head_is_one_small_record_replaced_in_place(provider: CheckpointProvider) -> None:
+    assert await provider.read_head("run") is None
+    await provider.write_head("run", b"h" * 61)
+    await provider.write_head("run", b"H" * 61)
+    assert await provider.read_head("run") == b"H" * 61
+    assert await provider.read_head("other") is None
+
+
+async def test_fs_a_damaged_entry_in_the_middle_hides_nothing_after_it(fs: FilesystemCheckpointProvider) -> None:
+    for counter in (1, 2, 3):
+        await fs.append_journal("run", counter, f"entry {counter}".encode() * 10)
+    path = Path(fs.base_path) / "run" / "run.journal"
+    data = bytearray(path.read_bytes())
+    second = data.index(b"PBJE", 1)
+    data[second + 12] ^= 0x7F  # the second entry's length is damaged: its frame no longer fits
+    path.write_bytes(bytes(data))
+    with pytest.warns(Warning, match="damaged or torn entry in its middle"):
+        entries = await fs.read_journal("run")
+    assert [c for c, _ in entries] == [1, 3]
+
+
+async def test_fs_a_flipped_bit_inside_an_entry_is_handed_to_the_integrity_check(
+    fs: FilesystemCheckpointProvider,
+) -> None:
+    for counter in (1, 2, 3):
+        await fs.append_journal("run", counter, f"entry {counter}".encode() * 10)
+    path = Path(fs.base_path) / "run" / "run.journal"
+    data = bytearray(path.read_bytes())
+    data[data.index(b"entry 2") + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.warns(Warning, match="damaged or torn entry in its middle"):
+        entries = await fs.read_journal("run")
+    assert [c for c, _ in entries] == [1, 2, 3]  # the record's own check refuses entry 2
+    assert dict(entries)[2] != b"entry 2" * 10
+
+
+async def test_fs_a_torn_tail_is_cut_off_before_the_next_append(tmp_path: Path, anyio_backend: str) -> None:
+    first = FilesystemCheckpointProvider(tmp_path)
+    await first.append_journal("run", 1, b"one")
+    path = tmp_path / "run" / "run.journal"
+    with open(path, "ab") as f:  # a write cut short by a full disk, in another process
+        f.write(b"PBJE\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x01\x00par")
+    second = FilesystemCheckpointProvider(tmp_path)
+    with pytest.warns(Warning, match="torn entry"):
+        await second.append_journal("run", 3, b"three")
+    assert await second.read_journal("run") == [(1, b"one"), (3, b"three")]
+    await first.close()
+    await second.close()
+
+
+async def test_fs_a_short_write_is_cut_off_at_once(
+    fs: FilesystemCheckpointProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fs.append_journal("run", 1, b"one")
+    real_write = os.write
+
+    def short_then_full(fd: int, data: Any) -> int:
+        real_write(fd, bytes(data)[:7])  # part of the entry lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(CheckpointWriteError, match="disk full"):
+        await fs.append_journal("run", 2, b"two")
+    monkeypatch.setattr(os, "write", real_write)
+    await fs.append_journal("run", 3, b"three")
+    assert await fs.read_journal("run") == [(1, b"one"), (3, b"three")]
+    path = Path(fs.base_path) / "run" / "run.journal"
+    assert path.read_bytes().count(b"PBJE") == 2  # nothing torn left in the file

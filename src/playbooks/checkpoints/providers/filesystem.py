@@ -107,7 +107,8 @@ _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 
 _HEAD_OFFSET = 64  # in the lock file; the pid comes first
 _JOURNAL_SUFFIX = ".journal"
 _ENTRY_MAGIC = b"PBJE"
-_ENTRY = struct.Struct(">4sQII")  # marker, counter, length of the data that follows, CRC-32 of the data
+_ENTRY = struct.Struct(">4sQII")  # marker, counter, length of the data that follows, CRC-32
+_CRC_COVERS = struct.Struct(">QI")  # the CRC covers the counter and length, then the data
 
 _ERRNO_WORDS = {
     errno.ENOSPC: "disk full",
@@ -139,15 +140,21 @@ def _validate_execution_id(execution_id: str) -> None:
     validate_execution_id(execution_id)
 
 
+def _crc(counter: int, length: int, data: bytes | memoryview) -> int:
+    return zlib.crc32(data, zlib.crc32(_CRC_COVERS.pack(counter, length)))
+
+
 def _frame(counter: int, data: bytes) -> bytes:
-    return _ENTRY.pack(_ENTRY_MAGIC, counter, len(data), zlib.crc32(data)) + data
+    return _ENTRY.pack(_ENTRY_MAGIC, counter, len(data), _crc(counter, len(data), data)) + data
 
 
 def _scan_journal(data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]], int]:
-    """Parse a journal: its entries, the damaged byte ranges skipped, and the end of its last good entry.
+    """Parse a journal: its entries, the damaged byte ranges, and the end of its last whole entry.
 
     A damaged entry (torn by a short write, or overwritten) never hides the ones after it: the scan
-    resumes at the next marker whose entry checks out.
+    resumes at the next marker whose entry checks out. An entry whose frame is whole but whose CRC
+    fails (a flipped bit) is returned as well as listed among the damaged ranges, so the reader's
+    integrity check names the record it was.
     """
     entries: list[tuple[int, bytes]] = []
     damage: list[tuple[int, int]] = []
@@ -159,7 +166,7 @@ def _scan_journal(data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int,
             magic, counter, length, crc = _ENTRY.unpack_from(data, offset)
             start = offset + _ENTRY.size
             if magic == _ENTRY_MAGIC and start + length <= size:
-                if zlib.crc32(view[start : start + length]) == crc:
+                if _crc(counter, length, view[start : start + length]) == crc:
                     entries.append((counter, data[start : start + length]))
                     offset = end = start + length
                     continue
@@ -167,6 +174,7 @@ def _scan_journal(data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int,
                     # Damaged inside (a flipped bit), framing intact: hand it over, so the reader's
                     # integrity check names the record it was.
                     entries.append((counter, data[start : start + length]))
+                    damage.append((offset, start + length))
                     offset = end = start + length
                     continue
         following = data.find(_ENTRY_MAGIC, offset + 1)
@@ -667,7 +675,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         for begin, stop in damage:
             where = "at its end" if stop == len(data) else "in its middle; the entries after it are read"
             warnings.warn(
-                f"journal {path}: bytes {begin}..{stop} are a damaged or torn entry {where}; skipped",
+                f"journal {path}: bytes {begin}..{stop} are a damaged or torn entry {where}",
                 CheckpointWarning,
                 stacklevel=2,
             )
@@ -686,6 +694,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
                     lock.head_size = len(data)
                 return
             _validate_execution_id(execution_id)
+            self._make_folder(self._folder(execution_id))
             fd = os.open(path, _LOCK_FLAGS, _FILE_MODE)
             try:
                 os.pwrite(fd, data, _HEAD_OFFSET)
