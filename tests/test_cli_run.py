@@ -88,7 +88,7 @@ def test_cassette_from_flag_and_from_config(tmp_path: Path) -> None:
     (tmp_path / "recorded").mkdir()
     shutil.copy(EXAMPLES / "orders.cassette.json", tmp_path / "recorded" / "orders.json")
     missing = _run("run", str(program), cwd=tmp_path)
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert "shop.cassette.json' does not exist" in missing.stderr
     assert 'provider = "record"' in missing.stderr
     flag = _run("run", str(program), "--cassette", str(tmp_path / "recorded" / "orders.json"), cwd=tmp_path)

@@ -20,9 +20,9 @@ from playbooks.checkpoints import Checkpoint, CheckpointManager
 from playbooks.checkpoints.provider import parse_checkpoint_id
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
-from playbooks.errors import PlaybooksError
+from playbooks.errors import CheckpointConfigError, PlaybooksError
 
-__all__ = ("add_checkpoints_parser", "add_runs_parser")
+__all__ = ("add_checkpoints_parser", "add_runs_parser", "first_line")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -80,7 +80,8 @@ def _manager(config: Config, run_id: str, keep_last_n: int | None = None) -> Che
     return manager
 
 
-def _first_line(text: str, width: int = 60) -> str:
+def first_line(text: str, width: int = 60) -> str:
+    """The first line of ``text``, with `` ...`` when more follow, cut to ``width`` characters."""
     lines = text.strip().splitlines()
     if not lines:
         return ""
@@ -125,7 +126,7 @@ async def _progress(config: Config, record: RunRecord) -> tuple[str, int, str]:
         if not ids:
             return status, 0, ""
         await manager.load_records()
-        return status, len(ids), _first_line(manager.last_statement())
+        return status, len(ids), first_line(manager.last_statement())
     finally:
         await manager.provider.close()
 
@@ -139,9 +140,15 @@ def _checkpoints(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         code: int = anyio.run(_checkpoint_action, args, config)
+    except CheckpointConfigError as exc:  # a bad run id, storage path or provider
+        _error("checkpoints", str(exc))
+        return EXIT_USAGE
     except PlaybooksError as exc:
         _error("checkpoints", str(exc))
         return EXIT_ERROR
+    except OSError as exc:
+        _error("checkpoints", f"cannot read the checkpoints in {config.durability.storage_path}: {exc.strerror or exc}")
+        return EXIT_USAGE
     return code
 
 
@@ -171,7 +178,7 @@ async def _list(config: Config, run_id: str | None) -> int:
         _error("checkpoints", f"run {run_id!r} has no checkpoints")
         return EXIT_USAGE
     for counter, record in sorted(records.items()):
-        what = record.display or _first_line(record.statement) or record.name
+        what = record.display or first_line(record.statement) or record.name
         stamp = time.strftime("%H:%M:%S", time.localtime(record.timestamp))
         print(f"{run_id}_ckpt_{counter}  {stamp}  {record.kind:<8}  {record.frame_id:<24}  {what}")
     return EXIT_OK

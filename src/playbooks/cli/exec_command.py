@@ -39,12 +39,18 @@ def add_exec_parser(commands: Any) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _load_tools(path: Path | None) -> Mapping[str, Callable[..., Any]]:
+def _load_tools(path: Path | None) -> Mapping[str, Callable[..., Any]] | str:
+    """The ``TOOLS`` of ``path``, or what is wrong with it."""
     if path is None:
         return {}
-    tools = runpy.run_path(str(path)).get("TOOLS")
+    try:
+        tools = runpy.run_path(str(path)).get("TOOLS")
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    except Exception as exc:
+        return f"{path} failed when it was loaded: {type(exc).__name__}: {exc}"
     if not isinstance(tools, Mapping):
-        raise SystemExit(f"playbooks exec: {path} must define TOOLS = {{name: callable}}")
+        return f"{path} must define TOOLS = {{name: callable}}"
     return tools
 
 
@@ -52,13 +58,20 @@ def _run(args: argparse.Namespace) -> int:
     try:
         text = args.response.read_text(encoding="utf-8")
     except OSError as exc:
-        print(f"playbooks exec: cannot read {args.response}: {exc.strerror}", file=sys.stderr)
+        print(f"playbooks exec: cannot read {args.response}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(f"playbooks exec: {args.response} is not UTF-8 text (byte {exc.start}); expected an LLM response",
+              file=sys.stderr)
         return 2
     if args.chunk_size < 1:
         print("playbooks exec: --chunk-size must be at least 1", file=sys.stderr)
         return 2
-    agent = Agent(args.agent_id, tools=_load_tools(args.tools))
-    return anyio.run(_stream, agent, text, args)
+    tools = _load_tools(args.tools)
+    if isinstance(tools, str):
+        print(f"playbooks exec: {tools}", file=sys.stderr)
+        return 2
+    return anyio.run(_stream, Agent(args.agent_id, tools=tools), text, args)
 
 
 def _show(statement: Statement) -> None:

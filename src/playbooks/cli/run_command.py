@@ -28,6 +28,7 @@ import anyio
 
 from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
 from playbooks.checkpoints.provider import CheckpointProvider
+from playbooks.cli.checkpoints_command import first_line
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import (
@@ -171,6 +172,9 @@ def _parse_args(pairs: list[str]) -> dict[str, Any] | None:
             values[name] = json.loads(text)
         except json.JSONDecodeError:
             values[name] = text
+        except RecursionError:
+            _error(f"--arg {name}: the JSON value is nested too deeply")
+            return None
     return values
 
 
@@ -206,8 +210,8 @@ class Progress:
                 self._line(event.agent, event.depth, f"> {event.agent}.{event.playbook}({args})")
         elif isinstance(event, PlaybookFinished):
             name = f"{event.agent}.{event.playbook}"
-            if event.error is not None:
-                self._line(event.agent, event.depth, f"x {name} failed: {event.error}")
+            if event.error is not None:  # one line: the whole error is printed once, at the end
+                self._line(event.agent, event.depth, f"x {name} failed: {first_line(event.error, 120)}")
             elif (event.agent, event.playbook) not in self._python or self.verbose or event.depth == 0:
                 self._line(event.agent, event.depth, f"< {name} returned {describe_value(event.value, 120)}")
         elif isinstance(event, StepStarted):
@@ -275,10 +279,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    except CassetteError as exc:
+    except CassetteError as exc:  # a missing or malformed cassette: an input of the command
         _error(f"{exc}\nTo record a cassette with playbooks run, set provider = \"record\" in the [model] table of "
                "playbooks.toml (it needs an OpenAI-compatible endpoint).")
-        return EXIT_PROGRAM_ERROR
+        return EXIT_USAGE
     except PlaybooksError as exc:
         _error(str(exc))
         return EXIT_PROGRAM_ERROR

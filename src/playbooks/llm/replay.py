@@ -121,6 +121,8 @@ class Cassette:
                 f"{_rerecord_hint(where)}",
                 path=where,
             ) from exc
+        except RecursionError:
+            raise CassetteError(f"cassette {where!r} is nested too deeply to be a cassette", path=where) from None
         if not isinstance(data, dict) or not isinstance(data.get("interactions"), list):
             raise CassetteError(
                 f"cassette {where!r} is not a cassette: expected an object with 'version' and 'interactions'",
