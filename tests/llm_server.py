@@ -33,12 +33,18 @@ class Reply:
     done: bool = True
     events: list[str] | None = None
     delay: float = 0.0
+    usage: tuple[int, int] | None = None
 
 
-def stream(pieces: list[str], *, split: int | None = None, done: bool = True, delay: float = 0.0) -> Reply:
+def stream(
+    pieces: list[str], *, split: int | None = None, done: bool = True, delay: float = 0.0,
+    usage: tuple[int, int] | None = None,
+) -> Reply:
     """A 200 event stream with one content delta per piece, then ``finish_reason`` and ``[DONE]``;
-    ``delay`` seconds pass before each HTTP chunk (a slow model, to be killed mid-response)."""
-    return Reply("stream", pieces=pieces, split=split, done=done, delay=delay)
+    ``delay`` seconds pass before each HTTP chunk (a slow model, to be killed mid-response); ``usage``
+    (prompt, completion tokens) adds a usage chunk before ``[DONE]``, as OpenAI sends for
+    ``stream_options.include_usage``."""
+    return Reply("stream", pieces=pieces, split=split, done=done, delay=delay, usage=usage)
 
 
 def raw_events(events: list[str]) -> Reply:
@@ -170,6 +176,11 @@ class FakeOpenAIServer:
             events += [_delta(piece) for piece in reply.pieces]
         if reply.kind == "stream" and reply.done:
             events.append(_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+            if reply.usage is not None:
+                prompt, completion = reply.usage
+                events.append(_event({"choices": [], "usage": {
+                    "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                }}))
             events.append(_event("[DONE]"))
         if reply.split:
             body = b"".join(events)

@@ -95,6 +95,7 @@ async def test_request_body_and_headers(server: FakeOpenAIServer) -> None:
         "model": "test-model",
         "messages": [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Say hello"}],
         "stream": True,
+        "stream_options": {"include_usage": True},
         "temperature": 0.0,
         "max_tokens": 64,
         "stop": ["<END>"],

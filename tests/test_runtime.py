@@ -12,7 +12,7 @@ import pytest
 
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor
-from playbooks.llm import Cassette, CassetteError, LLMProvider, LLMRequest, ReplayProvider
+from playbooks.llm import Cassette, CassetteError, LLMProvider, LLMRequest, ReplayProvider, Usage
 from playbooks.program import (
     AgentMessage,
     DeadlockError,
@@ -362,6 +362,7 @@ async def test_events_in_order() -> None:
         "CodeStatement",
         "Said",
         "CodeStatement",
+        "LLMCallFinished",
         "PlaybookFinished",
     ]
     assert h.of(LLMCallStarted)[0].number == 1
@@ -549,8 +550,8 @@ async def test_every_builtin_and_playbook_call_goes_through_the_interceptor() ->
                 interceptor=RecordingInterceptor(log, run_id="r", frame_id=f"{frame.frame_id}/{number}"),
             )
 
-        async def _stream_llm(self, request: LLMRequest) -> AsyncIterator[str]:
-            async for chunk in super()._stream_llm(request):
+        async def _stream_llm(self, request: LLMRequest, spent: list[Usage]) -> AsyncIterator[str]:
+            async for chunk in super()._stream_llm(request, spent):
                 chunks_seen.append(chunk)
                 yield chunk
 

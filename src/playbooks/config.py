@@ -250,6 +250,38 @@ class ModelConfig(_Validated):
         default=0.0,
         metadata=_meta("Sampling temperature; 0 makes answers as repeatable as the model allows.", minimum=0),
     )
+    max_tokens: int | None = field(
+        default=None,
+        metadata=_meta(
+            "Most tokens one response may have (max_tokens of the request); unset means the endpoint's "
+            "default.",
+            minimum=1,
+            example=4096,
+        ),
+    )
+    timeout: float = field(
+        default=60.0,
+        metadata=_meta(
+            "Seconds to wait for the endpoint: to connect, to send, and for each piece of the streamed "
+            "response (not for the whole response).",
+            above=0,
+        ),
+    )
+    headers: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Extra HTTP headers sent with every request, as \"Name: value\" pairs separated by \";\".",
+            non_empty=True,
+            example="X-Org: acme; X-Team: data",
+        ),
+    )
+    usage: bool = field(
+        default=True,
+        metadata=_meta(
+            "Ask the endpoint to report token usage (stream_options.include_usage); turn it off for an "
+            "endpoint that refuses the option.",
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -100,13 +100,15 @@ def _runs(args: argparse.Namespace) -> int:
     if not records:
         print(f"no runs in {runs_folder(config)}")
         return EXIT_OK
-    rows = [("RUN", "STATUS", "CHECKPOINTS", "STARTED", "PROGRAM", "LAST STATEMENT")]
+    rows = [("RUN", "STATUS", "CHECKPOINTS", "LLM CALLS", "TOKENS IN/OUT", "STARTED", "PROGRAM", "LAST STATEMENT")]
     for record in records:
         status, count, statement = anyio.run(_progress, config, record)
         rows.append((
             record.run_id,
             status,
             str(count),
+            str(record.llm_calls),
+            f"{record.prompt_tokens}/{record.completion_tokens}",
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started)),
             record.program,
             statement,

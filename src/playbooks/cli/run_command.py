@@ -22,6 +22,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import anyio
@@ -53,6 +54,7 @@ from playbooks.program.prompt import describe_value
 from playbooks.program.runtime import (
     CodeFailed,
     CodeStatement,
+    LLMCallFinished,
     LLMCallStarted,
     MessageSent,
     PlaybookFinished,
@@ -61,7 +63,7 @@ from playbooks.program.runtime import (
     StepStarted,
 )
 
-__all__ = ("add_run_parser", "cassette_for", "make_provider")
+__all__ = ("add_run_parser", "cassette_for", "make_provider", "parse_headers")
 
 EXIT_OK = 0
 EXIT_PROGRAM_ERROR = 1
@@ -135,8 +137,11 @@ def cassette_for(config: Config, program_path: Path, cassette: Path | None = Non
     return program_path.with_name(program_path.name.removesuffix(".pb") + ".cassette.json")
 
 
-def make_provider(config: Config, program_path: Path, cassette: Path | None = None) -> LLMProvider:
-    """Build the LLM provider the configuration names (``replay``, ``record`` or ``openai``).
+def make_provider(
+    config: Config, program_path: Path, cassette: Path | None = None, *, append: bool = False
+) -> LLMProvider:
+    """Build the LLM provider the configuration names (``replay``, ``record`` or ``openai``); a
+    recording ``append``s to its cassette (a resumed run) instead of starting it anew.
 
     Raises ``ValueError`` for an unknown provider and :class:`~playbooks.llm.CassetteError` for a
     missing or malformed cassette.
@@ -146,6 +151,9 @@ def make_provider(config: Config, program_path: Path, cassette: Path | None = No
         "base_url": model.base_url,
         "model": model.name,
         "api_key": os.environ.get(model.api_key_env),
+        "timeout": model.timeout,
+        "headers": parse_headers(model.headers),
+        "usage": model.usage,
     }
     if model.provider == "replay":
         # Matched by request, not by order: agents running concurrently, and a resumed run, may ask
@@ -155,10 +163,23 @@ def make_provider(config: Config, program_path: Path, cassette: Path | None = No
         )
     if model.provider == "record":
         path = cassette_for(config, program_path, cassette)
-        return create_llm_provider("record", cassette_path=path, inner="openai", **remote)
+        return create_llm_provider("record", cassette_path=path, inner="openai", append=append, **remote)
     if model.provider == "openai":
         return create_llm_provider("openai", **remote)
     raise ValueError(f"unknown model provider {model.provider!r} in [model] (expected replay, record or openai)")
+
+
+def parse_headers(text: str | None) -> dict[str, str]:
+    """``model.headers`` (``"Name: value; Name2: value2"``) as a mapping; ``ValueError`` when malformed."""
+    headers: dict[str, str] = {}
+    for pair in (text or "").split(";"):
+        if not pair.strip():
+            continue
+        name, sep, value = pair.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"model.headers: expected \"Name: value\" pairs separated by \";\", got {pair.strip()!r}")
+        headers[name.strip()] = value.strip()
+    return headers
 
 
 def _parse_args(pairs: list[str]) -> dict[str, Any] | None:
@@ -229,6 +250,10 @@ class Progress:
             return
         elif isinstance(event, LLMCallStarted):
             self._line(event.agent, event.depth + 1, f"~ LLM call {event.number} ({event.agent}.{event.playbook})")
+        elif isinstance(event, LLMCallFinished):
+            if event.prompt_tokens or event.completion_tokens:
+                self._line(event.agent, event.depth + 1, f"~ LLM call {event.number}: {event.prompt_tokens:,} "
+                           f"tokens in, {event.completion_tokens:,} out")
         elif isinstance(event, CodeStatement):
             lines = event.source.splitlines() or [""]
             more = " ..." if len(lines) > 1 else ""
@@ -275,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
         return loaded
     program = loaded
     try:
-        llm = make_provider(config, path, args.cassette)
+        llm = make_provider(config, path, args.cassette, append=resuming)
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -289,7 +314,8 @@ def _run(args: argparse.Namespace) -> int:
     progress = Progress(verbose=args.verbose, agents=len(program.agents) > 1)
     try:
         runtime = ProgramRuntime(
-            program, llm=llm, on_event=progress, temperature=config.model.temperature, stream=args.stream,
+            program, llm=llm, on_event=progress, temperature=config.model.temperature,
+            max_tokens=config.model.max_tokens, stream=args.stream,
         )
         code: int = anyio.run(_session, args, config, program, runtime, main_args)
     except KeyboardInterrupt:
@@ -340,7 +366,7 @@ async def _session(
     _arm_kill_switch(manager)
     runtime.run_id = run.run_id
     runtime.manager = manager
-    before = run.llm_calls
+    runtime.on_event = _counting(runtime.on_event, run, store)
     try:
         with warnings.catch_warnings():
             # Reported above, in this command's words; other checkpoint warnings (a variable that
@@ -350,7 +376,7 @@ async def _session(
             warnings.showwarning = _show_warning
             result = await runtime.run(**kwargs)
     except PlaybooksError as exc:
-        run.status, run.error, run.llm_calls = "failed", str(exc), before + runtime.llm_calls
+        run.status, run.error = "failed", str(exc)
         store.save(run)
         if isinstance(exc, HostIOError):
             _error(f"{exc}; the run stopped. Resume it with: playbooks run {program.path} --resume {run.run_id}")
@@ -359,14 +385,38 @@ async def _session(
         return EXIT_PROGRAM_ERROR
     finally:
         await manager.close()
-    run.status, run.llm_calls = "completed", before + result.llm_calls
+    run.status = "completed"
     store.save(run)
     return _finished(result, run)
 
 
+def _counting(
+    on_event: Callable[[RunEvent], None] | None, run: RunRecord, store: RunStore
+) -> Callable[[RunEvent], None]:
+    """``on_event`` that also counts the run's LLM calls and tokens in its record, saved as they happen
+    (so the counts add up over a run's killed and resumed processes)."""
+
+    def count(event: RunEvent) -> None:
+        if isinstance(event, LLMCallStarted):
+            run.llm_calls += 1
+            store.save(run)
+        elif isinstance(event, LLMCallFinished) and (event.prompt_tokens or event.completion_tokens):
+            run.prompt_tokens += event.prompt_tokens
+            run.completion_tokens += event.completion_tokens
+            store.save(run)
+        if on_event is not None:
+            on_event(event)
+
+    return count
+
+
 def _finished(result: RunResult, run: RunRecord | None) -> int:
     calls = run.llm_calls if run is not None else result.llm_calls
-    print(f"done: {result.agent}.{result.playbook} finished after {_plural(calls, 'LLM call')}", file=sys.stderr)
+    tokens = (run.prompt_tokens, run.completion_tokens) if run is not None else (
+        result.usage.prompt_tokens, result.usage.completion_tokens)
+    spent = f" ({tokens[0]:,} tokens in, {tokens[1]:,} out)" if any(tokens) else ""
+    print(f"done: {result.agent}.{result.playbook} finished after {_plural(calls, 'LLM call')}{spent}",
+          file=sys.stderr)
     return EXIT_OK
 
 

@@ -51,6 +51,9 @@ class RunRecord:
     error: str = ""
     hash_seed: str = ""
     """The ``PYTHONHASHSEED`` the run started under; a resume runs under the same one."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens the endpoint reported, over all the run's processes (``llm_calls`` too)."""
 
 
 async def run_status(record: RunRecord, provider: CheckpointProvider) -> Status:

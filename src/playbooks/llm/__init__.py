@@ -11,6 +11,7 @@ from typing import Any
 from playbooks.llm.base import LLMProvider as LLMProvider
 from playbooks.llm.base import LLMRequest as LLMRequest
 from playbooks.llm.base import Message as Message
+from playbooks.llm.base import Usage as Usage
 from playbooks.llm.errors import CassetteError as CassetteError
 from playbooks.llm.errors import LLMConnectionError as LLMConnectionError
 from playbooks.llm.errors import LLMError as LLMError
@@ -33,6 +34,7 @@ __all__ = (
     "LLMRequest",
     "LLMResponseError",
     "Message",
+    "Usage",
     "OpenAIProvider",
     "PROVIDER_NAMES",
     "RecordingProvider",

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ("LLMProvider", "LLMRequest", "Message")
+__all__ = ("LLMProvider", "LLMRequest", "Message", "Usage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +88,26 @@ class LLMRequest:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens an endpoint reported for a request (``prompt_tokens`` read, ``completion_tokens`` written)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
+
 class LLMProvider(abc.ABC):
-    """A source of streamed LLM responses; see the module docstring for the contract."""
+    """A source of streamed LLM responses; see the module docstring for the contract.
+
+    ``last_usage`` is the token usage the endpoint reported for the last stream read to its end (set
+    just before that stream finishes, so the consumer reads it right after its ``async for``), or
+    ``None`` when the endpoint reports none.
+    """
+
+    last_usage: Usage | None = None
 
     @abc.abstractmethod
     def stream(self, request: LLMRequest) -> AsyncIterator[str]:

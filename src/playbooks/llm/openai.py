@@ -41,7 +41,7 @@ from playbooks.llm._http import (
     parse_url,
 )
 from playbooks.llm._sse import SSEDecoder, SSEEvent
-from playbooks.llm.base import LLMProvider, LLMRequest
+from playbooks.llm.base import LLMProvider, LLMRequest, Usage
 from playbooks.llm.errors import LLMConnectionError, LLMError, LLMRateLimitError, LLMResponseError
 
 __all__ = ("DEFAULT_BASE_URL", "OpenAIProvider")
@@ -140,6 +140,7 @@ class _ChatStream:
         self._saw_finish_reason = False
         self._json = response.content_type == "application/json"
         self.received_chars = 0
+        self.usage: Usage | None = None
 
     async def next_text(self) -> str | None:
         """Return the next non-empty piece of text, or ``None`` when the response is complete.
@@ -179,6 +180,9 @@ class _ChatStream:
         try:
             data = json.loads(body)
             content = data["choices"][0]["message"]["content"]
+            usage = data.get("usage") or {}
+            if isinstance(usage.get("prompt_tokens"), int) and isinstance(usage.get("completion_tokens"), int):
+                self.usage = Usage(usage["prompt_tokens"], usage["completion_tokens"])
         except (ValueError, KeyError, IndexError, TypeError):
             raise self._malformed("a JSON body that is not a chat completion", body.decode("utf-8", "replace"))
         if content is not None and not isinstance(content, str):
@@ -203,6 +207,11 @@ class _ChatStream:
                 status=self._response.status,
                 body=_excerpt(event.data),
             )
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int) and isinstance(completion, int):
+                self.usage = Usage(prompt, completion)
         choices = data.get("choices")
         if not choices:
             return ""  # e.g. the usage chunk, sent with an empty list of choices
@@ -237,6 +246,8 @@ class OpenAIProvider(LLMProvider):
     ``backoff_base`` is the first retry's delay (doubled for each next one, capped at ``backoff_max``,
     with jitter); a server asking to wait longer than ``backoff_max`` is not retried. ``headers`` are
     sent with every request; ``ssl_context`` replaces the default certificate checks for ``https``.
+    ``usage`` asks the endpoint for token usage (``stream_options.include_usage``); what it reports is
+    :attr:`last_usage` after each stream.
     """
 
     def __init__(
@@ -251,6 +262,7 @@ class OpenAIProvider(LLMProvider):
         timeout: float = 60.0,
         headers: Mapping[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        usage: bool = True,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -272,6 +284,7 @@ class OpenAIProvider(LLMProvider):
             check_header(name, value)
         self._ssl_context = ssl_context
         self._random = random.Random()
+        self.request_usage = usage
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(base_url={self.base_url!r}, model={self.model!r})"
@@ -303,6 +316,8 @@ class OpenAIProvider(LLMProvider):
         payload: dict[str, Any] = request.to_dict()
         payload["model"] = model
         payload["stream"] = True
+        if self.request_usage:
+            payload["stream_options"] = {"include_usage": True}
         return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -332,6 +347,7 @@ class OpenAIProvider(LLMProvider):
                     ) from exc
         finally:
             await chat.aclose()
+        self.last_usage = chat.usage  # last, with no await after it: the consumer reads it next
 
     async def _open(self, payload: bytes) -> tuple[_ChatStream, str | None]:
         """Send the request until an attempt yields its first text (or completes), retrying per the rules."""

@@ -36,7 +36,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from playbooks.llm.base import LLMProvider, LLMRequest, Message
+from playbooks.llm.base import LLMProvider, LLMRequest, Message, Usage
 from playbooks.llm.errors import CassetteError
 
 __all__ = ("CASSETTE_VERSION", "Cassette", "Interaction", "MatchMode", "RecordingProvider", "ReplayProvider")
@@ -419,12 +419,14 @@ class RecordingProvider(LLMProvider):
         self._slots.append(None)
         received: list[str] = []
         outcome = "failed"
+        usage: Usage | None = None
         inner = self.inner.stream(request)
         try:
             async for chunk in inner:
                 received.append(chunk)
                 yield chunk
             outcome = "complete"
+            usage = self.inner.last_usage  # read at once: the inner provider sets it as its stream ends
         except BaseException as exc:
             # An Exception comes from the inner provider: nothing to record. GeneratorExit or a
             # cancellation means the consumer stopped reading: keep what it saw.
@@ -449,6 +451,7 @@ class RecordingProvider(LLMProvider):
                             sum(map(len, received)),
                         )
                     await self._save()
+        self.last_usage = usage  # after the last await: the consumer reads it next
 
     async def _save(self) -> None:
         self._generation += 1

@@ -54,7 +54,7 @@ from playbooks.execution.durable import current_durable_call
 from playbooks.execution.statement_splitter import Statement, StatementSplitter
 from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, current_tool_call
-from playbooks.llm.base import LLMProvider, LLMRequest, Message
+from playbooks.llm.base import LLMProvider, LLMRequest, Message, Usage
 from playbooks.llm.replay import ReplayProvider
 from playbooks.program.builtins import AgentMessage, PlaybookReturn, make_builtins, playbook
 from playbooks.program.model import AgentSpec, PlaybookSpec, Program, ProgramError
@@ -73,6 +73,7 @@ __all__ = (
     "CodeFailed",
     "CodeStatement",
     "DeadlockError",
+    "LLMCallFinished",
     "LLMCallStarted",
     "MessageSent",
     "PlaybookFinished",
@@ -185,6 +186,19 @@ class LLMCallStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class LLMCallFinished:
+    """The ``number``-th LLM call of a markdown playbook ended; the tokens the endpoint reported for it
+    (0 and 0 when it reports none)."""
+
+    agent: str
+    playbook: str
+    number: int
+    depth: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class CodeStatement:
     """A statement of the LLM's code is about to run (``lineno`` in the LLM's response)."""
 
@@ -224,6 +238,7 @@ RunEvent = (
     | Said
     | MessageSent
     | LLMCallStarted
+    | LLMCallFinished
     | CodeStatement
     | CodeFailed
     | Printed
@@ -384,6 +399,8 @@ class RunResult:
     playbook: str
     llm_calls: int
     said: tuple[str, ...]
+    usage: Usage = Usage()
+    """Tokens the endpoint reported for this run's LLM requests (zero when it reports none)."""
 
 
 _CURRENT_FRAME: contextvars.ContextVar[PlaybookFrame | None] = contextvars.ContextVar(
@@ -464,7 +481,7 @@ class ProgramRuntime:
       shown to the LLM); one more and the playbook fails with :class:`PlaybookRunError`.
     * ``max_llm_calls``: the most LLM responses one call of a markdown playbook may take.
     * ``entry_agent``: the agent whose start playbook is the run's result (default: the first).
-    * ``model``/``temperature``: sent with every request (``None``: the provider's defaults).
+    * ``model``/``temperature``/``max_tokens``: sent with every request (``None``: the provider's defaults).
     * ``stream``: run statements as the response streams (default); ``False`` receives the whole
       response before running any of it.
     * ``run_id``: scopes the tool calls' idempotency keys (default: the program file's name).
@@ -490,6 +507,7 @@ class ProgramRuntime:
         entry_agent: str | None = None,
         model: str | None = None,
         temperature: float | None = None,
+        max_tokens: int | None = None,
         stream: bool = True,
         run_id: str | None = None,
         checkpoint_manager: CheckpointManager | None = None,
@@ -508,6 +526,7 @@ class ProgramRuntime:
         self.max_llm_calls = max_llm_calls
         self.model = model
         self.temperature = temperature
+        self.max_tokens = max_tokens
         self.stream = stream
         self.run_id = run_id or os.path.basename(program.path)
         self.manager = checkpoint_manager
@@ -525,6 +544,7 @@ class ProgramRuntime:
 
     def _reset(self) -> None:
         self.llm_calls = 0
+        self.usage = Usage()
         self.said: list[str] = []
         self._live: set[str] = set()
         self._waiting: dict[str, tuple[str, str | None]] = {}
@@ -663,6 +683,7 @@ class ProgramRuntime:
             playbook=entry_spec.name,
             llm_calls=self.llm_calls,
             said=tuple(self.said),
+            usage=self.usage,
         )
 
     async def _run_agent(
@@ -914,12 +935,16 @@ class ProgramRuntime:
         frame.turn_ran = True
         self.llm_calls += 1
         frame.namespace[_CUT] = []
-        request = LLMRequest(list(frame.namespace[_LOOP]["messages"]), model=self.model, temperature=self.temperature)
+        request = LLMRequest(
+            list(frame.namespace[_LOOP]["messages"]), model=self.model, temperature=self.temperature,
+            max_tokens=self.max_tokens,
+        )
         self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
         preamble: list[Message] = []
+        spent: list[Usage] = []
         while True:
             executor = self._new_executor(frame, number)
-            result = await self._run_segment(frame, executor, request)
+            result = await self._run_segment(frame, executor, request, spent)
             if executor.frame_id not in frame.namespace[_CUT]:
                 break
             # A response a crash cut off: its executed part stays executed, and the model is asked
@@ -934,6 +959,10 @@ class ProgramRuntime:
                     request.messages + added, model=request.model, temperature=request.temperature,
                     max_tokens=request.max_tokens, stop=request.stop,
                 )
+        used = sum(spent, Usage())
+        self._emit(
+            LLMCallFinished(agent.name, spec.name, number, frame.depth, used.prompt_tokens, used.completion_tokens)
+        )
         returned = _RETURNED in frame.namespace
         return _TurnOutcome(
             response=_response_seen(result),
@@ -946,7 +975,7 @@ class ProgramRuntime:
         )
 
     async def _run_segment(
-        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest
+        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest, spent: list[Usage]
     ) -> ExecutionResult:
         """Run one response of a turn into ``executor``.
 
@@ -960,7 +989,7 @@ class ProgramRuntime:
         cut: list[str] = frame.namespace[_CUT]
         live = self.manager is not None and not isinstance(self.llm, ReplayProvider)
         if not live or not executor.restored or executor.finished:
-            return await self._run_response(frame, executor, request)
+            return await self._run_response(frame, executor, request, spent)
         assert self.manager is not None
         state = self.manager.frame_state(executor.frame_id)
         prefix = _complete_statements(state.response if state is not None else "")
@@ -973,7 +1002,7 @@ class ProgramRuntime:
         return await self._finish_response(frame, executor)
 
     async def _run_response(
-        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest
+        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest, spent: list[Usage]
     ) -> ExecutionResult:
         """Stream one response into ``executor``; stop reading at the first failing statement (or Return).
 
@@ -982,7 +1011,7 @@ class ProgramRuntime:
         """
         if executor.finished:
             return await executor.finalize()
-        chunks = self._stream_llm(request)
+        chunks = self._stream_llm(request, spent)
         try:
             if self.stream:
                 tail: int | None = None  # characters read after Return, to let the stream end cleanly
@@ -1039,12 +1068,17 @@ class ProgramRuntime:
 
     # ------------------------------------------------------------------ side effects (integration points)
 
-    async def _stream_llm(self, request: LLMRequest) -> AsyncIterator[str]:
-        """Every LLM request of the run: the chunks of the response to ``request``."""
+    async def _stream_llm(self, request: LLMRequest, spent: list[Usage]) -> AsyncIterator[str]:
+        """Every LLM request of the run: the chunks of the response to ``request``; the tokens the
+        endpoint reports for it are added to ``spent`` and to the run's :attr:`usage`."""
         chunks = self.llm.stream(request)
         try:
             async for chunk in chunks:
                 yield chunk
+            usage = self.llm.last_usage  # set as the stream ended, read before anything else runs
+            if usage is not None:
+                spent.append(usage)
+                self.usage += usage
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:

@@ -1,0 +1,79 @@
+"""The ``[model]`` options reach the endpoint, and the tokens it reports are shown and recorded.
+
+``playbooks run`` against a real local server speaking the OpenAI streaming protocol: ``max_tokens``
+is in every request, ``headers`` are sent, ``stream_options.include_usage`` is asked for (unless
+``usage = false``), and the usage the server reports is shown per call (``--verbose``), in the final
+line and in the run record, added up over the run's calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm_server import FakeOpenAIServer, stream
+
+pytestmark = pytest.mark.integration
+
+PROGRAM = """\
+# Adder
+## Main
+### Steps
+1. Add two numbers
+2. Return the sum
+"""
+
+FIRST = '```python\nawait Step("01")\ntotal = 2 + 3\n```\n'
+SECOND = '```python\nawait Step("02")\nawait Return(total)\n```\n'
+
+
+def _run(folder: Path, server: FakeOpenAIServer, extra: str = "") -> subprocess.CompletedProcess[str]:
+    (folder / "adder.pb").write_text(PROGRAM)
+    (folder / "playbooks.toml").write_text(
+        f'[model]\nprovider = "openai"\nname = "m"\nbase_url = "{server.base_url}"\napi_key_env = "KEY"\n'
+        'max_tokens = 321\ntimeout = 5\nheaders = "X-Org: acme; X-Team: data"\n' + extra
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    env["KEY"] = "secret"
+    return subprocess.run([sys.executable, "-m", "playbooks.cli", "run", "adder.pb", "--verbose"], cwd=folder,
+                          env=env, text=True, capture_output=True, timeout=60)
+
+
+def test_options_are_sent_and_usage_is_reported(tmp_path: Path) -> None:
+    with FakeOpenAIServer() as server:
+        server.script(stream([FIRST], usage=(100, 20)), stream([SECOND], usage=(150, 10)))
+        proc = _run(tmp_path, server)
+    assert proc.returncode == 0, proc.stderr
+    for request in server.requests:
+        assert request.body["max_tokens"] == 321
+        assert request.body["stream_options"] == {"include_usage": True}
+        assert request.headers["x-org"] == "acme" and request.headers["x-team"] == "data"
+    assert "~ LLM call 1: 100 tokens in, 20 out" in proc.stderr
+    assert "done: Adder.Main finished after 2 LLM calls (250 tokens in, 30 out)" in proc.stderr
+    record = json.loads(next((tmp_path / ".checkpoints" / ".runs").glob("*.json")).read_text())
+    assert (record["llm_calls"], record["prompt_tokens"], record["completion_tokens"]) == (2, 250, 30)
+    listed = subprocess.run([sys.executable, "-m", "playbooks.cli", "runs"], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=60)
+    assert "250/30" in listed.stdout, listed.stdout
+
+
+def test_usage_can_be_turned_off(tmp_path: Path) -> None:
+    with FakeOpenAIServer() as server:
+        server.script(stream([FIRST]), stream([SECOND]))
+        proc = _run(tmp_path, server, "usage = false\n")
+    assert proc.returncode == 0, proc.stderr
+    assert all("stream_options" not in request.body for request in server.requests)
+    assert "done: Adder.Main finished after 2 LLM calls\n" in proc.stderr
+
+
+def test_bad_headers_are_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "adder.pb").write_text(PROGRAM)
+    (tmp_path / "playbooks.toml").write_text('[model]\nprovider = "openai"\nheaders = "no colon here"\n')
+    bad = subprocess.run([sys.executable, "-m", "playbooks.cli", "run", "adder.pb"], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=60)
+    assert bad.returncode == 2 and "model.headers" in bad.stderr and "Traceback" not in bad.stderr
