@@ -107,6 +107,8 @@ class EncodedNamespace:
     skipped: list[SkippedVar] = field(default_factory=list)
     _values: dict[str, Any] = field(default_factory=dict, repr=False)
     """The encoded objects, for :meth:`NamespaceEncoder.commit` (identity reuse of immutable values)."""
+    _without_sets: set[str] = field(default_factory=set, repr=False)
+    """Variables that held no set (see :meth:`NamespaceEncoder.settle_sets`)."""
 
     def total_size(self) -> int:
         """Bytes of every variable, stored here or referred to."""
@@ -575,6 +577,7 @@ class NamespaceEncoder:
     def __init__(self, *, policy: Literal["skip", "strict"] = "skip") -> None:
         self.policy = policy
         self._memory: dict[str, _Remembered] = {}
+        self._without_sets: set[str] = set()
 
     def encode(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> EncodedNamespace:
         """Pickle every variable but ``__builtins__`` and the bound objects under their own names.
@@ -598,12 +601,15 @@ class NamespaceEncoder:
                     encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, remembered.data, None)
                 else:
                     encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, None, remembered.host)
+                encoded._without_sets.add(name)
                 continue
             ids[name] = set()
             data = self._pickle(name, value, namespace, bound_ids, encoded, ids[name])
             if may_hold_sets(data) and canonicalize_sets(value):  # see set_order: pickle it as fixed
                 ids[name] = set()
                 data = self._pickle(name, value, namespace, bound_ids, EncodedNamespace(), ids[name])
+            if not may_hold_sets(data):
+                encoded._without_sets.add(name)
             pickled[name] = data
         # Variables that share an object (an alias, two closures over one cell, one list in two
         # dicts) are pickled together, so that they share it after loading too.
@@ -664,6 +670,23 @@ class NamespaceEncoder:
             assert host is not None
             memory[name] = self._remember(blob, host, name in encoded._values, encoded._values.get(name))
         self._memory = memory
+        self._without_sets = set(encoded._without_sets)
+
+    def settle_sets(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> None:
+        """Put the sets of the namespace in their canonical layout without taking a snapshot.
+
+        A frame does this after every statement that awaited a durable call, whether or not it
+        writes a snapshot there (a replay, running tasks and big namespaces defer snapshots), so that
+        the live run and a resumed one fix set orders at the same points of the code. Variables that
+        held no set at the last snapshot are not walked again.
+        """
+        bound = bound or {}
+        for name, value in namespace.items():
+            if name in _NOT_SAVED or name in self._without_sets or (name in bound and bound[name] is value):
+                continue
+            if isinstance(value, (types.FunctionType, types.ModuleType, type)) or _tool_name(value):
+                continue
+            canonicalize_sets(value)
 
     def seed(self, blobs: Mapping[str, VarBlob], values: Mapping[str, Any], counter_of_inline: int) -> None:
         """Start from a restored snapshot: its inline variables live at ``counter_of_inline``, the others
@@ -674,6 +697,9 @@ class NamespaceEncoder:
             if host is not None:
                 memory[name] = self._remember(blob, host, name in values, values.get(name))
         self._memory = memory
+        self._without_sets = {
+            name for name, blob in blobs.items() if blob.data is not None and not may_hold_sets(blob.data)
+        }
 
     @staticmethod
     def _remember(blob: VarBlob, host: int, known: bool, value: Any) -> _Remembered:

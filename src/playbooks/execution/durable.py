@@ -248,6 +248,7 @@ class DurableFrame:
         """Snapshot after a statement that awaited a durable call; otherwise just flush."""
         self._cancelled_live.clear()  # the statement ended normally: its cancellations were its own
         if self.awaited and self._snapshot_blocked():
+            self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
             await self.flush()
         elif self.awaited and self._snapshot_due():
             self.awaited = False
@@ -256,6 +257,8 @@ class DurableFrame:
             due = self._unsynced_snapshots + 1 >= self.manager.snapshot_sync_every
             await self.snapshot(sync=due)
         else:
+            if self.awaited:  # a big namespace between its spaced snapshots
+                self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
             self.awaited = False
             await self.flush()
 

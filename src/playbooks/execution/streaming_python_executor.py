@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import gc
 import inspect
 import itertools
 import linecache
@@ -55,6 +56,21 @@ __all__ = ("ExecutionResult", "StreamingPythonExecutor")
 
 _FILENAMES = itertools.count(1)
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+
+def _compile(module: ast.Module, filename: str) -> types.CodeType:
+    """Compile one statement with the garbage collector paused: CPython 3.11 keeps the AST
+    converter's recursion depth in per-interpreter state, which a finalizer that parses during the
+    conversion (a collected task's unretrieved exception is logged, and 3.11's tracebacks parse
+    source for their carets) corrupts (see ``statement_splitter._parse``)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        code: types.CodeType = compile(module, filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True)
+    finally:
+        if paused:
+            gc.enable()
+    return code
 
 
 def _durable_print(*args: Any, **kwargs: Any) -> None:
@@ -460,7 +476,7 @@ class StreamingPythonExecutor:
     async def _run(self, statement: Statement) -> None:
         try:
             module = ast.Module(body=[statement.node], type_ignores=[])
-            code = compile(module, self.filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True)
+            code = _compile(module, self.filename)
         except SyntaxError as exc:
             error = CodeSyntaxError(
                 f"{type(exc).__name__}: {exc.msg}",
