@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,25 @@ def test_output_closed_under_a_command(folder: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("Hello! Let me look at your orders.\n")  # the Say runs again
     assert "All your orders together come to 160.40." in resumed.stdout
+
+
+def test_ctrl_c_during_ask_user_ends_at_once(tmp_path: Path) -> None:
+    from llm_server import FakeOpenAIServer, stream
+
+    (tmp_path / "ask.pb").write_text("# Asker\n## Main\n### Steps\n1. Ask the user's name\n")
+    code = '```python\nname = await AskUser("Your name?")\nawait Return(name)\n```\n'
+    with FakeOpenAIServer() as server:
+        server.script(stream([code]))
+        (tmp_path / "playbooks.toml").write_text(
+            f'[model]\nprovider = "openai"\nname = "m"\nbase_url = "{server.base_url}"\n'
+        )
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+        proc = subprocess.Popen([sys.executable, "-m", "playbooks.cli", "run", "ask.pb"], cwd=tmp_path, env=base,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "Your name?\n"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while it waits for the answer; stdin stays open
+        _, err = proc.communicate(timeout=10)  # no Enter needed
+        proc.stdin.close()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err

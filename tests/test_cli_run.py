@@ -333,7 +333,9 @@ def test_checkpoints_show_prune_clear(tmp_path: Path) -> None:
     after = _run("checkpoints", "list", run_id, cwd=tmp_path).stdout.count("_ckpt_")
     assert 0 < after < before
     assert _run("checkpoints", "show", run_id, cwd=tmp_path).returncode == 0  # still readable
-    cleared = _run("checkpoints", "clear", "--all", cwd=tmp_path)
+    unasked = _run("checkpoints", "clear", "--all", cwd=tmp_path)  # no terminal to confirm on
+    assert unasked.returncode == 2 and "--yes" in unasked.stderr
+    cleared = _run("checkpoints", "clear", "--all", "--yes", cwd=tmp_path)
     assert cleared.returncode == 0, cleared.stderr
     assert "no runs" in _run("runs", cwd=tmp_path).stdout
     assert _run("checkpoints", "show", "nope", cwd=tmp_path).returncode == 2

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from playbooks import __version__
 
@@ -33,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="playbooks", description="Run .pb programs durably, and stream LLM responses through the executor."
     )
     parser.add_argument("--version", action="version", version=f"playbooks {__version__}")
+    parser.add_argument(
+        "--config", dest="global_config", type=Path, help="configuration file (also accepted after the command)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     add_exec_parser(commands)
     add_run_parser(commands)
@@ -41,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_checkpoints_parser(commands)
     args = parser.parse_args(argv)
     args.reexec = argv is None
+    if getattr(args, "config", None) is None and args.global_config is not None:
+        args.config = args.global_config
     try:
         code: int = args.handler(args)
         sys.stdout.flush()

@@ -59,7 +59,10 @@ def add_checkpoints_parser(commands: Any) -> None:
     prune.add_argument("--keep", type=int, default=None, help="snapshots to keep (default: durability.keep_last_n)")
     clear = actions.add_parser("clear", help="delete every checkpoint of a run (or of all runs)")
     clear.add_argument("run_id", nargs="?")
-    clear.add_argument("--all", action="store_true", help="every run")
+    clear.add_argument("--all", action="store_true", help="every run (asks first, unless --yes)")
+    clear.add_argument("--yes", "-y", action="store_true", help="with --all: do not ask")
+    for action in (listing, show, prune, clear):
+        action.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file")
     parser.set_defaults(handler=_checkpoints)
 
 
@@ -161,7 +164,7 @@ async def _checkpoint_action(args: argparse.Namespace, config: Config) -> int:
         return await _show(config, args.checkpoint)
     if args.action == "prune":
         return await _prune(config, args.run_id, args.keep)
-    return await _clear(config, args.run_id, args.all)
+    return await _clear(config, args.run_id, args.all, args.yes)
 
 
 async def _list(config: Config, run_id: str | None) -> int:
@@ -169,8 +172,8 @@ async def _list(config: Config, run_id: str | None) -> int:
         manager = _manager(config, "_")
         executions = await manager.provider.list_executions()
         for execution in executions:
-            count = len(await manager.provider.list_checkpoints(execution))
-            print(f"{execution}  {count} checkpoints")
+            count = len(await _manager(config, execution).list_checkpoints())  # files and journal entries
+            print(f"{execution}  {count} checkpoint{'' if count == 1 else 's'}")
         if not executions:
             print("no checkpoints")
         return EXIT_OK
@@ -224,16 +227,26 @@ async def _prune(config: Config, run_id: str, keep: int | None) -> int:
         deleted = await manager.prune(force=True)
     finally:
         await manager.close()
-    print(f"deleted {deleted} checkpoints of {run_id}")
+    print(f"deleted {deleted} checkpoint{'' if deleted == 1 else 's'} of {run_id}")
     return EXIT_OK
 
 
-async def _clear(config: Config, run_id: str | None, every: bool) -> int:
+async def _clear(config: Config, run_id: str | None, every: bool, yes: bool = False) -> int:
     if (run_id is None) == (not every):
         _error("checkpoints", "clear needs a run id, or --all")
         return EXIT_USAGE
     probe = _manager(config, "_")
     run_ids = await probe.provider.list_executions() if every else [run_id]
+    if every and run_ids and not yes:
+        where = config.resolve_path(config.durability.storage_path)
+        if not sys.stdin.isatty():
+            _error("checkpoints", f"clear --all would delete the checkpoints of {len(run_ids)} run(s) in {where}; "
+                   "pass --yes to do it without a terminal to confirm")
+            return EXIT_USAGE
+        answer = input(f"delete the checkpoints of {len(run_ids)} run(s) in {where}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_OK
     store = RunStore(runs_folder(config))
     total = 0
     for rid in run_ids:
@@ -249,5 +262,5 @@ async def _clear(config: Config, run_id: str | None, every: bool) -> int:
         finally:
             await lock.release()
         store.delete(rid)
-    print(f"deleted {total} checkpoints of {len(run_ids)} run(s)")
+    print(f"deleted {total} checkpoint{'' if total == 1 else 's'} of {len(run_ids)} run{'' if len(run_ids) == 1 else 's'}")
     return EXIT_OK

@@ -37,6 +37,7 @@ import contextvars
 import inspect
 import itertools
 import os
+import stat
 import sys
 import traceback
 import types
@@ -270,6 +271,7 @@ class ProgramIO:
                 raise TypeError(f"ProgramIO input must be a queue, a stream, a callable or an iterable, got {input!r}")
             self._iterator = iter(input)
         self._output = output
+        self._stdin = b""  # standard input read but not answered yet
 
     async def say(self, message: str) -> None:
         """Show ``message`` to the user."""
@@ -284,6 +286,28 @@ class ProgramIO:
         if inspect.isawaitable(result):
             await result
 
+    async def _stdin_line(self) -> str:
+        """The next line of standard input (``""`` at its end).
+
+        The descriptor is read directly once it is readable, so a cancelled wait (Ctrl-C) leaves no
+        thread blocked in ``readline`` that would keep the process waiting for Enter and eat the next
+        line typed into the shell. Without a usable descriptor, a worker thread reads the line.
+        """
+        try:
+            fd = sys.stdin.fileno()
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except (AttributeError, OSError, ValueError):
+            return str(await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True))
+        while b"\n" not in self._stdin:
+            if not regular:
+                await anyio.wait_readable(fd)
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._stdin += chunk
+        line, newline, self._stdin = self._stdin.partition(b"\n")
+        return (line + newline).decode(sys.stdin.encoding or "utf-8", "replace")
+
     async def read_line(self) -> str:
         """Return the user's next answer (without its line ending)."""
         source = self._input
@@ -293,7 +317,7 @@ class ProgramIO:
             except StopIteration:
                 raise ProgramInputError("AskUser: no more answers in the program's input") from None
         elif source is None:
-            line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            line = await self._stdin_line()
             if not line:
                 raise ProgramInputError("AskUser: standard input ended before the user answered")
             value = line
