@@ -204,7 +204,9 @@ class JournalEntry:
 
     @property
     def finished(self) -> bool:
-        return self.outcome is not None
+        """Whether a replay hands back its outcome; otherwise it runs again (it had not finished, was
+        interrupted by the host, or returned a value that could not be saved) and may have run."""
+        return self.outcome in ("value", "raise", "cancelled")
 
 
 @dataclass(slots=True)
@@ -231,7 +233,8 @@ class FrameState:
 
     @property
     def in_flight(self) -> list[JournalEntry]:
-        """Calls that had started but not finished when the process stopped: they may have run."""
+        """Calls that will run again on resume (started but not finished, interrupted by the host, or
+        whose value could not be saved): they may have run."""
         return [e for e in self.journal.values() if not e.finished]
 
 

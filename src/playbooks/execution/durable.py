@@ -302,11 +302,6 @@ class DurableFrame:
             return None
         return entry
 
-    @property
-    def replaying(self) -> bool:
-        """Whether recorded calls are still to be handed back (no snapshot may supersede them)."""
-        return bool(self.journal)
-
     async def turn(self, entry: JournalEntry) -> None:
         """Wait until every call that finished before ``entry`` in the recorded run has been handed
         back, so concurrent code sees its results in the same order as before the crash."""

@@ -491,7 +491,7 @@ class StreamingPythonExecutor:
             self._on_statement(statement)
         root = self.interceptor.root
         root.task = current_task()
-        root.statement = self._statements_executed
+        root.begin_statement(self._statements_executed)
         install_task_hooks()
         try:
             with running_node(root):

@@ -45,7 +45,6 @@ from typing import Any
 
 __all__ = (
     "TaskNode",
-    "current_node",
     "current_task",
     "install_task_hooks",
     "node_for_call",
@@ -77,9 +76,11 @@ class TaskNode:
         self.pending: set[object] = set()
         """On a frame's root: the tasks of its LLM code that have not finished."""
 
-    @property
-    def is_root(self) -> bool:
-        return self.path == ""
+    def begin_statement(self, number: int) -> None:
+        """On a frame's root: statement ``number`` starts (tasks it creates are named after it)."""
+        if number != self.statement:
+            self.statement = number
+            self._siblings.clear()
 
     def next_call(self) -> str:
         """The id of this task's next call."""
@@ -99,11 +100,6 @@ class TaskNode:
 
 
 _NODE: contextvars.ContextVar[TaskNode | None] = contextvars.ContextVar("playbooks_task_node", default=None)
-
-
-def current_node() -> TaskNode | None:
-    """The LLM task running now (``None`` in host code, including inside a tool)."""
-    return _NODE.get()
 
 
 class running_node:
