@@ -216,3 +216,79 @@ def closed_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+class TunnelProxy:
+    """A minimal HTTP proxy on 127.0.0.1 for the proxy tests: ``CONNECT host:port`` opens a tunnel; a
+    request in absolute form (``POST http://host:port/path``) is forwarded as it is. Each request line
+    is recorded in :attr:`seen` (with its ``Proxy-Authorization`` header, if any)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = client.recv(65536)
+                if not data:
+                    return
+                head += data
+            text = head.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+            line = text.split("\r\n", 1)[0]
+            auth = next((h.split(":", 1)[1].strip() for h in text.split("\r\n")[1:]
+                         if h.lower().startswith("proxy-authorization:")), None)
+            self.seen.append((line, auth))
+            method, target, _ = line.split(" ", 2)
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                rest = head.split(b"\r\n\r\n", 1)[1]
+            else:
+                where = target.split("//", 1)[1].split("/", 1)[0]
+                host, port = where.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                rest = head
+            with upstream:
+                if rest:
+                    upstream.sendall(rest)
+                pump = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
+                pump.start()
+                self._pump(client, upstream)
+                pump.join(10)
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def __enter__(self) -> TunnelProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from llm_server import (
     FakeOpenAIServer,
+    TunnelProxy,
     closed_port,
     drop_after,
     json_completion,
@@ -24,6 +26,7 @@ from llm_server import (
     stream,
 )
 
+from playbooks.llm._http import parse_url, proxy_for
 from playbooks.llm import (
     LLMConnectionError,
     LLMError,
@@ -452,3 +455,39 @@ def test_sse_does_not_split_on_unicode_line_separators() -> None:
     data = 'data: {"content": "a\u2028b\x0bc\x1cd"}\n\n'.encode()
     assert decode_in_pieces(data, []) == [SSEEvent('{"content": "a\u2028b\x0bc\x1cd"}')]
 
+
+
+async def test_http_proxy_from_the_environment(server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server.script(stream(PIECES))
+    with TunnelProxy() as proxy:
+        monkeypatch.setenv("http_proxy", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        assert "".join(await collect(provider_for(server).stream(REQUEST))) == "".join(PIECES)
+    line, auth = proxy.seen[0]
+    assert line == f"POST {server.base_url}/chat/completions HTTP/1.1"
+    assert auth == "Basic " + base64.b64encode(b"user:p@ss").decode()
+
+
+async def test_https_through_a_connect_tunnel(
+    tls_server: FakeOpenAIServer, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls_server.script(stream(PIECES))
+    with TunnelProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.delenv("https_proxy", raising=False)
+        monkeypatch.setenv("NO_PROXY", "example.com")
+        monkeypatch.delenv("no_proxy", raising=False)
+        context = ssl.create_default_context(cafile=str(certificate[0]))
+        got = await collect(provider_for(tls_server, ssl_context=context).stream(REQUEST))
+    assert "".join(got) == "".join(PIECES)
+    assert proxy.seen[0][0] == f"CONNECT 127.0.0.1:{tls_server.port} HTTP/1.1"
+
+
+def test_no_proxy_is_honoured() -> None:
+    url = parse_url("https://api.example.com/v1/chat/completions")
+    env = {"https_proxy": "http://proxy:3128"}
+    assert proxy_for(url, env) is not None
+    for no_proxy in ("*", "example.com", ".example.com", "api.example.com:443", "other, example.com"):
+        assert proxy_for(url, {**env, "no_proxy": no_proxy}) is None, no_proxy
+    assert proxy_for(url, {**env, "no_proxy": "example.org, api.example.com:8443"}) is not None

@@ -14,19 +14,31 @@ Two kinds of failure, kept apart because the caller treats them differently:
   certificate that does not verify).
 * :class:`ProtocolError`: the peer does not speak HTTP/1.1 as we understand it.
 
-No pooling, proxies, redirects or compression: this serves POSTs to one LLM endpoint.
+Proxies: the ``http_proxy`` / ``https_proxy`` / ``all_proxy`` environment variables (and ``no_proxy``)
+are honoured as :mod:`urllib.request` reads them. An ``http`` request goes to the proxy with its
+absolute URL; an ``https`` one through a ``CONNECT`` tunnel, with TLS to the endpoint inside it.
+Credentials in the proxy's URL are sent as ``Proxy-Authorization: Basic``.
+
+No pooling, redirects or compression: this serves POSTs to one LLM endpoint.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 
-__all__ = ("URL", "HTTPResponse", "ProtocolError", "TransportError", "check_header", "open_request", "parse_url")
+__all__ = (
+    "URL", "HTTPResponse", "ProtocolError", "Proxy", "TransportError", "check_header", "open_request", "parse_url",
+    "proxy_for",
+)
 
 _MAX_LINE = 64 * 1024
 _MAX_HEADERS = 200
@@ -277,13 +289,22 @@ async def open_request(
     ``Host``, ``Content-Length`` and ``Connection: close`` are added. Raises :class:`TransportError`
     or :class:`ProtocolError`; ``ValueError`` for a header that would break the request.
     """
-    lines = [f"{method} {url.target} HTTP/1.1", f"Host: {url.host_header}"]
+    proxy = proxy_for(url)
+    target = url.target
+    if proxy is not None and url.scheme == "http":
+        target = f"http://{url.host_header}{url.target}"  # absolute form: the proxy forwards it
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {url.host_header}"]
+    if proxy is not None and url.scheme == "http" and proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
     for name, value in headers:
         check_header(name, value)
         lines.append(f"{name}: {value}")
     lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
     head = "\r\n".join(lines).encode("latin-1")
-    stream = await _connect(url, timeout=timeout, ssl_context=ssl_context)
+    if proxy is None:
+        stream = await _connect(url, timeout=timeout, ssl_context=ssl_context)
+    else:
+        stream = await _connect_through(proxy, url, timeout=timeout, ssl_context=ssl_context)
     try:
         try:
             with anyio.fail_after(timeout):
@@ -329,6 +350,109 @@ async def _connect(url: URL, *, timeout: float, ssl_context: ssl.SSLContext | No
         ) from exc
     except (OSError, anyio.BrokenResourceError) as exc:
         raise TransportError(f"cannot connect to {where}: {_describe(exc)}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy: where it listens and the ``Proxy-Authorization`` value for its credentials."""
+
+    host: str
+    port: int
+    authorization: str | None
+
+    def __str__(self) -> str:
+        return f"proxy {self.host}:{self.port}"
+
+
+def proxy_for(url: URL, env: Mapping[str, str] | None = None) -> Proxy | None:
+    """The proxy the environment (``env``, default ``os.environ``) names for ``url``; ``None``:
+    connect directly. Read as :func:`urllib.request.getproxies` reads the environment (a lowercase
+    name wins); ``no_proxy`` lists hosts (``*``, a name, ``.domain`` or a domain, with or without a port)
+    to reach directly.
+
+    Raises :class:`TransportError` (not retryable) for a proxy URL that cannot be used.
+    """
+    environment = os.environ if env is None else env
+    proxies: dict[str, str] = {}
+    for name, value in environment.items():  # upper case first, so the lowercase name wins
+        if name.isupper() and name.lower().endswith("_proxy") and value:
+            proxies[name.lower()[:-6]] = value
+    for name, value in environment.items():
+        if name.islower() and name.endswith("_proxy") and value:
+            proxies[name[:-6]] = value
+    raw = proxies.get(url.scheme) or proxies.get("all")
+    if not raw or _bypassed(url, proxies.get("no", "")):
+        return None
+    parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise TransportError(f"cannot use the proxy {raw!r} from the environment: only http:// proxies are "
+                             "supported", retryable=False)
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+    return Proxy(parts.hostname, parts.port or 80, authorization)
+
+
+def _bypassed(url: URL, no_proxy: str) -> bool:
+    host = url.host.lower().strip("[]")
+    for entry in (item.strip().lower() for item in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if port and port != str(url.port):
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+async def _connect_through(
+    proxy: Proxy, url: URL, *, timeout: float, ssl_context: ssl.SSLContext | None
+) -> anyio.abc.ByteStream:
+    """A connection to ``url`` through ``proxy``: the proxy's socket for ``http``, a ``CONNECT``
+    tunnel wrapped in TLS for ``https``."""
+    stream = await _connect(URL("http", proxy.host, proxy.port, "/"), timeout=timeout, ssl_context=None)
+    if url.scheme != "https":
+        return stream
+    try:
+        authority = f"[{url.host}]:{url.port}" if ":" in url.host else f"{url.host}:{url.port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        try:
+            with anyio.fail_after(timeout):
+                await stream.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        except TimeoutError:
+            raise TransportError(f"sending CONNECT to the {proxy} timed out after {timeout:g} s") from None
+        reader = _Reader(stream, timeout)
+        status, reason = _parse_status_line(await reader.read_line("status line of CONNECT"))
+        await _read_headers(reader)
+        if status != 200:
+            raise TransportError(
+                f"the {proxy} refused to open a tunnel to {url.host}:{url.port}: {status} {reason}",
+                retryable=status in (502, 503, 504),
+            )
+        try:
+            with anyio.fail_after(timeout):
+                return await TLSStream.wrap(
+                    stream, hostname=url.host, ssl_context=ssl_context or ssl.create_default_context(),
+                    standard_compatible=False,
+                )
+        except TimeoutError:
+            raise TransportError(f"TLS through the {proxy} timed out after {timeout:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(
+                f"TLS certificate of {url.host}:{url.port} does not verify: {exc.verify_message}", retryable=False
+            ) from exc
+        except (OSError, ssl.SSLError, anyio.BrokenResourceError) as exc:
+            raise TransportError(f"TLS through the {proxy} failed: {_describe(exc)}") from exc
+    except BaseException:
+        await anyio.aclose_forcefully(stream)
+        raise
 
 
 def _parse_status_line(line: bytes) -> tuple[int, str]:
