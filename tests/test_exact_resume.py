@@ -193,8 +193,8 @@ def canonical(namespace: dict[str, Any], skip: set[str]) -> Any:
         if isinstance(v, ExitedTaskGroup):
             return ("ref", v.type_name.rsplit(".", 1)[-1])
         module = type(v).__module__.split(".")[0]
-        if hasattr(v, "result") and hasattr(v, "done") and v.done() and not v.cancelled():
-            return ("task", walk(v.result(), depth + 1))
+        if hasattr(v, "result") and hasattr(v, "done") and hasattr(v, "cancelled") and v.done():
+            return ("task", "cancelled") if v.cancelled() else ("task", walk(v.result(), depth + 1))
         if module in ("asyncio", "_asyncio", "anyio", "trio", "builtins") and not hasattr(v, "__dict__"):
             return ("ref", type(v).__qualname__)
         if module in ("asyncio", "_asyncio", "anyio", "trio"):
@@ -711,4 +711,22 @@ async def test_set_orders_are_fixed_at_the_same_points_when_a_replay_defers_snap
             seen.append(await Work(n))
         """,
         sample=20,
+    )
+
+
+async def test_a_cancelled_task_in_a_variable_comes_back_cancelled(anyio_backend: str) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncio tasks")
+    await check_every_kill(
+        """
+        slow = asyncio.create_task(Slow(1))
+        first = await Work(1)
+        slow.cancel()
+        try:
+            await slow
+        except asyncio.CancelledError:
+            state = "cancelled"
+        after = await Work(2)
+        flag = slow.cancelled()
+        """
     )

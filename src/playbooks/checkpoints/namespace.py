@@ -262,28 +262,39 @@ def _reduce_cell(cell: types.CellType) -> tuple[Any, ...]:
 
 
 class FinishedTask:
-    """A task of the LLM's code that had finished when a snapshot was taken, as it comes back after a
-    resume: it holds the task's result or exception and answers what a done task answers."""
+    """A task of the LLM's code that had finished (or been cancelled) when a snapshot was taken, as it
+    comes back after a resume: it holds the task's result or exception and answers what a done task
+    answers."""
 
-    __slots__ = ("_result", "_exception", "_name")
+    __slots__ = ("_result", "_exception", "_name", "_cancelled")
 
-    def __init__(self, result: Any, exception: BaseException | None, name: str) -> None:
+    def __init__(self, result: Any, exception: BaseException | None, name: str, cancelled: bool = False) -> None:
         self._result = result
         self._exception = exception
         self._name = name
+        self._cancelled = cancelled
 
     def done(self) -> bool:
         return True
 
     def cancelled(self) -> bool:
-        return False
+        return self._cancelled
+
+    def _raise_cancelled(self) -> None:
+        import asyncio
+
+        raise asyncio.CancelledError()
 
     def result(self) -> Any:
+        if self._cancelled:
+            self._raise_cancelled()
         if self._exception is not None:
             raise self._exception
         return self._result
 
     def exception(self) -> BaseException | None:
+        if self._cancelled:
+            self._raise_cancelled()
         return self._exception
 
     def get_name(self) -> str:
@@ -294,7 +305,7 @@ class FinishedTask:
         yield  # a generator: awaiting it returns the result at once
 
     def __repr__(self) -> str:
-        return f"<finished task {self._name!r}>"
+        return f"<{'cancelled' if self._cancelled else 'finished'} task {self._name!r}>"
 
 
 class ExitedTaskGroup:
@@ -329,14 +340,16 @@ def _is_task_group(obj: Any) -> bool:
 
 
 def _finished_task(obj: Any) -> tuple[Any, ...] | None:
-    """The reduction of a finished (not cancelled) asyncio task or future, else ``None``."""
+    """The reduction of a finished or cancelled asyncio task or future, else ``None``."""
     if "asyncio" not in sys.modules:
         return None
     import asyncio
 
-    if not isinstance(obj, asyncio.Future) or not obj.done() or obj.cancelled():
+    if not isinstance(obj, asyncio.Future) or not obj.done():
         return None
     name = obj.get_name() if isinstance(obj, asyncio.Task) else "future"
+    if obj.cancelled():
+        return (FinishedTask, (None, None, name, True))
     exception = obj.exception()
     return (FinishedTask, (None if exception is not None else obj.result(), exception, name))
 
