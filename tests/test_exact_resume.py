@@ -730,3 +730,49 @@ async def test_a_cancelled_task_in_a_variable_comes_back_cancelled(anyio_backend
         flag = slow.cancelled()
         """
     )
+
+
+def test_a_closed_stdout_ends_the_run_as_a_host_failure_and_the_line_is_shown_after_resume(tmp_path: Path) -> None:
+    """``| head -1``: print fails with BrokenPipeError. That is the host's failure: the run stops with
+    HostIOError, nothing is journaled as the code's error, and a resume prints the line again."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio, sys
+        from playbooks import Agent
+        from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider, RecoveryCoordinator
+        from playbooks.errors import HostIOError
+        from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
+        async def Work(x):
+            return x * 10
+        CODE = "a = await Work(1)\\nprint('first', a)\\nprint('second', a)\\nb = await Work(2)\\nprint('third', b)\\n"
+        async def main():
+            manager = CheckpointManager("io", FilesystemCheckpointProvider({str(tmp_path / "store")!r}))
+            agent = Agent("io", {{"Work": Work}})
+            if sys.argv[1] == "resume":
+                ckpt = await manager.get_latest_checkpoint()
+                ex = await StreamingPythonExecutor.resume_from_checkpoint(agent, ckpt, checkpoint_manager=manager)
+            else:
+                ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+                try:
+                    await ex.add_chunk(CODE)
+                except HostIOError as exc:
+                    sys.stderr.write("host failure: " + str(exc) + "\\n")
+                    return
+            result = await ex.finalize()
+            sys.stderr.write(f"done {{result.success}} {{result.error}}\\n")
+        asyncio.run(main())
+    """))
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # The reader goes away before the first line (as `| head -0` would): every print gets EPIPE.
+    first = subprocess.Popen([sys.executable, str(script), "start"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    assert first.stdout is not None and first.stderr is not None
+    first.stdout.close()
+    err = first.stderr.read()
+    first.wait(timeout=60)
+    assert "host failure: cannot write to standard output" in err, err
+    second = subprocess.run([sys.executable, str(script), "resume"], capture_output=True, text=True, env=env, timeout=60)
+    assert second.stderr.strip().endswith("done True None"), second.stderr
+    assert second.stdout == "first 10\nsecond 10\nthird 20\n"  # the failed line is shown, once

@@ -24,6 +24,7 @@ import gc
 import inspect
 import itertools
 import linecache
+import sys
 import secrets
 import traceback
 import types
@@ -39,6 +40,7 @@ from playbooks.errors import (
     CodeExecutionError,
     CodeSyntaxError,
     ExecutorStateError,
+    HostIOError,
     InterpreterError,
     LLMCodeError,
     NonDeterminismError,
@@ -74,9 +76,19 @@ def _compile(module: ast.Module, filename: str) -> types.CodeType:
 
 
 def _durable_print(*args: Any, **kwargs: Any) -> None:
-    """``print`` for durable LLM code: the output is flushed, so a line recorded as shown was shown."""
+    """``print`` for durable LLM code: the output is flushed, so a line recorded as shown was shown.
+
+    Standard output that cannot be written (closed by ``| head``, a full disk) is a failure of the
+    host, not of the LLM's code: it ends the execution with :class:`~playbooks.errors.HostIOError`,
+    is not journaled, and the line is printed again by a resume.
+    """
     kwargs.setdefault("flush", True)
-    builtins.print(*args, **kwargs)
+    try:
+        builtins.print(*args, **kwargs)
+    except OSError as exc:
+        if kwargs.get("file") not in (None, sys.stdout, sys.stderr):
+            raise  # a file of the LLM's own
+        raise HostIOError(f"cannot write to standard output: {exc.strerror or exc}") from exc
 
 
 @dataclass(slots=True)
