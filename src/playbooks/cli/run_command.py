@@ -20,6 +20,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -212,17 +214,72 @@ class Progress:
         self.agents = agents
         self.stream = stream
         self._python: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, str, int], tuple[float, float]] = {}  # call -> (started, next report)
+        self._ticker: threading.Event | None = None
+        target = stream if stream is not None else sys.stderr
+        # On a terminal, progress is dim so the program's own text (standard output) stands apart.
+        self._dim = not os.environ.get("NO_COLOR") and bool(getattr(target, "isatty", lambda: False)())
+
+    def start_ticker(self, first: float = 5.0) -> None:
+        """Report a playbook or LLM call still running after ``first`` seconds, then after twice as long
+        each time (``... Agent.Playbook running for 10 s``), from a background thread."""
+        if self._ticker is not None:
+            return
+        stop = self._ticker = threading.Event()
+        self._first = first
+
+        def tick() -> None:
+            while not stop.wait(min(1.0, first / 4)):
+                now = time.monotonic()
+                with self._lock:
+                    due = [(key, start) for key, (start, at) in self._running.items() if now >= at]
+                    for key, start in due:
+                        self._running[key] = (start, now + (now - start))
+                for (agent, what, depth), start in due:
+                    self._line(agent, depth + 1, f"... {what} running for {now - start:.0f} s")
+
+        threading.Thread(target=tick, name="playbooks-progress", daemon=True).start()
+
+    def stop_ticker(self) -> None:
+        if self._ticker is not None:
+            self._ticker.set()
+            self._ticker = None
+
+    def _started(self, agent: str, what: str, depth: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._running[(agent, what, depth)] = (now, now + getattr(self, "_first", 5.0))
+
+    def _ended(self, agent: str, what: str, depth: int) -> None:
+        with self._lock:
+            self._running.pop((agent, what, depth), None)
 
     def _line(self, agent: str, depth: int, text: str) -> None:
         stream = self.stream if self.stream is not None else sys.stderr
         prefix = f"[{agent}] " if self.agents and agent else ""
+        line = prefix + "  " * depth + text
+        if self._dim:
+            line = f"\033[2m{line}\033[0m"
         try:
-            stream.write(prefix + "  " * depth + text + "\n")
-            stream.flush()
+            with self._lock:
+                stream.write(line + "\n")
+                stream.flush()
         except OSError:
             pass  # progress is for the eyes only: a closed standard error must not fail the program
 
     def __call__(self, event: RunEvent) -> None:
+        if isinstance(event, PlaybookStarted):
+            self._started(event.agent, f"{event.agent}.{event.playbook}", event.depth)
+        elif isinstance(event, PlaybookFinished):
+            self._ended(event.agent, f"{event.agent}.{event.playbook}", event.depth)
+        elif isinstance(event, LLMCallStarted):
+            self._started(event.agent, f"LLM call {event.number} of {event.agent}.{event.playbook}", event.depth)
+        elif isinstance(event, LLMCallFinished):
+            self._ended(event.agent, f"LLM call {event.number} of {event.agent}.{event.playbook}", event.depth)
+        self._show(event)
+
+    def _show(self, event: RunEvent) -> None:
         if isinstance(event, PlaybookStarted):
             if event.kind == "python":
                 self._python.add((event.agent, event.playbook))
@@ -317,6 +374,7 @@ def _run(args: argparse.Namespace) -> int:
             program, llm=llm, on_event=progress, temperature=config.model.temperature,
             max_tokens=config.model.max_tokens, stream=args.stream,
         )
+        progress.start_ticker()
         code: int = anyio.run(_session, args, config, program, runtime, main_args)
     except KeyboardInterrupt:
         _error("interrupted")
@@ -327,6 +385,8 @@ def _run(args: argparse.Namespace) -> int:
     except PlaybooksError as exc:
         _error(f"error: {exc}")
         return EXIT_PROGRAM_ERROR
+    finally:
+        progress.stop_ticker()
     return code
 
 
