@@ -776,3 +776,20 @@ def test_a_closed_stdout_ends_the_run_as_a_host_failure_and_the_line_is_shown_af
     second = subprocess.run([sys.executable, str(script), "resume"], capture_output=True, text=True, env=env, timeout=60)
     assert second.stderr.strip().endswith("done True None"), second.stderr
     assert second.stdout == "first 10\nsecond 10\nthird 20\n"  # the failed line is shown, once
+
+
+def test_exceptions_inside_a_returned_value_keep_their_class_and_cause() -> None:
+    from playbooks.checkpoints.outcome import dump_outcome, load_outcome
+
+    try:
+        try:
+            raise KeyError("k")
+        except KeyError as inner:
+            raise OrderError("C-3", "gone") from inner
+    except OrderError as exc:
+        value = [1, exc]
+    data = dump_outcome(value)
+    assert data is not None
+    back = load_outcome(data)
+    assert back[0] == 1 and type(back[1]) is OrderError and back[1].reason == "gone"
+    assert type(back[1].__cause__) is KeyError

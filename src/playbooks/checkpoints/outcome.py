@@ -36,6 +36,7 @@ __all__ = (
 )
 
 _PROTOCOL = 5
+_MAX_CHAIN = 32  # causes and contexts kept in a stand-in
 
 
 class StoredExceptionStandIn(Exception):
@@ -136,7 +137,7 @@ def _safe(value: Any) -> Any:
             return f"<unsaved {type(value).__qualname__}>"
 
 
-def _stand_in(exc: BaseException, lossy: list[str]) -> BaseException:
+def _stand_in(exc: BaseException, lossy: list[str], depth: int = 0) -> BaseException:
     """An exception of the same class with what could be stored; ``lossy`` gets what could not."""
     args = tuple(_safe(a) for a in exc.args)
     attributes = {k: _safe(v) for k, v in (_attributes(exc) or {}).items()}
@@ -144,12 +145,13 @@ def _stand_in(exc: BaseException, lossy: list[str]) -> BaseException:
         [f"args[{i}]" for i, (a, b) in enumerate(zip(args, exc.args)) if a is not b]
         + [k for k, v in attributes.items() if v is not (_attributes(exc) or {}).get(k)]
     )
-    cause = _stand_in(exc.__cause__, lossy) if exc.__cause__ is not None else None
+    deeper = depth < _MAX_CHAIN
+    cause = _stand_in(exc.__cause__, lossy, depth + 1) if exc.__cause__ is not None and deeper else None
     context: BaseException | None = None
     if exc.__context__ is exc.__cause__:
         context = cause
-    elif exc.__context__ is not None:
-        context = _stand_in(exc.__context__, lossy)
+    elif exc.__context__ is not None and deeper:
+        context = _stand_in(exc.__context__, lossy, depth + 1)
     cls: type[BaseException] = type(exc)
     try:
         _dump_with(_cloud_pickler(), cls)
@@ -185,8 +187,8 @@ def dump_outcome(value: Any, *, what: str = "a call") -> bytes | None:
             return _dump_with(_cloud_pickler(), stand_in)
         except Exception:
             return _dump_with(_Pickler, StoredExceptionStandIn(type(value).__qualname__, str(value)))
-    try:
-        return pickle.dumps(value, protocol=_PROTOCOL)
+    try:  # exceptions inside a value (gather(..., return_exceptions=True)) are rebuilt faithfully too
+        return _dump_with(_Pickler, value)
     except Exception:
         pass
     try:
