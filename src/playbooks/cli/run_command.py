@@ -214,6 +214,7 @@ class Progress:
         self.agents = agents
         self.stream = stream
         self._python: set[tuple[str, str]] = set()
+        self._last_error: str | None = None
         self._lock = threading.Lock()
         self._running: dict[tuple[str, str, int], tuple[float, float]] = {}  # call -> (started, next report)
         self._ticker: threading.Event | None = None
@@ -289,7 +290,11 @@ class Progress:
         elif isinstance(event, PlaybookFinished):
             name = f"{event.agent}.{event.playbook}"
             if event.error is not None:  # one line: the whole error is printed once, at the end
-                self._line(event.agent, event.depth, f"x {name} failed: {first_line(event.error, 120)}")
+                if event.error == self._last_error:  # the callers of a failed playbook fail with it
+                    self._line(event.agent, event.depth, f"x {name} failed (the same error)")
+                else:
+                    self._line(event.agent, event.depth, f"x {name} failed: {first_line(event.error, 120)}")
+                self._last_error = event.error
             elif (event.agent, event.playbook) not in self._python or self.verbose or event.depth == 0:
                 self._line(event.agent, event.depth, f"< {name} returned {describe_value(event.value, 120)}")
         elif isinstance(event, StepStarted):
