@@ -55,7 +55,14 @@ class MemoryCheckpointProvider(CheckpointProvider):
 
     def __init__(self) -> None:
         self._records: dict[str, dict[int, bytes]] = {}
+        self._heads: dict[str, bytes] = {}
         self._locks: set[_MemoryLock] = set()
+
+    async def write_head(self, execution_id: str, data: bytes) -> None:
+        self._heads[execution_id] = bytes(data)
+
+    async def read_head(self, execution_id: str) -> bytes | None:
+        return self._heads.get(execution_id)
 
     async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
         execution_id, counter = _split(checkpoint_id)

@@ -316,6 +316,31 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             ) from exc
         self._unsynced = False
 
+    async def write_head(self, execution_id: str, data: bytes) -> None:
+        """The head lives in the ``meta`` table (key ``head:{execution_id}``), not among the records."""
+        try:
+            conn = self._connection()
+            self._set_synchronous(conn, "NORMAL")
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"head:{execution_id}", data)
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise CheckpointWriteError(
+                f"cannot write the head of {execution_id!r} to {self._path}: {_describe(exc)}"
+            ) from exc
+        self._unsynced = True
+
+    async def read_head(self, execution_id: str) -> bytes | None:
+        try:
+            row = (
+                self._connection()
+                .execute("SELECT value FROM meta WHERE key = ?", (f"head:{execution_id}",))
+                .fetchone()
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise self._read_error(exc) from exc
+        return None if row is None or not isinstance(row[0], bytes) else bytes(row[0])
+
     async def load_checkpoint(self, checkpoint_id: str) -> bytes | None:
         execution_id, counter = _split(checkpoint_id)
         try:
