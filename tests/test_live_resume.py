@@ -3,7 +3,8 @@ protocol, killed with SIGKILL at random instants, also while it continues a cut-
 
 The server streams slowly (so a kill lands mid-response) and answers differently every time: another
 wording, and a continuation request gets only the code for the parcels its assistant messages do not
-ship yet. Each parcel's shipment is appended to a fsynced ledger with its idempotency key. Whatever
+ship yet: as a new message (``continuation = "message"``, any endpoint) or as the rest of its own
+partial message (``"vllm"``: ``continue_final_message``). Each parcel's shipment is appended to a fsynced ledger with its idempotency key. Whatever
 the model answers after a crash, the run must complete with every parcel shipped exactly once (a call
 reported in flight may run again, with the same key), no line shown twice (except a ``Say`` reported
 in flight), and never a ``NonDeterminismError``.
@@ -28,7 +29,7 @@ from llm_server import FakeOpenAIServer, RecordedRequest, Reply, stream
 pytestmark = pytest.mark.integration
 
 ITEMS = "abcdefgh"
-TRIALS = int(os.environ.get("PLAYBOOKS_LIVE_RESUME_TRIALS", "6"))
+TRIALS = int(os.environ.get("PLAYBOOKS_LIVE_RESUME_TRIALS", "3"))
 
 PROGRAM = '''\
 # Shipper
@@ -65,9 +66,12 @@ VERBS = ("shipped", "sent", "posted", "dispatched", "handed over")
 
 
 def answer(request: RecordedRequest, number: int) -> Reply:
-    """A model that words every answer differently and, asked to continue, writes only the rest."""
+    """A model that words every answer differently and, asked to continue, writes only the rest (in a
+    new message, or, asked to continue its own message, as the rest of that message)."""
     messages = request.body["messages"]
     written = "".join(m["content"] for m in messages if m["role"] == "assistant")
+    continuing = request.body.get("continue_final_message") is True
+    assert not continuing or (messages[-1]["role"] == "assistant" and request.body["add_generation_prompt"] is False)
     shipped = set(re.findall(r'Ship\("(\w)"\)', written))
     verb = VERBS[number % len(VERBS)]
     lines = [] if written else ['await Step("01")', f'await Say("user", "{verb}: starting ({number})")']
@@ -78,7 +82,7 @@ def answer(request: RecordedRequest, number: int) -> Reply:
             lines.append(f'done.append(await Ship("{item}"))')
             lines.append(f'await Say("user", f"{verb} {item} ({number}): {{done[-1]}}")')
     lines += ['await Step("02")', "await Return(len(done))"]
-    text = "```python\n" + "\n".join(lines) + "\n```\n"
+    text = ("\n" if continuing else "```python\n") + "\n".join(lines) + "\n```\n"
     return stream([text[i : i + 9] for i in range(0, len(text), 9)], delay=0.015)
 
 
@@ -90,20 +94,25 @@ def _start(folder: Path, env: dict[str, str], *extra: str) -> subprocess.Popen[s
 
 
 def _finish(proc: subprocess.Popen[str], kill_after: float | None) -> tuple[str, str, int]:
+    """Wait for the process; with ``kill_after``, SIGKILL it that long after its first line of output
+    (the model's answer is streaming then, whatever the machine's load made its start-up cost)."""
+    seen = ""
     if kill_after is not None:
-        try:
-            proc.wait(kill_after)
-        except subprocess.TimeoutExpired:
+        assert proc.stdout is not None
+        seen = proc.stdout.readline()
+        if seen:
+            time.sleep(kill_after)
             proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
-    return out, err, proc.returncode
+    return seen + out, err, proc.returncode
 
 
-def _trial(folder: Path, server: FakeOpenAIServer, rng: random.Random) -> None:
+def _trial(folder: Path, server: FakeOpenAIServer, rng: random.Random, continuation: str) -> None:
     folder.mkdir()
     (folder / "ship.pb").write_text(PROGRAM)
     (folder / "playbooks.toml").write_text(
         f'[model]\nprovider = "openai"\nname = "fake"\nbase_url = "{server.base_url}"\napi_key_env = "FAKE_KEY"\n'
+        f'continuation = "{continuation}"\n'
     )
     ledger = folder / "ledger.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
@@ -111,7 +120,7 @@ def _trial(folder: Path, server: FakeOpenAIServer, rng: random.Random) -> None:
     outputs: list[str] = []
     errors: list[str] = []
     kills = 0
-    code = _finish(_start(folder, env), rng.uniform(0.4, 1.2))
+    code = _finish(_start(folder, env), rng.uniform(0.0, 0.8))
     outputs.append(code[0])
     errors.append(code[1])
     while code[2] != 0:
@@ -119,7 +128,8 @@ def _trial(folder: Path, server: FakeOpenAIServer, rng: random.Random) -> None:
         kills += 1
         assert kills < 6, "\n".join(errors)
         again = rng.random() < 0.5 and kills < 3  # killed again while it continues the cut-off response
-        code = _finish(_start(folder, env, "--resume"), rng.uniform(0.3, 0.9) if again else None)
+        # --resume-or-start: a kill before the run was recorded (nothing ran yet) leaves nothing to resume
+        code = _finish(_start(folder, env, "--resume-or-start"), rng.uniform(0.0, 0.5) if again else None)
         outputs.append(code[0])
         errors.append(code[1])
     everything = "\n".join(errors)
@@ -139,12 +149,16 @@ def _trial(folder: Path, server: FakeOpenAIServer, rng: random.Random) -> None:
             assert count - 1 <= sum(repr(line) in report for report in in_flight), (line, outputs, everything)
 
 
-def test_live_model_resume_after_random_kills(tmp_path: Path) -> None:
+@pytest.mark.parametrize("continuation", ["message", "vllm"])
+def test_live_model_resume_after_random_kills(continuation: str, tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("PLAYBOOKS_LIVE_RESUME_SEED", "7")))
     with FakeOpenAIServer() as server:
         counter = iter(range(10**6))
         server.responder = lambda request: answer(request, next(counter))
         for trial in range(TRIALS):
-            _trial(tmp_path / f"trial-{trial}", server, rng)
-        continuations = [r for r in server.requests if "was cut off" in str(r.body["messages"][-1]["content"])]
-        assert continuations, "no trial was cut off mid-response: the kills came too late"
+            _trial(tmp_path / f"trial-{trial}", server, rng, continuation)
+        if continuation == "message":
+            continued = [r for r in server.requests if "was cut off" in str(r.body["messages"][-1]["content"])]
+        else:
+            continued = [r for r in server.requests if r.body.get("continue_final_message")]
+        assert continued, "no trial was cut off mid-response: the kills came too late"

@@ -275,6 +275,14 @@ class ModelConfig(_Validated):
             example="X-Org: acme; X-Team: data",
         ),
     )
+    continuation: Literal["message", "vllm", "prefix"] = field(
+        default="message",
+        metadata=_meta(
+            "How a live model continues a response that a crash cut off: \"message\" shows it what ran and "
+            "asks for the rest (any endpoint); \"vllm\" (continue_final_message) or \"prefix\" (Mistral, "
+            "DeepSeek) let it continue its own partial message.",
+        ),
+    )
     usage: bool = field(
         default=True,
         metadata=_meta(

@@ -156,6 +156,7 @@ def make_provider(
         "timeout": model.timeout,
         "headers": parse_headers(model.headers),
         "usage": model.usage,
+        "continuation": None if model.continuation == "message" else model.continuation,
     }
     if model.provider == "replay":
         # Matched by request, not by order: agents running concurrently, and a resumed run, may ask
@@ -377,7 +378,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         runtime = ProgramRuntime(
             program, llm=llm, on_event=progress, temperature=config.model.temperature,
-            max_tokens=config.model.max_tokens, stream=args.stream,
+            max_tokens=config.model.max_tokens, continuation=config.model.continuation, stream=args.stream,
         )
         progress.start_ticker()
         code: int = anyio.run(_session, args, config, program, runtime, main_args)

@@ -50,6 +50,9 @@ class LLMRequest:
     temperature: float | None = None
     max_tokens: int | None = None
     stop: list[str] | None = field(default=None)
+    continue_final: bool = False
+    """The last message is the start of the assistant's answer, to be continued (not answered): the
+    response is the rest of it. Endpoints spell this differently; see ``OpenAIProvider(continuation=)``."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the request as JSON-ready data; settings left at ``None`` are omitted."""
@@ -63,6 +66,8 @@ class LLMRequest:
             data["max_tokens"] = self.max_tokens
         if self.stop is not None:
             data["stop"] = list(self.stop)
+        if self.continue_final:
+            data["continue_final"] = True
         return data
 
     @classmethod
@@ -78,6 +83,7 @@ class LLMRequest:
             temperature=data.get("temperature"),
             max_tokens=data.get("max_tokens"),
             stop=list(stop) if stop is not None else None,
+            continue_final=bool(data.get("continue_final", False)),
         )
 
     def last_user_message(self) -> str | None:

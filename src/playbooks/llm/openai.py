@@ -247,7 +247,9 @@ class OpenAIProvider(LLMProvider):
     with jitter); a server asking to wait longer than ``backoff_max`` is not retried. ``headers`` are
     sent with every request; ``ssl_context`` replaces the default certificate checks for ``https``.
     ``usage`` asks the endpoint for token usage (``stream_options.include_usage``); what it reports is
-    :attr:`last_usage` after each stream.
+    :attr:`last_usage` after each stream. ``continuation`` says how the endpoint continues a partial
+    assistant message (``LLMRequest.continue_final``): ``"vllm"`` (``continue_final_message``) or
+    ``"prefix"`` (``"prefix": true`` on the message).
     """
 
     def __init__(
@@ -263,6 +265,7 @@ class OpenAIProvider(LLMProvider):
         headers: Mapping[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         usage: bool = True,
+        continuation: str | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -285,6 +288,9 @@ class OpenAIProvider(LLMProvider):
         self._ssl_context = ssl_context
         self._random = random.Random()
         self.request_usage = usage
+        if continuation not in (None, "vllm", "prefix"):
+            raise ValueError(f'continuation must be "vllm", "prefix" or None, got {continuation!r}')
+        self.continuation = continuation
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(base_url={self.base_url!r}, model={self.model!r})"
@@ -316,6 +322,15 @@ class OpenAIProvider(LLMProvider):
         payload: dict[str, Any] = request.to_dict()
         payload["model"] = model
         payload["stream"] = True
+        if payload.pop("continue_final", False):
+            if self.continuation == "vllm":  # vLLM, SGLang and other servers of chat templates
+                payload["continue_final_message"] = True
+                payload["add_generation_prompt"] = False
+            elif self.continuation == "prefix":  # Mistral, DeepSeek
+                payload["messages"][-1]["prefix"] = True
+            else:
+                raise LLMError("this request continues the assistant's last message, and the provider does not "
+                               'know how its endpoint says so: pass continuation="vllm" or "prefix"')
         if self.request_usage:
             payload["stream_options"] = {"include_usage": True}
         return json.dumps(payload, ensure_ascii=False).encode("utf-8")

@@ -506,6 +506,10 @@ class ProgramRuntime:
     * ``max_llm_calls``: the most LLM responses one call of a markdown playbook may take.
     * ``entry_agent``: the agent whose start playbook is the run's result (default: the first).
     * ``model``/``temperature``/``max_tokens``: sent with every request (``None``: the provider's defaults).
+    * ``continuation``: how a live model goes on with a response a crash cut off: ``"message"`` (a new
+      message shows it what ran and asks for the rest) or, for an endpoint that continues a partial
+      assistant message (``OpenAIProvider(continuation=...)``), anything else: the request ends with
+      that partial message (``LLMRequest.continue_final``).
     * ``stream``: run statements as the response streams (default); ``False`` receives the whole
       response before running any of it.
     * ``run_id``: scopes the tool calls' idempotency keys (default: the program file's name).
@@ -532,6 +536,7 @@ class ProgramRuntime:
         model: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        continuation: str = "message",
         stream: bool = True,
         run_id: str | None = None,
         checkpoint_manager: CheckpointManager | None = None,
@@ -551,6 +556,7 @@ class ProgramRuntime:
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.continuation = continuation
         self.stream = stream
         self.run_id = run_id or os.path.basename(program.path)
         self.manager = checkpoint_manager
@@ -966,30 +972,40 @@ class ProgramRuntime:
         self._emit(LLMCallStarted(agent.name, spec.name, number, frame.depth))
         preamble: list[Message] = []
         spent: list[Usage] = []
+        base = request.messages
+        prefill = ""  # with a continuing endpoint: the assistant's message so far
+        lead = ""  # ... and the fence the rest of it is inside, fed before the rest
         while True:
             executor = self._new_executor(frame, number)
-            result = await self._run_segment(frame, executor, request, spent)
+            result = await self._run_response(frame, executor, request, spent, lead)
             if executor.frame_id not in frame.namespace[_CUT]:
                 break
             # A response a crash cut off: its executed part stays executed, and the model is asked
             # for the rest (a new segment of this turn, in a frame of its own).
-            if result.executed_offset:
+            if not result.executed_offset:
+                continue  # nothing of it had run: ask the same again
+            if self.continuation == "message":
                 added = [
                     Message("assistant", result.response),
                     Message("user", continuation_note(spec, self._report(frame, result))),
                 ]
                 preamble += added
-                request = LLMRequest(
-                    request.messages + added, model=request.model, temperature=request.temperature,
-                    max_tokens=request.max_tokens, stop=request.stop,
-                )
+                messages = request.messages + added
+            else:  # the endpoint continues its own partial message
+                prefill += result.response[len(lead) :]
+                lead = "```python\n" if prefill.count("```") % 2 else ""
+                messages = base + [Message("assistant", prefill)]
+            request = LLMRequest(
+                messages, model=request.model, temperature=request.temperature, max_tokens=request.max_tokens,
+                stop=request.stop, continue_final=self.continuation != "message",
+            )
         used = sum(spent, Usage())
         self._emit(
             LLMCallFinished(agent.name, spec.name, number, frame.depth, used.prompt_tokens, used.completion_tokens)
         )
         returned = _RETURNED in frame.namespace
         return _TurnOutcome(
-            response=_response_seen(result),
+            response=prefill + _response_seen(result)[len(lead) :],
             error=result.error,
             returned=returned,
             return_value=frame.namespace[_RETURNED] if returned else None,
@@ -998,44 +1014,43 @@ class ProgramRuntime:
             preamble=tuple(preamble),
         )
 
-    async def _run_segment(
-        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest, spent: list[Usage]
+    async def _run_response(
+        self,
+        frame: PlaybookFrame,
+        executor: StreamingPythonExecutor,
+        request: LLMRequest,
+        spent: list[Usage],
+        lead: str = "",
     ) -> ExecutionResult:
-        """Run one response of a turn into ``executor``.
+        """Stream one response (one segment of a turn) into ``executor``; stop reading at the first
+        failing statement (or Return). ``lead`` is fed first (the fence a continued message is inside).
 
         A restored executor of a live model whose response a crash cut off is not asked to repeat
         itself: it is given the stored response up to the end of its last complete statement (those
         statements run again with their finished calls replayed from the journal; the cut-off
         statement never ran), finishes there, and is marked cut (``_CUT``) for :meth:`_turn` to ask
-        for the rest. A replayed cassette is read again from the same interaction instead (the
-        executor checks that the part that ran is the same).
-        """
-        cut: list[str] = frame.namespace[_CUT]
-        live = self.manager is not None and not isinstance(self.llm, ReplayProvider)
-        if not live or not executor.restored or executor.finished:
-            return await self._run_response(frame, executor, request, spent)
-        assert self.manager is not None
-        state = self.manager.frame_state(executor.frame_id)
-        prefix = _complete_statements(state.response if state is not None else "")
-        try:
-            await executor.add_chunk(prefix)
-        except LLMCodeError:
-            pass
-        if executor.error is None:
-            cut.append(executor.frame_id)
-        return await self._finish_response(frame, executor)
-
-    async def _run_response(
-        self, frame: PlaybookFrame, executor: StreamingPythonExecutor, request: LLMRequest, spent: list[Usage]
-    ) -> ExecutionResult:
-        """Stream one response into ``executor``; stop reading at the first failing statement (or Return).
-
-        A restored executor (a replayed cassette after a crash) is streamed the whole response again:
-        it skips the statements that had run and checks that their text is the same.
+        for the rest. A replayed cassette is streamed the whole response again instead: the executor
+        skips the statements that had run and checks that their text is the same.
         """
         if executor.finished:
             return await executor.finalize()
+        live = self.manager is not None and not isinstance(self.llm, ReplayProvider)
+        if live and executor.restored:
+            assert self.manager is not None
+            state = self.manager.frame_state(executor.frame_id)
+            try:
+                await executor.add_chunk(_complete_statements(state.response if state is not None else ""))
+            except LLMCodeError:
+                pass
+            if executor.error is None:
+                frame.namespace[_CUT].append(executor.frame_id)
+            return await self._finish_response(frame, executor)
         chunks = self._stream_llm(request, spent)
+        if lead:
+            try:
+                await executor.add_chunk(lead)  # the fence a continued message's rest is inside
+            except LLMCodeError:
+                pass
         try:
             if self.stream:
                 tail: int | None = None  # characters read after Return, to let the stream end cleanly
