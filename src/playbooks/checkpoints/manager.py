@@ -182,6 +182,8 @@ class CheckpointManager:
         self._checked = False
         self._eid = b""
         self._unreadable: set[int] = set()  # stored but failed verification (already reported)
+        self._missing: set[int] = set()  # named by a record or the head, but neither here nor pruned
+        self._highest_named = 0  # the highest counter the head or a record names
         self._lock: ExecutionLock | None = None
         self._next_counter: int | None = None
         self._index: dict[int, _IndexEntry] = {}
@@ -259,7 +261,12 @@ class CheckpointManager:
                 newest = max(self._places)
                 self._tip = (newest, self._places[newest].digest)
             self._eid = self.execution_id.encode("utf-8")
-            self._next_counter = (max(counters) + 1) if counters else 1
+            # Never reuse the number of a record that was lost (the head or a successor named it):
+            # a copy of it put back later must not collide with a new record.
+            self._next_counter = max([*counters, self._highest_named, 0]) + 1
+            # The losses were reported; the next tombstone acknowledges them, so later loads do not
+            # report them again.
+            self._pruned |= self._missing
             self._stale = set(counters) - set(self._records) - set(self._index)
             if self._stale:
                 _logger.info(
@@ -637,6 +644,8 @@ class CheckpointManager:
                     f"checkpoint {checkpoint_id(self.execution_id, counter)} is not the record that "
                     f"{by} follows: it was replaced by another copy"
                 )
+        self._missing = missing
+        self._highest_named = max(named, default=0)
         if missing:
             newest = max(self._places) if self._places else 0
             self._report(
