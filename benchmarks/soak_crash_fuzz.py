@@ -22,6 +22,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -97,22 +98,35 @@ def main() -> int:
     started = time.monotonic()
     jsonl = open(options.jsonl, "a") if options.jsonl else None
     target = options.trials
-    with ProcessPoolExecutor(max_workers=options.jobs) as pool:
-        pending: set[Future[list[dict[str, Any]]]] = set()
-        queue = list(reversed(tasks))
+    pool = ProcessPoolExecutor(max_workers=options.jobs)
+    pending: dict[Future[list[dict[str, Any]]], tuple[str, int]] = {}
+    queue = list(reversed(tasks))
+    try:
         while queue or pending:
             while queue and len(pending) < options.jobs * 2 and len(results) + len(pending) * per_program < target:
-                backend, seed = queue.pop()
-                pending.add(pool.submit(run_program, backend, seed, per_program, options.per_feature,
-                                        options.pin_hash_seed, not options.no_hash_seed_api))
+                task = queue.pop()
+                fut = pool.submit(run_program, *task, per_program, options.per_feature,
+                                  options.pin_hash_seed, not options.no_hash_seed_api)
+                pending[fut] = task
             if not pending:
                 break
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
+                task = pending.pop(fut)
                 try:
                     rows = fut.result()
+                except BrokenProcessPool:
+                    # A pool process died (OOM killer, ...): start a new pool, run the task again.
+                    print(f"pool process died running {task}; restarting the pool", flush=True)
+                    for other in pending:
+                        queue.append(pending[other])
+                    pending.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = ProcessPoolExecutor(max_workers=options.jobs)
+                    queue.append(task)
+                    break
                 except Exception as exc:  # a bug of the harness: say so and go on
-                    print(f"harness error: {exc!r}", flush=True)
+                    print(f"harness error in {task}: {exc!r}", flush=True)
                     continue
                 for row in rows:
                     results.append(row)
@@ -123,6 +137,8 @@ def main() -> int:
             if n and (n % 50 < per_program * len(done) or not queue):
                 failing = sum(r["outcome"] in fuzz_worker.FAILING for r in results)
                 print(f"  {n} trials, {failing} failing, {time.monotonic() - started:.0f} s", flush=True)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     if jsonl:
         jsonl.close()
 
