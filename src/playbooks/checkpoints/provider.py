@@ -70,16 +70,16 @@ def validate_execution_id(execution_id: object) -> str:
         raise InvalidExecutionIdError(
             f"a run (execution) id must be a non-empty string, got {execution_id!r}"
         )
-    if execution_id.startswith("."):
-        raise InvalidExecutionIdError(
-            f"run id {execution_id!r} starts with '.', which is reserved for hidden files; choose a "
-            "name that starts with a letter or digit"
-        )
     for bad in ("/", "\\"):
         if bad in execution_id:
             raise InvalidExecutionIdError(
                 f"run id {execution_id!r} contains {bad!r}: a run id is one name, not a path"
             )
+    if execution_id.startswith("."):
+        raise InvalidExecutionIdError(
+            f"run id {execution_id!r} starts with '.', which is reserved for hidden files; choose a "
+            "name that starts with a letter or digit"
+        )
     if _CONTROL.search(execution_id):
         raise InvalidExecutionIdError(
             f"run id {execution_id!r} contains a control character (NUL, newline, ...); use printable "
