@@ -7,7 +7,7 @@ random instant, sometimes killed again during the resume, and resumed to the end
 its output (nothing twice, nothing lost) and its calls (each completed call once; a repeat only for
 the call recovery reported in flight).
 
-Knobs: ``PLAYBOOKS_FUZZ_TRIALS`` (trials per backend, default 50), ``PLAYBOOKS_FUZZ_SEED`` (the first
+Knobs: ``PLAYBOOKS_FUZZ_TRIALS`` (trials per backend, default 40), ``PLAYBOOKS_FUZZ_SEED`` (the first
 program seed). A failure prints, per kind, the seeds, the program and what differed, and the command
 that runs the same trial again. ``benchmarks/soak_crash_fuzz.py`` runs the long soak.
 """
@@ -27,7 +27,7 @@ import fuzz_programs  # noqa: E402
 import fuzz_worker  # noqa: E402
 from fuzz_programs import BACKENDS, FEATURES, features_for, generate, parse_program  # noqa: E402
 
-TRIALS = int(os.environ.get("PLAYBOOKS_FUZZ_TRIALS", "50"))
+TRIALS = int(os.environ.get("PLAYBOOKS_FUZZ_TRIALS", "40"))
 SEED = int(os.environ.get("PLAYBOOKS_FUZZ_SEED", "20261130"))
 TRIALS_PER_PROGRAM = 2
 
