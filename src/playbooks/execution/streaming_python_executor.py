@@ -22,10 +22,11 @@ import ast
 import builtins
 import gc
 import inspect
+import io
 import itertools
 import linecache
-import sys
 import secrets
+import sys
 import traceback
 import types
 from collections.abc import Callable
@@ -76,17 +77,26 @@ def _compile(module: ast.Module, filename: str) -> types.CodeType:
 
 
 def _durable_print(*args: Any, **kwargs: Any) -> None:
-    """``print`` for durable LLM code: the output is flushed, so a line recorded as shown was shown.
+    """``print`` for durable LLM code: the whole line is written at once and flushed, so a line
+    recorded as shown was shown, and a kill cannot leave half of it (unbuffered standard output
+    would get one write per argument).
 
     Standard output that cannot be written (closed by ``| head``, a full disk) is a failure of the
     host, not of the LLM's code: it ends the execution with :class:`~playbooks.errors.HostIOError`,
     is not journaled, and the line is printed again by a resume.
     """
-    kwargs.setdefault("flush", True)
+    target = kwargs.pop("file", None)
+    kwargs.pop("flush", None)
+    line = io.StringIO()
+    builtins.print(*args, file=line, **kwargs)  # one write for the whole line: a kill cannot cut it
+    out = target if target is not None else sys.stdout
+    if out is None:
+        return
     try:
-        builtins.print(*args, **kwargs)
+        out.write(line.getvalue())
+        out.flush()
     except OSError as exc:
-        if kwargs.get("file") not in (None, sys.stdout, sys.stderr):
+        if target not in (None, sys.stdout, sys.stderr):
             raise  # a file of the LLM's own
         raise HostIOError(f"cannot write to standard output: {exc.strerror or exc}") from exc
 
