@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -39,8 +40,14 @@ STRIDE = int(os.environ.get("PLAYBOOKS_KILL_INJECTION_STRIDE", "17"))
 KILL_ENV = "PLAYBOOKS_TEST_KILL_AT_RECORD"
 
 
+HASH_SEED = str(random.randrange(1, 2**32 - 1))
+
+
 def _env(kill: str | None = None) -> dict[str, str]:
+    """No PLAYBOOKS_ settings, and one hash seed for the whole test, so `playbooks run` need not
+    re-execute itself to pin one (hundreds of runs are started here; test_cli_liveness covers that)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    env["PYTHONHASHSEED"] = HASH_SEED
     if kill is not None:
         env[KILL_ENV] = kill
     return env

@@ -130,3 +130,19 @@ def test_two_resumes_at_once_one_resumes_the_other_says_why(tmp_path: Path) -> N
     reasons = ("is running", "taken by another process", "(running)", "(completed)")  # (the other was quick)
     assert any(reason in err_no for reason in reasons), err_no
     assert seen + out_ok == reference.stdout
+
+
+def test_a_run_records_its_hash_seed_and_resumes_under_it(tmp_path: Path) -> None:
+    _setup(tmp_path)
+    env = {k: v for k, v in _env().items() if k != "PYTHONHASHSEED"}
+    killed = subprocess.run(_cli("run", "orders.pb"), cwd=tmp_path, env={**env, "PLAYBOOKS_TEST_KILL_AT_RECORD": "after:20"},
+                            text=True, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    record_file = next((tmp_path / ".checkpoints" / ".runs").glob("*.json"))
+    seed = json.loads(record_file.read_text())["hash_seed"]
+    assert seed.isdigit()  # pinned: playbooks run re-executed itself with a PYTHONHASHSEED
+    other = str((int(seed) + 1) % 2**32)
+    resumed = subprocess.run(_cli("run", "orders.pb", "--resume"), cwd=tmp_path,
+                             env={**env, "PYTHONHASHSEED": other}, text=True, capture_output=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(record_file.read_text())["hash_seed"] == seed  # it re-executed under the recorded one

@@ -11,6 +11,7 @@ reports as in flight when the process died.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -29,8 +30,15 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = ("orders", "nested", "two_agents")
 
 
+HASH_SEED = str(random.randrange(1, 2**32 - 1))
+
+
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    """The environment of every run: no PLAYBOOKS_ settings, and one hash seed for the whole test (so
+    `playbooks run` need not re-execute itself to pin one: hundreds of runs are started here)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    env["PYTHONHASHSEED"] = HASH_SEED
+    return env
 
 
 def _command(*extra: str) -> list[str]:
