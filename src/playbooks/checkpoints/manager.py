@@ -86,7 +86,7 @@ if TYPE_CHECKING:
     from playbooks.checkpoints.namespace import EncodedNamespace, NamespaceEncoder
     from playbooks.config import DurabilityConfig
 
-__all__ = ("CheckpointManager",)
+__all__ = ("CheckpointManager", "PreparedRecord")
 
 _logger = logging.getLogger("playbooks.checkpoints")
 
@@ -118,6 +118,15 @@ def _ranges(counters: set[int]) -> list[list[int]]:
 
 def _spell(counters: set[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in _ranges(counters))
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """A record encoded and signed as the next in its execution's chain, not stored yet."""
+
+    record: Record
+    data: bytes
+    previous_tip: tuple[int, bytes] | None
 
 
 @dataclass(slots=True)
@@ -292,8 +301,28 @@ class CheckpointManager:
         survive a killed process at once. A failed write raises
         :class:`~playbooks.errors.CheckpointWriteError` and leaves earlier records intact.
         """
+        await self.store(self.prepare(record), sync=sync)
+
+    def prepare(self, record: Record) -> PreparedRecord:
+        """Encode and sign ``record`` as the next one in the chain, without storing it yet.
+
+        For a side effect whose record must be ready the moment it happens (a durable ``print``):
+        prepare, do it, then :meth:`store` at once. Nothing else may be written in between; if the side
+        effect fails, :meth:`discard` it.
+        """
         before = self._tip
         data = self._encode(record.counter, encode_fields(record_to_fields(record)))
+        return PreparedRecord(record, data, before)
+
+    def discard(self, prepared: PreparedRecord) -> None:
+        """Forget a prepared record that will not be stored: the next one chains to its predecessor."""
+        if self._tip is not None and self._tip[0] == prepared.record.counter:
+            self._tip = prepared.previous_tip
+        self._written.pop(prepared.record.counter, None)
+
+    async def store(self, prepared: PreparedRecord, *, sync: bool = False) -> None:
+        """Store a record made by :meth:`prepare` (see :meth:`write`)."""
+        record, data, before = prepared.record, prepared.data, prepared.previous_tip
         snapshot = record.kind == "snapshot"
         in_journal = not snapshot or (not sync and len(data) <= _JOURNAL_SNAPSHOT_MAX)
         try:

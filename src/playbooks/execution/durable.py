@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from playbooks.checkpoints.manager import CheckpointManager
+from playbooks.checkpoints.manager import CheckpointManager, PreparedRecord
 from playbooks.checkpoints.model import FrameRef, FrameState, JournalEntry, Record
 from playbooks.checkpoints.outcome import dump_outcome, load_outcome
 from playbooks.errors import CheckpointCorruptError, CheckpointWarning, InterpreterError, NonDeterminismError
@@ -392,6 +392,21 @@ class DurableFrame:
         if self._started and self.manager.provider.completes_without_suspending:
             _run_to_completion(self.flush())
 
+    def writes_now(self) -> bool:
+        """Whether records can be written from sync code at once (see :func:`_run_to_completion`)."""
+        return self._started and self.manager.provider.completes_without_suspending
+
+    def prepare_output(self, call: ToolCall, before: tuple[tuple[str, str], ArgumentWatch]) -> PreparedRecord:
+        """The record of an output call (``print``), made before the output is written: then only one
+        append separates the line on the screen from its record (at least once, in microseconds)."""
+        _run_to_completion(self.flush())
+        fields = self._outcome_fields(call, None, None, before)
+        return self.manager.prepare(self._record("result", sync=True, **fields))
+
+    def store_output(self, prepared: PreparedRecord) -> None:
+        self._journal_since += 1
+        _run_to_completion(self.manager.store(prepared))
+
     async def interrupted(self) -> None:
         """The host cancelled the execution: calls recorded as cancelled in this statement were not
         cancelled by the LLM's code, so a replay must not replay that cancellation; they run again."""
@@ -464,6 +479,18 @@ def _unwrap(interceptor: ToolCallInterceptor, call: ToolCall, entry: JournalEntr
 class DurableInterceptor(ToolCallInterceptor):
     """Journals live calls and replays recorded ones for a :class:`DurableFrame`."""
 
+    def _output(self, call: ToolCall, fn: Callable[..., Any], before: tuple[tuple[str, str], ArgumentWatch]) -> Any:
+        """An output call (``print``): its record is made first and stored right after the output."""
+        frame = self.frame
+        prepared = frame.prepare_output(call, before)
+        try:
+            value = super().call_sync(call, fn)
+        except BaseException:
+            frame.manager.discard(prepared)
+            raise
+        frame.store_output(prepared)
+        return value
+
     def __init__(
         self,
         frame: DurableFrame,
@@ -525,6 +552,8 @@ class DurableInterceptor(ToolCallInterceptor):
             frame.release(entry)
             return _unwrap(self, call, entry)
         before = _watch(call)
+        if getattr(fn, "__playbooks_output__", False) and frame.writes_now():
+            return self._output(call, fn, before)
         try:
             value = super().call_sync(call, fn)
         except InterpreterError as exc:

@@ -101,6 +101,9 @@ def _durable_print(*args: Any, **kwargs: Any) -> None:
         raise HostIOError(f"cannot write to standard output: {exc.strerror or exc}") from exc
 
 
+_durable_print.__playbooks_output__ = True  # type: ignore[attr-defined]  # its record is made before it writes
+
+
 @dataclass(slots=True)
 class ExecutionResult:
     """What a finished (or failed) stream did.
