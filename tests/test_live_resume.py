@@ -12,6 +12,7 @@ in flight), and never a ``NonDeterminismError``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -107,6 +108,11 @@ def _finish(proc: subprocess.Popen[str], kill_after: float | None) -> tuple[str,
     return seen + out, err, proc.returncode
 
 
+def _completed(folder: Path) -> bool:
+    records = list((folder / ".checkpoints" / ".runs").glob("*.json"))
+    return any(json.loads(record.read_text())["status"] == "completed" for record in records)
+
+
 def _trial(folder: Path, server: FakeOpenAIServer, rng: random.Random, continuation: str) -> None:
     folder.mkdir()
     (folder / "ship.pb").write_text(PROGRAM)
@@ -123,7 +129,7 @@ def _trial(folder: Path, server: FakeOpenAIServer, rng: random.Random, continuat
     code = _finish(_start(folder, env), rng.uniform(0.0, 0.8))
     outputs.append(code[0])
     errors.append(code[1])
-    while code[2] != 0:
+    while code[2] != 0 and not _completed(folder):  # (a kill can land after the run completed)
         assert code[2] == -signal.SIGKILL, code[1]
         kills += 1
         assert kills < 6, "\n".join(errors)

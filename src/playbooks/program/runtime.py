@@ -975,24 +975,36 @@ class ProgramRuntime:
         base = request.messages
         prefill = ""  # with a continuing endpoint: the assistant's message so far
         lead = ""  # ... and the fence the rest of it is inside, fed before the rest
+        cuts: list[tuple[str, str, str]] | None = None  # (frame, executed text, note) of each cut segment
         while True:
             executor = self._new_executor(frame, number)
-            result = await self._run_response(frame, executor, request, spent, lead)
-            if executor.frame_id not in frame.namespace[_CUT]:
-                break
-            # A response a crash cut off: its executed part stays executed, and the model is asked
-            # for the rest (a new segment of this turn, in a frame of its own).
-            if not result.executed_offset:
+            if cuts is None:
+                # Kept as run-level state, which pruning never drops: a cut segment's own records
+                # may be pruned before the turn ends, once it has finished.
+                key = f"cut segments of {executor.frame_id}"
+                cuts = list(self.manager.loaded_state(key) or []) if self.manager is not None else []
+            known = next((cut for cut in cuts if cut[0] == executor.frame_id), None)
+            if known is not None:
+                text, note = known[1], known[2]
+            else:
+                result = await self._run_response(frame, executor, request, spent, lead)
+                if executor.frame_id not in frame.namespace[_CUT]:
+                    break
+                # A response a crash cut off: its executed part stays executed, and the model is
+                # asked for the rest (a new segment of this turn, in a frame of its own).
+                text = result.response if result.executed_offset else ""
+                note = continuation_note(spec, self._report(frame, result)) if text else ""
+                cuts.append((executor.frame_id, text, note))
+                if self.manager is not None:
+                    await self.manager.save_state(key, cuts)
+            if not text:
                 continue  # nothing of it had run: ask the same again
             if self.continuation == "message":
-                added = [
-                    Message("assistant", result.response),
-                    Message("user", continuation_note(spec, self._report(frame, result))),
-                ]
+                added = [Message("assistant", text), Message("user", note)]
                 preamble += added
                 messages = request.messages + added
             else:  # the endpoint continues its own partial message
-                prefill += result.response[len(lead) :]
+                prefill += text[len(lead) :]
                 lead = "```python\n" if prefill.count("```") % 2 else ""
                 messages = base + [Message("assistant", prefill)]
             request = LLMRequest(
