@@ -793,3 +793,26 @@ def test_exceptions_inside_a_returned_value_keep_their_class_and_cause() -> None
     back = load_outcome(data)
     assert back[0] == 1 and type(back[1]) is OrderError and back[1].reason == "gone"
     assert type(back[1].__cause__) is KeyError
+
+
+async def test_pruning_keeps_a_finished_child_while_its_parent_runs() -> None:
+    """keep_last_n = 1 and many snapshots after a child frame finished: the child's final snapshot
+    stays (a resume of the parent re-attaches to it), and a resume still gets its result back."""
+    memory = MemoryCheckpointProvider()
+    world = World(KillableStore(memory))
+    agent = Agent("p", world.tools())
+    manager = CheckpointManager(execution_id=world.execution_id, provider=world.store, keep_last_n=1)  # type: ignore[arg-type]
+    executor = StreamingPythonExecutor(agent, checkpoint_manager=manager, frame_id="root")
+    code = 'out = await Nested("y = await Work(2)\\nout = y + 1\\n")\n' + "".join(
+        f"v{i} = await Work({i})\n" for i in range(20)
+    )
+    await executor.add_chunk(code)
+    await manager.prune(force=True)
+    frames = {manager.frame_state(f) is not None for f in manager.loaded_frame_ids()}
+    await manager.close()
+    again = World(KillableStore(memory), world.ledger, execution_id=world.execution_id)
+    manager2 = CheckpointManager(execution_id=world.execution_id, provider=again.store)  # type: ignore[arg-type]
+    await manager2.load_records()
+    children = [f for f in manager2.loaded_frame_ids() if f.startswith("root/")]
+    assert children and all(manager2.frame_state(f).done for f in children), (frames, children)
+    await manager2.close()

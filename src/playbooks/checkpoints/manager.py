@@ -489,6 +489,11 @@ class CheckpointManager:
         finished = {e.frame_id for e in self._index.values() if e.done}
         needed = set(kept) | set(states.values())
         for frame_id, counters in by_frame.items():
+            if frame_id in finished and "/" in frame_id and frame_id.rsplit("/", 1)[0] not in finished:
+                # A finished child of an unfinished frame: a resume of the parent re-attaches to it
+                # (the call that ran it may have no result yet), so its final snapshot stays.
+                needed.add(max(c for c in counters if self._index[c].done))
+                continue
             if frame_id in finished or frame_id == "":
                 continue
             own = self._usable_bases(counters)
