@@ -618,10 +618,13 @@ class NamespaceEncoder:
                 continue
             ids[name] = set()
             data = self._pickle(name, value, namespace, bound_ids, encoded, ids[name])
-            if may_hold_sets(data) and canonicalize_sets(value):  # see set_order: pickle it as fixed
-                ids[name] = set()
-                data = self._pickle(name, value, namespace, bound_ids, EncodedNamespace(), ids[name])
-            if not may_hold_sets(data):
+            holds_sets = False
+            if may_hold_sets(data):  # the opcode's byte may also be plain data: the walk decides
+                changed, holds_sets = canonicalize_sets(value)
+                if changed:  # see set_order: pickle it as fixed
+                    ids[name] = set()
+                    data = self._pickle(name, value, namespace, bound_ids, EncodedNamespace(), ids[name])
+            if not holds_sets:
                 encoded._without_sets.add(name)
             pickled[name] = data
         # Variables that share an object (an alias, two closures over one cell, one list in two

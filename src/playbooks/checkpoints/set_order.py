@@ -54,10 +54,10 @@ def _canonical(found: set[Any]) -> bool:
     return any(a is not b for a, b in zip(before, found))
 
 
-def canonicalize_sets(value: Any) -> bool:
+def canonicalize_sets(value: Any) -> tuple[bool, bool]:
     """Put every set reachable from ``value`` (through lists, tuples, dicts and instance attributes)
-    in its canonical layout; return whether any iteration order changed."""
-    changed = False
+    in its canonical layout; return whether any iteration order changed, and whether it holds sets."""
+    changed = found = False
     seen: set[int] = set()
     stack = [value]
     visited = 0
@@ -69,6 +69,7 @@ def canonicalize_sets(value: Any) -> bool:
         seen.add(id(item))
         visited += 1
         if kind is set:
+            found = True
             changed = _canonical(item) or changed
             stack.extend(e for e in item if type(e) is tuple)
         elif kind in (list, tuple, frozenset):
@@ -80,4 +81,4 @@ def canonicalize_sets(value: Any) -> bool:
             state = getattr(item, "__dict__", None)
             if type(state) is dict:
                 stack.extend(state.values())
-    return changed
+    return changed, found
