@@ -5,7 +5,8 @@ A replayed call does not run the tool, so the change has to be recorded with the
 applied again to the arguments of the replayed call.
 
 * Before an async or sync tool runs, every argument that could be changed in place is pickled (plain
-  ``pickle``, C speed; arguments that cannot be pickled are not watched).
+  ``pickle``, C speed), or, when plain pickle refuses it (an instance of a class the LLM defined),
+  turned into its canonical text (:func:`playbooks.execution.fingerprint.canonical`).
 * After it returns or raises, an argument whose pickle differs was changed. For the built-in containers
   (``list``, ``dict``, ``set``, ``bytearray``) and plain objects (instances whose state is their
   ``__dict__``) the new contents are recorded; for anything else only the fact that it changed.
