@@ -816,3 +816,19 @@ async def test_pruning_keeps_a_finished_child_while_its_parent_runs() -> None:
     children = [f for f in manager2.loaded_frame_ids() if f.startswith("root/")]
     assert children and all(manager2.frame_state(f).done for f in children), (frames, children)
     await manager2.close()
+
+
+async def test_a_set_made_by_a_statement_without_awaits_iterates_alike_after_a_deferred_snapshot() -> None:
+    """The soak's case: a set literal in a statement that does not await, right after a statement
+    whose snapshot was deferred (tasks), then iterated; a resume may start before or after it."""
+    await check_every_kill(
+        """
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Work, 1)
+        names = {"bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan"}
+        seen = []
+        for n in names:
+            seen.append(await Work(n))
+        """,
+        sample=20,
+    )

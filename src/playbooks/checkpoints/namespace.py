@@ -691,10 +691,10 @@ class NamespaceEncoder:
     def settle_sets(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> None:
         """Put the sets of the namespace in their canonical layout without taking a snapshot.
 
-        A frame does this after every statement that awaited a durable call, whether or not it
-        writes a snapshot there (a replay, running tasks and big namespaces defer snapshots), so that
-        the live run and a resumed one fix set orders at the same points of the code. Variables that
-        held no set at the last snapshot are not walked again.
+        A frame does this after every statement, whether or not it writes a snapshot there (a
+        replay, running tasks and big namespaces defer snapshots), so that the live run and a resumed
+        one fix set orders at the same points of the code. Variables that held no set at the last
+        snapshot, or at their last walk, are not walked again.
         """
         bound = bound or {}
         for name, value in namespace.items():
@@ -702,7 +702,8 @@ class NamespaceEncoder:
                 continue
             if isinstance(value, (types.FunctionType, types.ModuleType, type)) or _tool_name(value):
                 continue
-            canonicalize_sets(value)
+            if not canonicalize_sets(value)[1]:
+                self._without_sets.add(name)  # walked once until the next snapshot says otherwise
 
     def seed(self, blobs: Mapping[str, VarBlob], values: Mapping[str, Any], counter_of_inline: int) -> None:
         """Start from a restored snapshot: its inline variables live at ``counter_of_inline``, the others

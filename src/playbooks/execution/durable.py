@@ -250,15 +250,16 @@ class DurableFrame:
         if self.awaited and self._snapshot_blocked():
             self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
             await self.flush()
-        elif self.awaited and self._snapshot_due():
+        elif self.awaited and self._snapshot_due():  # the snapshot puts sets in their layout too
             self.awaited = False
             # Every snapshot survives a killed process; every ``snapshot_sync_every``-th is also
             # fsynced, so a power loss falls back at most that far (the journal after it is durable).
             due = self._unsynced_snapshots + 1 >= self.manager.snapshot_sync_every
             await self.snapshot(sync=due)
         else:
-            if self.awaited:  # a big namespace between its spaced snapshots
-                self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
+            # Sets are put in their layout after every statement, snapshot or not, so that the live
+            # run and a resumed one fix their orders at the same points of the code.
+            self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
             self.awaited = False
             await self.flush()
 
