@@ -390,7 +390,7 @@ class DurableFrame:
         started), else at the next await or statement end."""
         fields = self._outcome_fields(call, value, raised, before)
         self._pending.append(self._record("result", sync=True, **fields))
-        if self._started and self.manager.provider.completes_without_suspending:
+        if self.writes_now():
             _run_to_completion(self.flush())
 
     def writes_now(self) -> bool:
