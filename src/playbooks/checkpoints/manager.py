@@ -55,6 +55,7 @@ from playbooks.checkpoints.codec import (
     resolve_key,
     seal,
 )
+from playbooks.checkpoints.counter_ranges import CounterRanges
 from playbooks.checkpoints.model import (
     Checkpoint,
     FrameState,
@@ -70,7 +71,7 @@ from playbooks.checkpoints.provider import (
     parse_checkpoint_id,
     validate_execution_id,
 )
-from playbooks.checkpoints.wire import decode_fields, encode_fields, record_from_fields, record_to_fields
+from playbooks.checkpoints.wire import decode_fields, encode_fields, encode_record, record_from_fields
 from playbooks.errors import (
     CheckpointCorruptError,
     CheckpointForeignError,
@@ -105,19 +106,9 @@ def _root_number(call_id: str) -> int:
 
 
 
-def _ranges(counters: set[int]) -> list[list[int]]:
-    """``{1, 2, 3, 7}`` as ``[[1, 3], [7, 7]]``."""
-    out: list[list[int]] = []
-    for c in sorted(counters):
-        if out and out[-1][1] == c - 1:
-            out[-1][1] = c
-        else:
-            out.append([c, c])
-    return out
-
-
 def _spell(counters: set[int]) -> str:
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in _ranges(counters))
+    """``{1, 2, 3, 7}`` as ``"1-3, 7"``."""
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in CounterRanges(counters).ranges())
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +137,10 @@ class CheckpointManager:
 
     ``key`` signs records with an HMAC (default: the ``key_env`` environment variable,
     ``PLAYBOOKS_CHECKPOINT_KEY``, if set, else the per-user key file, created on first use: see
-    :func:`playbooks.checkpoints.codec.resolve_key`); ``snapshot_sync_every``: one snapshot in that many is fsynced (all survive a killed
-    process; the journal is fsynced before every durable call); ``unpicklable`` is ``"skip"`` (leave the variable out, warn, and make a later use of it
+    :func:`playbooks.checkpoints.codec.resolve_key`); ``snapshot_sync_every``: ``None`` (the default) leaves every snapshot but a frame's last in the
+    journal, fsynced with it before the next durable call; ``n`` also writes every ``n``-th as a
+    checkpoint file, fsynced on its own (that costs two more fsyncs, for no stronger guarantee while the
+    journal is intact); ``unpicklable`` is ``"skip"`` (leave the variable out, warn, and make a later use of it
     fail clearly) or ``"strict"`` (fail the checkpoint); ``max_checkpoint_size_mb`` bounds a snapshot.
     """
 
@@ -160,7 +153,7 @@ class CheckpointManager:
         max_checkpoint_size_mb: float = 100.0,
         unpicklable: UnpicklablePolicy = "skip",
         key: str | bytes | RecordKey | None = None,
-        snapshot_sync_every: int = 8,
+        snapshot_sync_every: int | None = None,
         key_env: str = KEY_ENV_VAR,
     ) -> None:
         validate_execution_id(execution_id)
@@ -177,8 +170,8 @@ class CheckpointManager:
         self.keep_last_n = keep_last_n
         self.max_checkpoint_size_mb = max_checkpoint_size_mb
         self.unpicklable: UnpicklablePolicy = unpicklable
-        if snapshot_sync_every < 1:
-            raise ValueError("snapshot_sync_every must be at least 1")
+        if snapshot_sync_every is not None and snapshot_sync_every < 1:
+            raise ValueError("snapshot_sync_every must be at least 1 (or None: only with the journal)")
         self.snapshot_sync_every = snapshot_sync_every
         self._key = key if isinstance(key, RecordKey) else resolve_key(key, env_var=key_env)
         self._lineage: bytes | None = None
@@ -186,8 +179,8 @@ class CheckpointManager:
         self._head_counter = 0
         self._places: dict[int, Place] = {}  # verified places of the loaded records
         self._written: dict[int, bytes] = {}  # digests of the records this manager wrote
-        self._tombstones: dict[int, set[int]] = {}  # tombstone counter -> the counters it lists
-        self._pruned: set[int] = set()
+        self._tombstones: set[int] = set()  # counters of the tombstones loaded
+        self._pruned = CounterRanges()  # every counter a tombstone lists (or will: see prune)
         self._checked = False
         self._eid = b""
         self._unreadable: set[int] = set()  # stored but failed verification (already reported)
@@ -311,7 +304,7 @@ class CheckpointManager:
         effect fails, :meth:`discard` it.
         """
         before = self._tip
-        data = self._encode(record.counter, encode_fields(record_to_fields(record)))
+        data = self._encode(record.counter, encode_record(record))
         return PreparedRecord(record, data, before)
 
     def discard(self, prepared: PreparedRecord) -> None:
@@ -463,11 +456,11 @@ class CheckpointManager:
         they are deleted: a counter that is missing and listed here was pruned, not lost."""
         self._pruned.update(doomed)
         counter = self.allocate_counter()
-        data = self._encode(counter, encode_fields({"tombstone": _ranges(self._pruned)}))
+        data = self._encode(counter, encode_fields({"tombstone": self._pruned.ranges()}))
         await self.provider.append_journal(self.execution_id, counter, data)
         self._unsynced = True
         self._index[counter] = _IndexEntry("tombstone", "", frozenset(), False, True)
-        self._tombstones[counter] = set(self._pruned)
+        self._tombstones.add(counter)
         await self._write_head(counter)
 
     async def _drop_dead_journal(self) -> None:
@@ -610,8 +603,11 @@ class CheckpointManager:
             try:
                 fields = decode_fields(payload, cid)
                 if "tombstone" in fields:
-                    listed = {c for a, b in fields["tombstone"] for c in range(int(a), int(b) + 1)}
-                    self._tombstones[counter] = listed
+                    try:
+                        listed = CounterRanges.from_ranges(fields["tombstone"])
+                    except (TypeError, ValueError) as exc:
+                        raise CheckpointCorruptError(f"its list of pruned records is malformed ({exc})") from exc
+                    self._tombstones.add(counter)
                     self._pruned |= listed
                     self._places[counter] = place
                     self._index.setdefault(
