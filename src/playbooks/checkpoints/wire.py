@@ -26,7 +26,9 @@ from playbooks.checkpoints.model import FrameRef, Record, StoredVar
 from playbooks.checkpoints.model import _defaults as _defaults  # the fields a record may leave out
 from playbooks.errors import CheckpointCorruptError
 
-__all__ = ("WIRE_MAGIC", "decode_fields", "encode_fields", "record_from_fields", "record_to_fields")
+__all__ = (
+    "WIRE_MAGIC", "decode_fields", "encode_fields", "encode_record", "record_from_fields", "record_to_fields",
+)
 
 WIRE_MAGIC = b"PBW1"
 _LEN = struct.Struct(">I")
@@ -123,6 +125,40 @@ def record_to_fields(record: Record) -> dict[str, Any]:
             value = {n: [v.digest, v.size, v.data, v.host] for n, v in value.items()}
         state[name] = value
     return state
+
+
+def encode_record(record: Record) -> bytes:
+    """``encode_fields(record_to_fields(record))`` in one pass, byte for byte: a record is encoded on
+    every await, and the two passes cost about twice as much."""
+    blobs: list[bytes] = []
+    plain: dict[str, Any] = {}
+    for name, default in _layout():
+        value = getattr(record, name)
+        if default is not _NO_DEFAULT and value == default:
+            continue
+        if name == "call_stack":
+            value = [
+                [r.frame_id, r.agent_id, r.parent_seq, r.executed_offset, r.statement] for r in value
+            ]
+        elif name == "variables":
+            table: dict[str, Any] = {}
+            for n, v in value.items():
+                data: Any = v.data
+                if data is not None:
+                    blobs.append(bytes(data))
+                    data = {_BLOB_KEY: len(blobs) - 1}
+                table[n] = [v.digest, v.size, data, v.host]
+            value = table
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            blobs.append(bytes(value))
+            value = {_BLOB_KEY: len(blobs) - 1}
+        plain[name] = value
+    text = _ENCODER.encode(plain).encode("utf-8")
+    parts = [WIRE_MAGIC, _LEN.pack(len(text)), text]
+    for item in blobs:
+        parts.append(_BLOB.pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
 
 
 def record_from_fields(state: dict[str, Any], where: str) -> Record:

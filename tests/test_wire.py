@@ -1,0 +1,50 @@
+"""The one-pass record encoder writes the same bytes as the two-pass one the format was defined by."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from playbooks.checkpoints.model import FrameRef, Record, StoredVar
+from playbooks.checkpoints.wire import decode_fields, encode_fields, encode_record, record_from_fields, record_to_fields
+
+_text = st.text(max_size=30)
+_blob = st.binary(max_size=40)
+_refs = st.builds(
+    FrameRef, _text, _text, st.none() | _text, st.integers(min_value=0, max_value=10**6), _text
+)
+_vars = st.dictionaries(
+    _text,
+    st.builds(StoredVar, _text, st.integers(min_value=0, max_value=10**6), st.none() | _blob, st.none() | st.integers(1, 99)),
+    max_size=5,
+)
+_records = st.builds(
+    Record,
+    kind=st.sampled_from(["snapshot", "intent", "result", "state"]),
+    execution_id=_text,
+    counter=st.integers(min_value=1, max_value=10**9),
+    timestamp=st.floats(allow_nan=False, allow_infinity=False),
+    frame_id=_text,
+    agent_id=_text,
+    call_stack=st.lists(_refs, max_size=3).map(tuple),
+    response_start=st.integers(min_value=0, max_value=10**6),
+    response_text=_text,
+    executed_offset=st.integers(min_value=0, max_value=10**6),
+    statement=_text,
+    variables=_vars,
+    skipped=st.lists(st.tuples(_text, _text, _text), max_size=2).map(tuple),
+    done=st.booleans(),
+    error=st.none() | _blob,
+    response_host=st.none() | st.integers(1, 99),
+    seq=_text,
+    value=st.none() | _blob,
+    mutations=st.none() | _blob,
+    sync=st.booleans(),
+)
+
+
+@given(_records)
+def test_one_pass_encoding_is_byte_identical(record: Record) -> None:
+    data = encode_record(record)
+    assert data == encode_fields(record_to_fields(record))
+    assert record_from_fields(decode_fields(data, "test"), "test") == record
