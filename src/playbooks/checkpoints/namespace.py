@@ -78,6 +78,8 @@ the pickler's seeded memo refers to it. The pickle that follows has its own ``PR
 is allowed anywhere in a stream."""
 
 _IMMUTABLE_SCALARS = (int, float, complex, bool, str, bytes, range, type(None))
+_PLAIN_SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
+"""Exact types whose cloudpickle is plain pickle's, byte for byte (the common case, pickled cheaply)."""
 _REF_MIN_SIZE = 4096
 """Smaller pickles are stored inline every time: a reference would pin an old snapshot for nothing."""
 
@@ -614,6 +616,10 @@ class NamespaceEncoder:
                     encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, remembered.data, None)
                 else:
                     encoded.blobs[name] = VarBlob(remembered.digest, remembered.size, None, remembered.host)
+                encoded._without_sets.add(name)
+                continue
+            if type(value) in _PLAIN_SCALARS:  # no identity, no sets: plain pickle gives the same bytes
+                pickled[name] = _PREFIX + pickle.dumps(value, _PROTOCOL)
                 encoded._without_sets.add(name)
                 continue
             ids[name] = set()
