@@ -10,8 +10,9 @@ A :class:`DurableFrame` is the durability side of one :class:`StreamingPythonExe
   records are written at the frame's next await or statement end.
 * after a top-level statement that awaited a durable call, the frame writes a ``snapshot`` (namespace,
   executed offset, response, next sequence number), which supersedes the journal. Every snapshot
-  survives a killed process; one in ``snapshot_sync_every`` (and the last) is fsynced, so that the
-  per-await cost is one journal fsync, and a power loss falls back to the last fsynced snapshot.
+  survives a killed process and is fsynced with the journal before the next durable call (the last
+  one is fsynced at once), so the per-await cost is one journal fsync, and a power loss falls back to
+  the last snapshot before the last fsync.
 * resumed, the frame starts from its newest snapshot; a call whose sequence number is in the journal
   returns the recorded result (or raises the recorded exception) instead of running; a call that had
   started but not finished runs again with the same idempotency key; a call whose name or arguments
@@ -252,9 +253,10 @@ class DurableFrame:
             await self.flush()
         elif self.awaited and self._snapshot_due():  # the snapshot puts sets in their layout too
             self.awaited = False
-            # Every snapshot survives a killed process; every ``snapshot_sync_every``-th is also
-            # fsynced, so a power loss falls back at most that far (the journal after it is durable).
-            due = self._unsynced_snapshots + 1 >= self.manager.snapshot_sync_every
+            # Every snapshot survives a killed process, and the journal's fsync before the next
+            # durable call covers it; with ``snapshot_sync_every`` set, every n-th is also a file.
+            every = self.manager.snapshot_sync_every
+            due = every is not None and self._unsynced_snapshots + 1 >= every
             await self.snapshot(sync=due)
         else:
             # Sets are put in their layout after every statement, snapshot or not, so that the live
