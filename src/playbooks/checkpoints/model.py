@@ -23,19 +23,12 @@ A :class:`FrameState` is a frame rebuilt from its newest valid snapshot plus the
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Iterator, Mapping
 import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from playbooks.errors import CheckpointCorruptError
-
 __all__ = ("Checkpoint", "FrameState", "JournalEntry", "Record", "RecordKind", "StoredVar")
-
-RECORD_VERSION = 3
-"""Version 3 names calls by a string call id (``seq``; version 2 numbered them with an int) and adds
-``mutations``, ``sync`` and the outcomes ``cancelled`` and ``interrupted``; version 2 is still read."""
 
 RecordKind = Literal["snapshot", "intent", "result", "state"]
 Outcome = Literal["value", "raise", "cancelled", "unrecorded", "interrupted"]
@@ -77,7 +70,7 @@ class FrameRef:
 
 @dataclass(slots=True)
 class Record:
-    """One stored record, decoded (its integrity was checked by the codec before it was unpickled)."""
+    """One stored record, decoded (the codec verified its integrity before :mod:`~playbooks.checkpoints.wire` read it)."""
 
     kind: RecordKind
     execution_id: str
@@ -120,55 +113,6 @@ class Record:
         if self.response_host is not None:
             hosts.add(self.response_host)
         return hosts
-
-    def encode(self) -> bytes:
-        """The record as a payload for :func:`playbooks.checkpoints.codec.encode_record`.
-
-        Fields left at their defaults are not written (a journal record leaves the snapshot fields
-        out, and the other way round); call-stack frames and variables are plain tuples.
-        """
-        defaults = _defaults()
-        state: dict[str, Any] = {}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if name not in defaults or value != defaults[name]:
-                state[name] = value
-        state["call_stack"] = [
-            (r.frame_id, r.agent_id, r.parent_seq, r.executed_offset, r.statement) for r in self.call_stack
-        ]
-        if self.variables:
-            state["variables"] = {n: (v.digest, v.size, v.data, v.host) for n, v in self.variables.items()}
-        return pickle.dumps({"v": RECORD_VERSION, "record": state}, protocol=5)
-
-    @classmethod
-    def decode(cls, payload: bytes, checkpoint_id: str) -> Record:
-        """Rebuild a record from a verified payload; a payload of the wrong shape is corrupt."""
-        try:
-            envelope = pickle.loads(payload)
-            version = envelope.get("v")
-            if version not in (2, RECORD_VERSION):
-                raise CheckpointCorruptError(
-                    f"checkpoint {checkpoint_id} has record version {version!r}; this "
-                    f"version of playbooks reads versions 2 to {RECORD_VERSION}"
-                )
-            state = dict(envelope["record"])
-            if version == 2:  # calls were numbered by an int: the frame's own call ids are those numbers
-                if "seq" in state:
-                    state["seq"] = str(state["seq"])
-                state["call_stack"] = [
-                    (f, a, None if p is None else str(p), o, st) for f, a, p, o, st in state["call_stack"]
-                ]
-            state["call_stack"] = tuple(FrameRef(*ref) for ref in state["call_stack"])
-            state["variables"] = {n: StoredVar(*v) for n, v in state.get("variables", {}).items()}
-            state["skipped"] = tuple(tuple(s) for s in state.get("skipped", ()))
-            return cls(**state)
-        except CheckpointCorruptError:
-            raise
-        except Exception as exc:
-            raise CheckpointCorruptError(
-                f"checkpoint {checkpoint_id} passed its checksum but does not hold a playbooks "
-                f"record ({type(exc).__name__}: {exc})"
-            ) from exc
 
 
 @functools.cache

@@ -20,6 +20,7 @@ import json
 import struct
 from dataclasses import fields
 from functools import cache
+from operator import attrgetter
 from typing import Any
 
 from playbooks.checkpoints.model import FrameRef, Record, StoredVar
@@ -110,6 +111,12 @@ def _layout() -> tuple[tuple[str, Any], ...]:
 _NO_DEFAULT = object()
 
 
+@cache
+def _getter() -> Any:
+    """Every field of a record in one call, in :func:`_layout` order."""
+    return attrgetter(*(name for name, _ in _layout()))
+
+
 def record_to_fields(record: Record) -> dict[str, Any]:
     """A record's fields that differ from their defaults, as plain values."""
     state: dict[str, Any] = {}
@@ -132,9 +139,9 @@ def encode_record(record: Record) -> bytes:
     every await, and the two passes cost about twice as much."""
     blobs: list[bytes] = []
     plain: dict[str, Any] = {}
-    for name, default in _layout():
-        value = getattr(record, name)
-        if default is not _NO_DEFAULT and value == default:
+    layout, values = _layout(), _getter()(record)
+    for (name, default), value in zip(layout, values):
+        if default is not _NO_DEFAULT and (value is default or value == default):
             continue
         if name == "call_stack":
             value = [
