@@ -48,3 +48,12 @@ def test_one_pass_encoding_is_byte_identical(record: Record) -> None:
     data = encode_record(record)
     assert data == encode_fields(record_to_fields(record))
     assert record_from_fields(decode_fields(data, "test"), "test") == record
+
+
+def test_every_bytes_field_of_a_record_is_stored_as_a_blob() -> None:
+    from dataclasses import fields
+
+    from playbooks.checkpoints.wire import _BYTES_FIELDS
+
+    holding_bytes = {f.name for f in fields(Record) if "bytes" in str(f.type)}
+    assert holding_bytes == set(_BYTES_FIELDS)

@@ -96,6 +96,7 @@ _STATE_PREFIX = "@"
 _JOURNAL_SNAPSHOT_MAX = 64 * 1024
 """An unsynced snapshot up to this size (encoded) is a journal entry: an append, not a new file."""
 _PRUNE_EVERY = 8
+_NO_HOSTS: frozenset[int] = frozenset()  # a journal record refers to no other record
 
 
 def _root_number(call_id: str) -> int:
@@ -333,7 +334,7 @@ class CheckpointManager:
             self._written.pop(record.counter, None)
             raise
         self._index[record.counter] = _IndexEntry(
-            record.kind, record.frame_id, frozenset(record.hosts), record.done, in_journal,
+            record.kind, record.frame_id, frozenset(record.hosts) if snapshot else _NO_HOSTS, record.done, in_journal,
             durable=sync or in_journal, seq=record.seq, next_seq=record.next_seq,
         )
         await self._write_head(record.counter)

@@ -139,15 +139,17 @@ def encode_record(record: Record) -> bytes:
     every await, and the two passes cost about twice as much."""
     blobs: list[bytes] = []
     plain: dict[str, Any] = {}
-    layout, values = _layout(), _getter()(record)
-    for (name, default), value in zip(layout, values):
+    for (name, default, how), value in zip(_plan(), _getter()(record)):
         if default is not _NO_DEFAULT and (value is default or value == default):
             continue
-        if name == "call_stack":
-            value = [
-                [r.frame_id, r.agent_id, r.parent_seq, r.executed_offset, r.statement] for r in value
-            ]
-        elif name == "variables":
+        if how is _PLAIN:
+            plain[name] = value
+        elif how is _BYTES:
+            blobs.append(bytes(value))
+            plain[name] = {_BLOB_KEY: len(blobs) - 1}
+        elif how is _STACK:
+            plain[name] = [[r.frame_id, r.agent_id, r.parent_seq, r.executed_offset, r.statement] for r in value]
+        else:
             table: dict[str, Any] = {}
             for n, v in value.items():
                 data: Any = v.data
@@ -155,17 +157,28 @@ def encode_record(record: Record) -> bytes:
                     blobs.append(bytes(data))
                     data = {_BLOB_KEY: len(blobs) - 1}
                 table[n] = [v.digest, v.size, data, v.host]
-            value = table
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            blobs.append(bytes(value))
-            value = {_BLOB_KEY: len(blobs) - 1}
-        plain[name] = value
+            plain[name] = table
     text = _ENCODER.encode(plain).encode("utf-8")
     parts = [WIRE_MAGIC, _LEN.pack(len(text)), text]
     for item in blobs:
         parts.append(_BLOB.pack(len(item)))
         parts.append(item)
     return b"".join(parts)
+
+
+_PLAIN, _BYTES, _STACK, _VARIABLES = "plain", "bytes", "stack", "variables"
+_BYTES_FIELDS = frozenset({"error", "value", "mutations"})
+"""The fields of :class:`Record` that hold a pickle (``bytes | None``): stored as blobs."""
+
+
+@cache
+def _plan() -> tuple[tuple[str, Any, str], ...]:
+    """Every field of :class:`Record` with its default and how :func:`encode_record` writes it."""
+    special = {"call_stack": _STACK, "variables": _VARIABLES}
+    return tuple(
+        (name, default, special.get(name, _BYTES if name in _BYTES_FIELDS else _PLAIN))
+        for name, default in _layout()
+    )
 
 
 def record_from_fields(state: dict[str, Any], where: str) -> Record:

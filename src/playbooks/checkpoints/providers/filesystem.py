@@ -685,14 +685,20 @@ class FilesystemCheckpointProvider(CheckpointProvider):
 
     async def write_head(self, execution_id: str, data: bytes) -> None:
         lock = self._lock_of.get(execution_id)
-        path = os.path.join(self._folder(execution_id), _LOCK_NAME)
-        try:
-            if lock is not None and lock.fd_for_head >= 0:
+        if lock is not None and lock.fd_for_head >= 0:  # the common case: one pwrite
+            try:
                 os.pwrite(lock.fd_for_head, data, _HEAD_OFFSET)
                 if lock.head_size != len(data):
                     os.ftruncate(lock.fd_for_head, _HEAD_OFFSET + len(data))
                     lock.head_size = len(data)
                 return
+            except OSError as exc:
+                raise CheckpointWriteError(
+                    f"cannot write the head in {os.path.join(self._folder(execution_id), _LOCK_NAME)}: "
+                    f"{_describe(exc)}"
+                ) from exc
+        path = os.path.join(self._folder(execution_id), _LOCK_NAME)
+        try:
             _validate_execution_id(execution_id)
             self._make_folder(self._folder(execution_id))
             fd = os.open(path, _LOCK_FLAGS, _FILE_MODE)
