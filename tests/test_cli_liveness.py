@@ -25,8 +25,19 @@ pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _env(**extra: str) -> dict[str, str]:
+STORES = {
+    "filesystem": {},
+    "sqlite": {
+        "PLAYBOOKS_DURABILITY_PROVIDER": "sqlite",
+        "PLAYBOOKS_DURABILITY_STORAGE_PATH": ".checkpoints/checkpoints.sqlite3",
+    },
+}
+"""Environment that selects each checkpoint provider (the run records stay in .checkpoints/.runs)."""
+
+
+def _env(store: str = "filesystem", **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    env.update(STORES[store])
     env.update(extra)
     return env
 
@@ -49,15 +60,18 @@ def _setup(folder: Path) -> subprocess.CompletedProcess[str]:
     return reference
 
 
-def _runs(folder: Path) -> str:
-    listed = subprocess.run(_cli("runs"), cwd=folder, env=_env(), text=True, capture_output=True, timeout=60)
+def _runs(folder: Path, store: str = "filesystem") -> str:
+    listed = subprocess.run(_cli("runs"), cwd=folder, env=_env(store), text=True, capture_output=True,
+                            timeout=60)
     assert listed.returncode == 0, listed.stderr
     return listed.stdout
 
 
-def _kill_when_said(command: list[str], folder: Path, line: str) -> tuple[subprocess.Popen[str], str]:
+def _kill_when_said(
+    command: list[str], folder: Path, line: str, store: str = "filesystem"
+) -> tuple[subprocess.Popen[str], str]:
     """Start ``command``; SIGKILL it once standard output shows ``line``. Return it unreaped."""
-    proc = subprocess.Popen(command, cwd=folder, env=_env(), text=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command, cwd=folder, env=_env(store), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     seen = ""
@@ -69,9 +83,17 @@ def _kill_when_said(command: list[str], folder: Path, line: str) -> tuple[subpro
     return proc, seen
 
 
-def _resume(folder: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cli("run", "orders.pb", "--resume"), cwd=folder, env=_env(), text=True,
+def _resume(folder: Path, store: str = "filesystem") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_cli("run", "orders.pb", "--resume"), cwd=folder, env=_env(store), text=True,
                           capture_output=True, timeout=60)
+
+
+def _assert_store(folder: Path, store: str) -> None:
+    """The run really used ``store``: its checkpoints are in that provider's files."""
+    database = folder / ".checkpoints" / "checkpoints.sqlite3"
+    assert database.exists() == (store == "sqlite")
+    if store == "sqlite":
+        assert len(list((folder / ".checkpoints" / "checkpoints.sqlite3.locks").glob("*.lock"))) == 1
 
 
 def _unshare_works() -> bool:
@@ -82,29 +104,37 @@ def _unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="unshare --pid needs root (or user namespaces)")
-def test_a_run_killed_as_pid_1_of_a_container_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", STORES)
+def test_a_run_killed_as_pid_1_of_a_container_resumes(tmp_path: Path, store: str) -> None:
     reference = _setup(tmp_path)
     command = ["unshare", "--pid", "--fork", "--kill-child", *_cli("run", "orders.pb")]
-    proc, seen = _kill_when_said(command, tmp_path, "Order A101 is processing, total 18.00")
+    proc, seen = _kill_when_said(command, tmp_path, "Order A101 is processing, total 18.00", store)
     proc.communicate(timeout=60)
+    _assert_store(tmp_path, store)
     record = json.loads(next((tmp_path / ".checkpoints" / ".runs").glob("*.json")).read_text())
     assert record["pid"] == 1  # what the old PID check mistook for a live process
-    assert "crashed" in _runs(tmp_path)
-    resumed = _resume(tmp_path)
+    deadline = time.monotonic() + 10  # --kill-child: PID 1 dies just after unshare itself
+    while "crashed" not in (listed := _runs(tmp_path, store)):
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.05)
+    resumed = _resume(tmp_path, store)
     assert resumed.returncode == 0, resumed.stderr
     lines = (seen + resumed.stdout).splitlines()
     assert sorted(set(lines)) == sorted(reference.stdout.splitlines()), resumed.stderr
 
 
-def test_an_unreaped_killed_run_is_crashed_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", STORES)
+def test_an_unreaped_killed_run_is_crashed_and_resumes(tmp_path: Path, store: str) -> None:
     reference = _setup(tmp_path)
-    proc, seen = _kill_when_said(_cli("run", "orders.pb"), tmp_path, "Hello! Let me look at your orders.")
+    proc, seen = _kill_when_said(_cli("run", "orders.pb"), tmp_path, "Hello! Let me look at your orders.",
+                                 store)
     deadline = time.monotonic() + 10
     while not Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z"):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert "crashed" in _runs(tmp_path)  # the process is a zombie: its PID exists, its lock does not
-    resumed = _resume(tmp_path)
+    _assert_store(tmp_path, store)
+    assert "crashed" in _runs(tmp_path, store)  # a zombie: its PID exists, its lock does not
+    resumed = _resume(tmp_path, store)
     proc.communicate(timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     assert set((seen + resumed.stdout).splitlines()) == set(reference.stdout.splitlines())

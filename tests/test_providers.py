@@ -536,46 +536,218 @@ async def test_sqlite_uses_wal(db: SQLiteCheckpointProvider, tmp_path: Path) -> 
     conn.close()
 
 
-async def test_sqlite_takes_over_lock_of_dead_pid(
-    db: SQLiteCheckpointProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "pid, host", [(2**30, None), (1, None), ("parent", None), (2**30, "elsewhere.example")]
+)
+async def test_sqlite_lock_row_never_decides_liveness(
+    db: SQLiteCheckpointProvider,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    pid: int | str,
+    host: str | None,
 ) -> None:
+    """A row left behind names a dead pid, pid 1, a live process (our parent) or another host: with
+    its flock free, the lock is taken over, with a warning naming the old holder."""
     await db.list_executions()  # creates the schema
     import socket
 
-    _insert_lock_row(tmp_path / "sub" / "c.sqlite3", 2**30, socket.gethostname(), None)
+    holder = os.getppid() if pid == "parent" else int(pid)
+    _insert_lock_row(tmp_path / "sub" / "c.sqlite3", holder, host or socket.gethostname(), "old:1")
     lock = await db.acquire_lock("run")
-    assert "no longer running" in caplog.text
+    assert f"from process {holder} on" in caplog.text and "no longer running" in caplog.text
+    with sqlite3.connect(tmp_path / "sub" / "c.sqlite3") as conn:
+        row = conn.execute("SELECT pid, process_token FROM locks WHERE execution_id = 'run'").fetchone()
+    conn.close()
+    assert row == (os.getpid(), None)
     await lock.release()
 
 
-async def test_sqlite_takes_over_lock_of_reused_pid(db: SQLiteCheckpointProvider, tmp_path: Path) -> None:
-    if not Path("/proc/self/stat").exists():
-        pytest.skip("process tokens need Linux /proc")
-    await db.list_executions()
-    import socket
-
-    # Our own pid, recorded by a process of an earlier boot: a pid reused after a reboot.
-    _insert_lock_row(tmp_path / "sub" / "c.sqlite3", os.getpid(), socket.gethostname(), "old-boot:1")
-    lock = await db.acquire_lock("run")
-    await lock.release()
-
-
-async def test_sqlite_lock_of_live_process(db: SQLiteCheckpointProvider, tmp_path: Path) -> None:
-    await db.list_executions()
-    import socket
-
-    _insert_lock_row(tmp_path / "sub" / "c.sqlite3", os.getppid(), socket.gethostname(), None)
-    with pytest.raises(ExecutionLockedError, match=rf"another process \(pid {os.getppid()}"):
-        await db.acquire_lock("run")
-
-
-async def test_sqlite_lock_on_other_host_is_never_taken_over(
+async def test_sqlite_lock_is_a_flock_on_a_side_file(
     db: SQLiteCheckpointProvider, tmp_path: Path
 ) -> None:
+    import fcntl
+    import hashlib
+
+    folder = tmp_path / "sub" / "c.sqlite3.locks"
+    assert db.locks_path == str(folder)
+    lock = await db.acquire_lock("run/with odd\nname")
+    path = folder / (hashlib.sha256("run/with odd\nname".encode()).hexdigest()[:32] + ".lock")
+    assert sorted(p.name for p in folder.iterdir()) == [path.name]
+    assert _mode(folder) == 0o700 and _mode(path) == 0o600
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # held, by the kernel's count
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        await lock.release()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    assert path.exists()  # never deleted: unlinking races with a process that just opened it
+    with sqlite3.connect(tmp_path / "sub" / "c.sqlite3") as conn:
+        assert conn.execute("SELECT count(*) FROM locks").fetchone()[0] == 0
+    conn.close()
+
+
+async def test_sqlite_lock_held_by_another_open_file_is_refused_without_a_row(
+    db: SQLiteCheckpointProvider, tmp_path: Path
+) -> None:
+    """The flock decides even when no row names the holder (a holder killed between its flock and
+    its row, or a row deleted by hand)."""
+    import fcntl
+
     await db.list_executions()
-    _insert_lock_row(tmp_path / "sub" / "c.sqlite3", 2**30, "elsewhere.example", None)
-    with pytest.raises(ExecutionLockedError, match="elsewhere.example"):
-        await db.acquire_lock("run")
+    folder = tmp_path / "sub" / "c.sqlite3.locks"
+    folder.mkdir(mode=0o700)
+    from playbooks.checkpoints.providers.sqlite import lock_file_name
+
+    fd = os.open(folder / lock_file_name("run"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(ExecutionLockedError, match="another process \\(not yet recorded\\)"):
+            await db.acquire_lock("run")
+    finally:
+        os.close(fd)
+    lock = await db.acquire_lock("run")
+    await lock.release()
+
+
+async def test_sqlite_in_memory_lock_is_exclusive(anyio_backend: str) -> None:
+    db = SQLiteCheckpointProvider(":memory:")
+    try:
+        assert db.locks_path is None
+        lock = await db.acquire_lock("run")
+        with pytest.raises(ExecutionLockedError, match="this process already holds it"):
+            await db.acquire_lock("run")
+        await lock.release()
+        relocked = await db.acquire_lock("run")
+        await relocked.release()
+    finally:
+        await db.close()
+
+
+def _start_sqlite_holder(db_path: Path, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    """Start a process (under ``prefix``, e.g. ``unshare``) that takes the lock of ``shared`` and
+    prints ``locked pid <its pid>``; fail the test if it does not."""
+    child = subprocess.Popen(
+        [*prefix, sys.executable, "-c", _LOCK_HOLDER_PID, str(db_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    ready, _, _ = select.select([child.stdout], [], [], 30)
+    line = child.stdout.readline() if ready else ""
+    if not line.startswith("locked pid "):
+        child.kill()
+        _, err = child.communicate()
+        pytest.fail(f"lock holder did not start: {line!r} {err}")
+    child.holder_pid = int(line.split()[-1])  # type: ignore[attr-defined]
+    return child
+
+
+_LOCK_HOLDER_PID = """
+import asyncio, os, sys, time
+from playbooks.checkpoints.providers.sqlite import SQLiteCheckpointProvider
+
+async def main():
+    await SQLiteCheckpointProvider(sys.argv[1]).acquire_lock("shared")
+    print("locked pid", os.getpid(), flush=True)
+    time.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def _stop(child: subprocess.Popen[str]) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+    for stream in (child.stdout, child.stderr):
+        if stream is not None:
+            stream.close()
+
+
+async def _acquire_within(db: SQLiteCheckpointProvider, seconds: float) -> None:
+    """Take and give back the lock of ``shared``, retrying while it is held, for up to ``seconds``."""
+    deadline = anyio.current_time() + seconds
+    while True:
+        try:
+            lock = await db.acquire_lock("shared")
+        except ExecutionLockedError:
+            if anyio.current_time() > deadline:
+                raise
+            await anyio.sleep(0.02)
+            continue
+        await lock.release()
+        return
+
+
+@pytest.mark.integration
+async def test_sqlite_live_holder_is_refused_and_its_sigkill_frees_the_lock(
+    db: SQLiteCheckpointProvider, tmp_path: Path
+) -> None:
+    child = _start_sqlite_holder(tmp_path / "sub" / "c.sqlite3")
+    try:
+        with pytest.raises(ExecutionLockedError) as refused:
+            await db.acquire_lock("shared")
+        message = str(refused.value)
+        assert f"process {child.pid} on this host (since " in message
+        assert "is running it; wait for that process to finish or stop it" in message
+        assert "c.sqlite3.locks/" in message
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        lock = await db.acquire_lock("shared")  # at once: the kernel dropped the flock
+        await lock.release()
+    finally:
+        _stop(child)
+
+
+@pytest.mark.integration
+async def test_sqlite_lock_of_an_unreaped_killed_process_is_free(
+    db: SQLiteCheckpointProvider, tmp_path: Path
+) -> None:
+    child = _start_sqlite_holder(tmp_path / "sub" / "c.sqlite3")
+    try:
+        child.send_signal(signal.SIGKILL)
+        deadline = anyio.current_time() + 10
+        while not Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+            assert anyio.current_time() < deadline, "the killed holder did not become a zombie"
+            await anyio.sleep(0.01)
+        os.kill(child.pid, 0)  # its PID still exists: a PID check would call it alive
+        lock = await db.acquire_lock("shared")
+        await lock.release()
+        assert child.poll() == -signal.SIGKILL
+    finally:
+        _stop(child)
+
+
+def _unshare_works() -> bool:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not _unshare_works(), reason="unshare --pid needs root (or user namespaces)")
+async def test_sqlite_lock_of_a_killed_container_pid_1_is_free(
+    db: SQLiteCheckpointProvider, tmp_path: Path
+) -> None:
+    """A holder that is PID 1 of its PID namespace (a container): refused while it lives, free once
+    the container is killed, although PID 1 exists on every machine."""
+    child = _start_sqlite_holder(tmp_path / "sub" / "c.sqlite3", ("unshare", "--pid", "--fork", "--kill-child"))
+    try:
+        assert child.holder_pid == 1  # type: ignore[attr-defined]
+        with pytest.raises(ExecutionLockedError, match=r"process 1 on this host \(since "):
+            await db.acquire_lock("shared")
+        child.send_signal(signal.SIGKILL)  # unshare dies; --kill-child kills the namespace's PID 1
+        child.wait()
+        await _acquire_within(db, 10)
+    finally:
+        _stop(child)
 
 
 async def test_sqlite_refuses_newer_schema(tmp_path: Path, anyio_backend: str) -> None:

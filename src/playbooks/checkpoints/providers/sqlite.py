@@ -18,12 +18,20 @@ needed by committing a tiny row to the ``meta`` table with ``FULL``. (A WAL chec
 WAL into the main file, also syncs, but SQLite may skip it while readers are active, so it is no
 guarantee.) Switching the pragma costs no I/O and is done only when the mode changes.
 
-*Locks.* Table ``locks(execution_id, pid, hostname, acquired_at, process_token)``. A row whose process is
-dead on this host is stale and is taken over (with a logged warning). "Dead" means: no such pid, a
-zombie, or, on Linux, a pid whose ``process_token`` (boot id and start time from ``/proc``) differs from
-the one recorded, which catches pids reused after a reboot or a long run. A row held on another host is
-never taken over automatically, since its liveness cannot be checked from here; the error says how to
-clear it.
+*Locks.* Whether an execution's lock is held is decided by the kernel, never by a PID: the holder
+keeps ``flock(LOCK_EX)`` on ``{db}.locks/{sha256(execution_id)[:32]}.lock`` (folder 0700, file 0600)
+for as long as it holds the lock, and the kernel drops it when the process dies, however it dies
+(``kill -9``, OOM, a container restart where it was PID 1; a killed process that nobody has reaped yet
+holds nothing either). A lock is taken over iff that ``flock`` can be taken. The lock file is never
+deleted (unlinking a lock file races with a process that has just opened it). ``flock`` binds every
+process of one kernel, which is all a WAL database can be shared by anyway (WAL needs shared memory);
+on NFS Linux maps it to the server's byte-range locks.
+Table ``locks(execution_id, pid, hostname, acquired_at, process_token)`` is metadata for messages only:
+who holds the lock and since when. The holder writes its row after taking the ``flock`` and deletes it
+before giving the ``flock`` back; a row left by a killed holder is replaced (with a logged warning) by the
+next one that takes the ``flock``. ``process_token`` is no longer written (it kept the PID-based check
+of earlier versions) and stays in the table so their databases open unchanged. An in-memory database
+(``":memory:"``) is private to its provider, so its row alone decides.
 
 *Threads and blocking.* One connection per provider, opened lazily on first use and used from the
 thread that opened it (the event loop's thread). Statements run inline: SQLite calls for records of
@@ -36,6 +44,8 @@ the main file's mode), and a missing parent folder with mode 0700.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import socket
@@ -119,59 +129,46 @@ def _split(cid: str) -> tuple[str, int]:
     return execution_id, counter
 
 
-def _process_info(pid: int) -> tuple[str, str] | None:
-    """Return ``(state, token)`` of ``pid`` from Linux ``/proc``; ``None`` elsewhere or if it is gone.
-
-    ``token`` is ``"{boot_id}:{start time in clock ticks}"``, which names one process uniquely across
-    pid reuse and reboots.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-            boot_id = f.read().strip().decode("ascii", "replace")
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if len(fields) < 20:
-        return None
-    return fields[0].decode("ascii", "replace"), f"{boot_id}:{fields[19].decode('ascii', 'replace')}"
+_HELD: dict[str, set[_SQLiteLock]] = {}
+"""Database path -> the locks this process holds on it, to tell "this process holds it" in a message."""
+_LOCKS_SUFFIX = ".locks"  # {db}.locks/: one flock file per execution, beside the database
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
-def _pid_is_alive(pid: int, token: str | None) -> bool:
-    """Whether ``pid`` on this host is still the live process that recorded ``token``."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, under another user
-    info = _process_info(pid)
-    if info is None:
-        return True  # no /proc (or it vanished just now): trust kill(0)
-    state, current = info
-    if state == "Z":
-        return False  # a zombie has exited; it will never release anything
-    return token is None or token == current
+def lock_file_name(execution_id: str) -> str:
+    """The name of ``execution_id``'s flock file in ``{db}.locks``: a hash, so any id makes a safe name."""
+    return hashlib.sha256(execution_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".lock"
 
 
 class _SQLiteLock(ExecutionLock):
-    """A row of the ``locks`` table owned by this process."""
+    """An execution's lock held by this process: an open descriptor holding ``flock(LOCK_EX)`` on the
+    execution's lock file (``-1`` for an in-memory database), and the ``locks`` row that names us."""
 
-    def __init__(self, execution_id: str, owner: SQLiteCheckpointProvider, acquired_at: float) -> None:
+    def __init__(
+        self, execution_id: str, owner: SQLiteCheckpointProvider, acquired_at: float, fd: int
+    ) -> None:
         self.execution_id = execution_id
         self._owner = owner
         self._acquired_at = acquired_at
+        self._fd = fd
         self._released = False
 
     async def release(self) -> None:
+        """Delete our row, then give the ``flock`` back (in that order, so the next holder's row is
+        never deleted by us); idempotent."""
         if self._released:
             return
         self._released = True
-        self._owner._release(self)
+        try:
+            self._owner._release(self)
+        finally:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                try:
+                    # Explicit unlock: a forked child sharing the descriptor would otherwise keep it.
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
 
 
 class SQLiteCheckpointProvider(CheckpointProvider):
@@ -390,30 +387,133 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             raise self._read_error(exc) from exc
         return sorted(execution_id for (execution_id,) in rows)
 
+    @property
+    def locks_path(self) -> str | None:
+        """The folder of the execution lock files (``{db}.locks``); ``None`` for an in-memory database."""
+        return None if self._path == ":memory:" else self._path + _LOCKS_SUFFIX
+
+    def _holder(self, execution_id: str) -> str:
+        """Who the ``locks`` row says holds ``execution_id``'s lock, for a message (never for a decision)."""
+        try:
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT pid, hostname, acquired_at FROM locks WHERE execution_id = ?", (execution_id,)
+                )
+                .fetchone()
+            )
+        except (sqlite3.Error, OSError):
+            row = None
+        if row is None:
+            return "another process (not yet recorded)"
+        pid, hostname, acquired_at = row
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(acquired_at))
+        host = "this host" if hostname == self._hostname else f"host {hostname!r}"
+        return f"process {pid} on {host} (since {since})"
+
+    def _flock(self, execution_id: str) -> int:
+        """Open ``execution_id``'s lock file and take ``flock(LOCK_EX | LOCK_NB)`` on it.
+
+        Raises :class:`ExecutionLockedError` when another open lock (another process, or another
+        provider or lock of this process) holds it, naming the holder from the ``locks`` row.
+        """
+        folder = self.locks_path
+        assert folder is not None
+        try:
+            if not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                os.chmod(folder, 0o700)  # whatever the umask
+        except OSError as exc:
+            raise StoragePathError(
+                f"cannot create the lock folder {folder}: {_describe(exc)}; choose another "
+                "durability.storage_path or fix its permissions"
+            ) from exc
+        path = os.path.join(folder, lock_file_name(execution_id))
+        try:
+            fd = os.open(path, _LOCK_FLAGS, 0o600)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot open lock file {path}: {_describe(exc)}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if execution_id in self._held_ids():
+                who = "this process already holds it; release that lock first"
+            else:
+                who = (
+                    f"{self._holder(execution_id)} is running it; wait for that process to finish or "
+                    "stop it (the lock is freed as soon as it exits)"
+                )
+            raise ExecutionLockedError(
+                f"execution {execution_id!r} is locked: {who}. Lock file: {path}"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise CheckpointWriteError(f"cannot lock {path}: {_describe(exc)}") from exc
+        return fd
+
+    def _held_ids(self) -> set[str]:
+        """Execution ids whose lock this process holds through any SQLite provider of this database."""
+        return {lock.execution_id for lock in _HELD.get(self._path, ())}
+
     async def acquire_lock(self, execution_id: str) -> ExecutionLock:
-        """Insert this process's row in ``locks``, taking over a row whose process is dead."""
+        """Take ``flock`` on the execution's lock file, then record this process in its ``locks`` row.
+
+        A lock whose holder died is free (the kernel dropped its ``flock``); its leftover row is replaced
+        with a logged warning. A live holder's lock is refused with :class:`ExecutionLockedError`.
+        """
         if not execution_id:
             raise ValueError("execution id must not be empty")
-        pid = os.getpid()
-        info = _process_info(pid)
-        token = info[1] if info is not None else None
         if self._conn is None:
             await self.check_writable()  # a path that cannot hold the database: StoragePathError
+        fd = -1 if self._path == ":memory:" else self._flock(execution_id)
+        try:
+            acquired_at = self._write_row(execution_id, fd >= 0)
+        except BaseException:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            raise
+        lock = _SQLiteLock(execution_id, self, acquired_at, fd)
+        self._locks.add(lock)
+        _HELD.setdefault(self._path, set()).add(lock)
+        return lock
+
+    def _write_row(self, execution_id: str, flocked: bool) -> float:
+        """Record this process as the holder; return the time recorded.
+
+        With the ``flock`` held, a row already there was left by a holder that died: it is replaced.
+        Without one (an in-memory database), a row means the lock is held.
+        """
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 row = conn.execute(
-                    "SELECT pid, hostname, acquired_at, process_token FROM locks WHERE execution_id = ?",
+                    "SELECT pid, hostname, acquired_at FROM locks WHERE execution_id = ?",
                     (execution_id,),
                 ).fetchone()
                 if row is not None:
-                    self._check_holder(execution_id, token, *row)
+                    pid, hostname, since = row
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+                    if not flocked:
+                        raise ExecutionLockedError(
+                            f"execution {execution_id!r} is locked: this process already holds it "
+                            f"(since {since}); release that lock first"
+                        )
+                    _log.warning(
+                        "taking over the lock of execution %r from process %d on %s, which is no "
+                        "longer running (its lock was free; held since %s)",
+                        execution_id,
+                        pid,
+                        hostname,
+                        since,
+                    )
                 acquired_at = time.time()
                 conn.execute(
                     "INSERT OR REPLACE INTO locks (execution_id, pid, hostname, acquired_at, process_token)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (execution_id, pid, self._hostname, acquired_at, token),
+                    " VALUES (?, ?, ?, ?, NULL)",
+                    (execution_id, os.getpid(), self._hostname, acquired_at),
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -424,49 +524,12 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             raise CheckpointWriteError(
                 f"cannot take the lock of {execution_id!r} in {self._path}: {_describe(exc)}"
             ) from exc
-        lock = _SQLiteLock(execution_id, self, acquired_at)
-        self._locks.add(lock)
-        return lock
-
-    def _check_holder(
-        self,
-        execution_id: str,
-        own_token: str | None,
-        pid: int,
-        hostname: str,
-        acquired_at: float,
-        token: str | None,
-    ) -> None:
-        """Raise :class:`ExecutionLockedError` unless the recorded holder is a dead process on this host."""
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(acquired_at))
-        if hostname != self._hostname:
-            raise ExecutionLockedError(
-                f"execution {execution_id!r} is locked by process {pid} on host {hostname!r} "
-                f"(since {since}); its liveness cannot be checked from {self._hostname!r}. If that "
-                f"process is gone, delete its row: DELETE FROM locks WHERE execution_id = "
-                f"'{execution_id}' in {self._path}"
-            )
-        if pid == os.getpid() and token == own_token:
-            raise ExecutionLockedError(
-                f"execution {execution_id!r} is locked by this process (pid {pid}, since {since}); "
-                "release that lock first"
-            )
-        if _pid_is_alive(pid, token):
-            raise ExecutionLockedError(
-                f"execution {execution_id!r} is already running in another process (pid {pid} on "
-                f"this host, since {since}); wait for it to finish or stop it (a dead holder's lock "
-                "is taken over automatically)"
-            )
-        _log.warning(
-            "taking over the lock of execution %r from process %d, which is no longer running "
-            "(held since %s)",
-            execution_id,
-            pid,
-            since,
-        )
+        return acquired_at
 
     def _release(self, lock: _SQLiteLock) -> None:
+        """Delete ``lock``'s row (the caller gives the ``flock`` back afterwards)."""
         self._locks.discard(lock)
+        _HELD.get(self._path, set()).discard(lock)
         if self._conn is None:
             return
         try:
