@@ -144,3 +144,65 @@ def test_kill_before_and_after_every_record_then_resume(name: str, tmp_path: Pat
             n += STRIDE
     assert trials > 0
     assert not failures, f"{len(failures)} of {trials} trials differ:\n" + "\n\n".join(failures[:3])
+
+
+PROGRAMS = Path(__file__).resolve().parent / "programs"
+
+
+def _copy_printer(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for suffix in (".pb", ".cassette.json"):
+        shutil.copy(PROGRAMS / f"printer{suffix}", folder)
+
+
+def _printer_trial(folder: Path, kill: str, reference: str) -> tuple[list[str], str] | None:
+    """Kill ``printer.pb`` at ``kill`` and resume it; ``None`` if it completed unkilled, else the lines
+    shown twice and the last line the killed run showed, after checking that, once each, the lines are
+    the reference's in its order."""
+    _copy_printer(folder)
+    killed = _run(folder, "printer", kill=kill)
+    if killed.returncode == 0:
+        return None
+    assert killed.returncode == -9, killed.stderr
+    resumed = _run(folder, "printer", "--resume")
+    assert resumed.returncode == 0, f"printer killed {kill}: the resume failed:\n{resumed.stderr[-2000:]}"
+    lines = (killed.stdout + resumed.stdout).splitlines()
+    twice = [line for line, count in Counter(lines).items() if count > 1]
+    assert list(dict.fromkeys(lines)) == reference.splitlines(), (
+        f"printer killed {kill}: output\n{killed.stdout}---\n{resumed.stdout}"
+    )
+    last = killed.stdout.splitlines()[-1] if killed.stdout else ""
+    return twice, last
+
+
+def test_python_playbook_prints_and_says_are_not_repeated(tmp_path: Path) -> None:
+    """A python playbook that prints before its first await, prints and says in a loop, and calls
+    another one that prints around a ``Say``, killed exactly after and before its records.
+
+    Killed after a record: no line is shown twice (before this, every ``print`` of a resumed python
+    playbook was shown again). Killed before a record: at most the one line that record is about is
+    shown again, the last line the killed run showed: a ``Say`` the resume reports in flight, or a
+    ``print`` killed between its line and its record (at least once, like every durable call, see
+    docs/durability.md); never an earlier line.
+    """
+    reference_dir = tmp_path / "reference"
+    _copy_printer(reference_dir)
+    reference = _run(reference_dir, "printer")
+    assert reference.returncode == 0, reference.stderr
+    assert "first print, before any await" in reference.stdout and "  part 2 say" in reference.stdout
+    stride = max(1, STRIDE // 8)
+    trials = {"after": 0, "before": 0}
+    for mode in ("after", "before"):
+        n = 1
+        while True:
+            verdict = _printer_trial(tmp_path / f"{mode}-{n}", f"{mode}:{n}", reference.stdout)
+            if verdict is None:
+                break
+            twice, last = verdict
+            trials[mode] += 1
+            if mode == "after":
+                assert twice == [], f"killed after record {n}, shown twice: {twice}"
+            else:
+                assert twice in ([], [last]), f"killed before record {n} (last line {last!r}), shown twice: {twice}"
+            n += stride
+    assert trials["after"] >= 10 and trials["before"] >= 10, trials

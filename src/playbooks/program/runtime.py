@@ -626,8 +626,9 @@ class ProgramRuntime:
     def _load_python(self, agent: RuntimeAgent) -> None:
         """Run the agent's python blocks as its module code and collect its ``@playbook`` functions.
 
-        The globals then hold the agent's tools (not ``print``), so a python playbook calling another
-        playbook by name goes through the runtime like LLM code does.
+        The globals then hold the agent's tools, so a python playbook calling another playbook by name
+        goes through the runtime like LLM code does; and ``print`` (:func:`_python_print`), which in a
+        durable run is a journaled call of the running python playbook's frame.
         """
         path = self.program.path
         tools = {
@@ -638,6 +639,7 @@ class ProgramRuntime:
             "__file__": path,
             "playbook": playbook,
             "AgentMessage": AgentMessage,
+            "print": _python_print,
         }
         namespace.update(tools)
         namespace.update(self._handles(agent))
@@ -810,6 +812,8 @@ class ProgramRuntime:
                 return returned.value
         if executor.finished:  # it had finished before the crash: its outcome is in its final snapshot
             return _stored_outcome(frame, executor.namespace)
+        if not executor.restored:
+            await _start_frame(executor)
         try:
             value = await function(*args, **kwargs)
         except PlaybookReturn as returned:
@@ -834,8 +838,12 @@ class ProgramRuntime:
         if self.manager is None:
             return None
         explicit = frame.agent.name if current_durable_call() is None else None
+        # Without the agent's ``print`` (LLM code's, which keeps the text for the LLM), the executor
+        # binds its own durable ``print``: the line goes to standard output, as a python playbook's
+        # print always did, and is journaled (record made before the line is written, stored right after).
+        tools = {name: tool for name, tool in frame.agent.tools.items() if name != "print"}
         executor = StreamingPythonExecutor(
-            frame.agent, namespace={}, checkpoint_manager=self.manager, frame_id=explicit
+            Agent(frame.agent.id, tools), namespace={}, checkpoint_manager=self.manager, frame_id=explicit
         )
         executor.namespace.update(self._handles(frame.agent))
         frame.namespace = executor.namespace
@@ -1406,6 +1414,44 @@ def _complete_statements(text: str) -> str:
         if not isinstance(item, Statement):
             return text[:end]
         end = item.end
+
+
+async def _start_frame(executor: StreamingPythonExecutor) -> None:
+    """Start a fresh python playbook's durable frame (take the lock, write its first, unsynced
+    snapshot) before its function runs, not at its first await: a frame that has not started holds
+    the records of sync calls until it does, so a ``print`` before the first await would be shown
+    again by a resume.
+
+    The executor has no public ``start()``; :meth:`StreamingPythonExecutor.checkpoint` starts it too
+    but adds a synced snapshot, an fsync per python playbook call (300 calls of a python playbook that
+    says one line: about 2.5 s more on a shared 2-core VM, median of 5), so this reaches its frame.
+    Failures stop the executor as usual.
+    """
+    frame = executor._frame
+    if frame is None:
+        raise InterpreterError("a python playbook's frame must be durable to be started")
+    await executor._durable(frame.start())
+
+
+def _python_print(*values: Any, **options: Any) -> None:
+    """``print`` in the agents' python code.
+
+    Inside a python playbook of a durable run it is the playbook frame's journaled ``print``: the line
+    goes to standard output and its record is stored right after it, so a resumed run replays it
+    instead of showing it again (a kill in the microseconds between the line and its record shows it
+    again: at least once, like LLM code's durable calls). Elsewhere (a run without checkpoints, module
+    code of a python block, a markdown frame) and with ``file=`` naming anything but standard output,
+    it is the built-in ``print``.
+    """
+    frame = _CURRENT_FRAME.get()
+    bound = frame.namespace.get("print") if frame is not None and frame.spec.kind == "python" else None
+    target = options.get("file")
+    if bound is None or getattr(bound, "__playbooks_tool__", None) != "print" or target not in (None, sys.stdout):
+        print(*values, **options)
+        return
+    options.pop("file", None)
+    options.pop("flush", None)  # the durable print always flushes; leaving it out keeps the fingerprint
+    bound(*values, **options)
 
 
 def _frame_tool(name: str, tool: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
