@@ -3,7 +3,8 @@
 ``playbooks run`` against a real local server speaking the OpenAI streaming protocol: ``max_tokens``
 is in every request, ``headers`` are sent, ``stream_options.include_usage`` is asked for (unless
 ``usage = false``), and the usage the server reports is shown per call (``--verbose``), in the final
-line and in the run record, added up over the run's calls.
+line and in the run record, added up over the run's calls. A run recorded into a cassette keeps that
+usage, and replaying the cassette reports it again.
 """
 
 from __future__ import annotations
@@ -77,3 +78,46 @@ def test_bad_headers_are_a_usage_error(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "playbooks.cli", "run", "adder.pb"], cwd=tmp_path, text=True,
                          capture_output=True, timeout=60)
     assert bad.returncode == 2 and "model.headers" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_recorded_cassette_keeps_the_usage_and_replay_reports_it(tmp_path: Path) -> None:
+    recording, replaying = tmp_path / "record", tmp_path / "replay"
+    recording.mkdir()
+    replaying.mkdir()
+    (recording / "adder.pb").write_text(PROGRAM)
+    with FakeOpenAIServer() as server:
+        server.script(stream([FIRST], usage=(100, 20)), stream([SECOND], usage=(150, 10)))
+        (recording / "playbooks.toml").write_text(
+            f'[model]\nprovider = "record"\nname = "m"\nbase_url = "{server.base_url}"\napi_key_env = "KEY"\n'
+            'cassette = "adder.cassette.json"\n'
+        )
+        recorded = _run_again(recording)
+    assert recorded.returncode == 0, recorded.stderr
+    interactions = json.loads((recording / "adder.cassette.json").read_text())["interactions"]
+    assert [i["usage"] for i in interactions] == [
+        {"prompt_tokens": 100, "completion_tokens": 20},
+        {"prompt_tokens": 150, "completion_tokens": 10},
+    ]
+    (replaying / "adder.pb").write_text(PROGRAM)
+    (replaying / "adder.cassette.json").write_text((recording / "adder.cassette.json").read_text())
+    (replaying / "playbooks.toml").write_text('[model]\nprovider = "replay"\ncassette = "adder.cassette.json"\n')
+    replayed = _run_again(replaying)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "~ LLM call 1: 100 tokens in, 20 out" in replayed.stderr
+    assert "done: Adder.Main finished after 2 LLM calls (250 tokens in, 30 out)" in replayed.stderr
+    # A cassette recorded before usage was kept still replays, with no tokens to report.
+    old = json.loads((replaying / "adder.cassette.json").read_text())
+    for interaction in old["interactions"]:
+        del interaction["usage"]
+    (replaying / "adder.cassette.json").write_text(json.dumps(old))
+    replayed_old = _run_again(replaying)
+    assert replayed_old.returncode == 0, replayed_old.stderr
+    assert "done: Adder.Main finished after 2 LLM calls\n" in replayed_old.stderr
+
+
+def _run_again(folder: Path) -> subprocess.CompletedProcess[str]:
+    """``playbooks run adder.pb --verbose`` in ``folder`` with the configuration already there (a fresh run)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+    env["KEY"] = "secret"
+    return subprocess.run([sys.executable, "-m", "playbooks.cli", "run", "adder.pb", "--verbose"], cwd=folder,
+                          env=env, text=True, capture_output=True, timeout=60)

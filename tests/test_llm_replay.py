@@ -27,6 +27,7 @@ from playbooks.llm import (
     ReplayProvider,
     create_llm_provider,
 )
+from playbooks.llm.base import Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -199,6 +200,20 @@ def test_missing_cassette(tmp_path: Path) -> None:
             '{"version": 1, "interactions": [{"request": {"messages": []}, "response": 3}]}',
             "interaction 0 .*'response' must be a string",
         ),
+        (
+            '{"version": 1, "interactions": [{"request": {"messages": []}, "response": "x", "usage": 3}]}',
+            "interaction 0 .*'usage' must be a JSON object",
+        ),
+        (
+            '{"version": 1, "interactions": [{"request": {"messages": []}, "response": "x", '
+            '"usage": {"prompt_tokens": -1, "completion_tokens": 2}}]}',
+            r"interaction 0 .*'usage.prompt_tokens' must be a whole number >= 0, got -1",
+        ),
+        (
+            '{"version": 1, "interactions": [{"request": {"messages": []}, "response": "x", '
+            '"usage": {"prompt_tokens": 1}}]}',
+            r"interaction 0 .*'usage.completion_tokens' must be a whole number >= 0, got None",
+        ),
     ],
 )
 def test_malformed_cassettes(tmp_path: Path, content: str, expected: str) -> None:
@@ -227,19 +242,25 @@ def test_cassette_file_format(cassette: Path) -> None:
 
 
 class Scripted(LLMProvider):
-    """Yields scripted responses word by word; a response that is an exception is raised midway."""
+    """Yields scripted responses word by word; a response that is an exception is raised midway.
 
-    def __init__(self, *responses: str | Exception) -> None:
+    ``usage`` gives, per response, the usage it reports as its stream ends (like an endpoint asked for
+    ``stream_options.include_usage``); ``None`` reports none."""
+
+    def __init__(self, *responses: str | Exception, usage: list[Usage | None] | None = None) -> None:
         self.responses = list(responses)
+        self.usages = list(usage or [])
 
     async def stream(self, request: LLMRequest) -> AsyncIterator[str]:
         response = self.responses.pop(0)
+        usage = self.usages.pop(0) if self.usages else None
         if isinstance(response, Exception):
             yield "partial "
             raise response
         for word in response.split(" "):
             await anyio.lowlevel.checkpoint()
             yield word + " "
+        self.last_usage = usage
 
 
 async def test_record_then_replay_roundtrip(tmp_path: Path) -> None:
@@ -411,3 +432,57 @@ async def test_request_matching_says_what_differs_and_when_it_ran_out(cassette: 
         await provider.complete(ask(text))
     with pytest.raises(CassetteError, match="ran out: all 3 recorded interactions were served"):
         await provider.complete(ask("fourth"))
+
+
+# --- token usage ----------------------------------------------------------------------------------
+
+
+async def test_usage_is_recorded_and_replayed(tmp_path: Path) -> None:
+    path = tmp_path / "rec.json"
+    inner = Scripted("alpha beta", "gamma", "delta epsilon", usage=[Usage(812, 95), None, Usage(900, 7)])
+    recorder = RecordingProvider(inner, path)
+    seen = []
+    for text in ("one", "two", "three"):
+        await recorder.complete(ask(text))
+        seen.append(recorder.last_usage)
+    assert seen == [Usage(812, 95), None, Usage(900, 7)]  # the recorder passes the usage on
+    recorded = json.loads(path.read_text())["interactions"]
+    assert recorded[0]["usage"] == {"prompt_tokens": 812, "completion_tokens": 95}
+    assert "usage" not in recorded[1]  # the endpoint reported none: nothing is made up
+
+    replay = ReplayProvider(path, match="strict", chunk_size=(1, 3))
+    replayed = []
+    for text in ("one", "two", "three"):
+        async for _ in replay.stream(ask(text)):
+            if not replayed:
+                assert replay.last_usage is None  # set as the stream ends, not before
+        replayed.append(replay.last_usage)
+    assert replayed == seen
+
+
+async def test_a_stream_abandoned_early_records_and_replays_no_usage(tmp_path: Path) -> None:
+    path = tmp_path / "rec.json"
+    recorder = RecordingProvider(Scripted("a b c d", usage=[Usage(5, 4)]), path)
+    stream = recorder.stream(ask("one"))
+    async for _ in stream:
+        break
+    await stream.aclose()  # type: ignore[attr-defined]
+    (interaction,) = Cassette.load(path).interactions
+    assert not interaction.complete and interaction.usage is None
+
+
+async def test_cassettes_without_usage_still_replay(cassette: Path, tmp_path: Path) -> None:
+    """A cassette recorded before usage was kept loads and replays, reporting no usage."""
+    assert all("usage" not in item for item in json.loads(cassette.read_text())["interactions"])
+    replay = ReplayProvider(cassette)
+    assert await replay.complete(ask("first")) == LONG
+    assert replay.last_usage is None
+    old = tmp_path / "old.json"
+    old.write_text('{"version": 1, "interactions": [{"request": {"messages": []}, "response": "x", "usage": null}]}')
+    assert Cassette.load(old).interactions[0].usage is None
+
+
+def test_interaction_usage_roundtrips_through_json() -> None:
+    interaction = Interaction({"messages": [], "model": None}, "x", usage=Usage(3, 4))
+    again = Interaction.from_dict(json.loads(json.dumps(interaction.to_dict())))
+    assert again == interaction

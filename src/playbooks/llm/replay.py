@@ -7,7 +7,9 @@ A cassette is a JSON file::
                        "response": "the full text"}, ...]}
 
 An interaction may also say ``"complete": false``: the consumer stopped reading before the recorded
-stream ended, so ``response`` holds only the text that had arrived.
+stream ended, so ``response`` holds only the text that had arrived; and ``"usage": {"prompt_tokens": 812,
+"completion_tokens": 95}``: the tokens the endpoint reported for it, which replay reports again as
+:attr:`~playbooks.llm.LLMProvider.last_usage` (cassettes recorded without it replay with no usage).
 
 :class:`ReplayProvider` serves the interactions in order and streams each response in chunks of random
 sizes, which exercises the consumer's chunk handling like a real endpoint would. The chunking of
@@ -59,16 +61,24 @@ def _rerecord_hint(path: str) -> str:
 
 @dataclass(slots=True)
 class Interaction:
-    """One recorded request (as :meth:`LLMRequest.to_dict` data) and the text streamed in response."""
+    """One recorded request (as :meth:`LLMRequest.to_dict` data), the text streamed in response, and
+    the token usage the endpoint reported for it (``None``: it reported none, or the cassette predates
+    usage)."""
 
     request: dict[str, Any]
     response: str
     complete: bool = True
+    usage: Usage | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"request": self.request, "response": self.response}
         if not self.complete:
             data["complete"] = False
+        if self.usage is not None:
+            data["usage"] = {
+                "prompt_tokens": self.usage.prompt_tokens,
+                "completion_tokens": self.usage.completion_tokens,
+            }
         return data
 
     @classmethod
@@ -86,10 +96,25 @@ class Interaction:
         complete = data.get("complete", True)
         if not isinstance(complete, bool):
             raise ValueError("'complete' must be true or false")
-        return cls(request, response, complete)
+        return cls(request, response, complete, _usage_from(data.get("usage")))
 
     def messages(self) -> list[Message]:
         return [Message.from_dict(message) for message in self.request.get("messages", [])]
+
+
+def _usage_from(data: Any) -> Usage | None:
+    """The ``usage`` of an interaction (absent or ``null``: ``None``); ``ValueError`` if malformed."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError("'usage' must be a JSON object with prompt_tokens and completion_tokens")
+    counts = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"'usage.{key}' must be a whole number >= 0, got {value!r}")
+        counts.append(value)
+    return Usage(counts[0], counts[1])
 
 
 @dataclass(slots=True)
@@ -361,6 +386,8 @@ class ReplayProvider(LLMProvider):
         return None
 
     async def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        """Stream the response of the interaction ``request`` receives; once it has been read to its
+        end, :attr:`last_usage` is the usage recorded with it (``None`` if none was)."""
         index, interaction = self._take(request)
         chunks = random.Random(f"{self.seed}:{index}")
         low, high = self.chunk_size
@@ -374,6 +401,7 @@ class ReplayProvider(LLMProvider):
                 await anyio.lowlevel.checkpoint()
             yield text[start:end]
             start = end
+        self.last_usage = interaction.usage  # last, with no await after it: the consumer reads it next
 
 
 class _Dropped:
@@ -389,7 +417,8 @@ class RecordingProvider(LLMProvider):
     The cassette file is rewritten atomically after every interaction. Interactions keep the order in
     which their requests were made, also when streams overlap. A stream the inner provider fails is
     not recorded (the error propagates); a stream the consumer stops reading early is recorded with
-    the text received so far and ``"complete": false``.
+    the text received so far and ``"complete": false``. The usage the inner provider reports for a
+    complete stream is recorded with it.
 
     With ``append=False`` (the default) an existing cassette is replaced; with ``append=True`` new
     interactions are added after the recorded ones, for a recording run resumed after a crash.
@@ -441,7 +470,9 @@ class RecordingProvider(LLMProvider):
                 if outcome == "failed":
                     self._slots[slot] = _DROPPED
                 else:
-                    self._slots[slot] = Interaction(request.to_dict(), "".join(received), outcome == "complete")
+                    self._slots[slot] = Interaction(
+                        request.to_dict(), "".join(received), outcome == "complete", usage
+                    )
                     if outcome == "partial":
                         _logger.warning(
                             "recorded interaction %d of cassette %r as incomplete: the stream was not read "
