@@ -574,3 +574,36 @@ async def test_every_builtin_and_playbook_call_goes_through_the_interceptor() ->
 
 async def test_agent_message_str() -> None:
     assert str(AgentMessage("A", "hello")) == "hello"
+
+
+@pytest.mark.parametrize(
+    ("prefill", "lead", "rest", "failing", "col"),
+    [
+        # The usual cut: the prefill ends after a statement (no newline), the rest starts a new line.
+        ('```python\nawait Step("01")\nx = 1', "```python\n", "\ny = 2\nz = nope\n", "z = nope", 4),
+        # The rest's first line continues the prefill's last line: the column moves too.
+        ('```python\nx = 1\ny = ', "```python\n", "nope\n", "y = nope", 4),
+        # A cut outside the code fence: no lead is fed.
+        ("Here:\n```python\nx = 1\n```\nmore ", "", "\n```python\nz = nope\n", "z = nope", 4),
+    ],
+)
+def test_continued_segment_errors_count_from_the_whole_message(
+    prefill: str, lead: str, rest: str, failing: str, col: int
+) -> None:
+    """What the segment's executor reports, moved to where the failing text is in prefill + rest."""
+    from playbooks.errors import CodeExecutionError
+    from playbooks.program.runtime import _in_whole_response
+
+    segment = lead + rest
+    seg_line = next(i for i, text in enumerate(segment.splitlines(), 1) if "nope" in text)
+    seg_col = segment.splitlines()[seg_line - 1].index("nope")
+    cause = NameError("name 'nope' is not defined")
+    error = CodeExecutionError("NameError: boom", statement=failing, lineno=seg_line, col_offset=seg_col,
+                               executed_code=lead)
+    error.__cause__ = cause
+    moved = _in_whole_response(error, prefill, lead)
+    whole = (prefill + rest).splitlines()
+    assert whole[moved.lineno - 1] == failing and moved.col_offset == col  # type: ignore[operator]
+    assert whole[moved.lineno - 1][moved.col_offset :].startswith("nope")  # type: ignore[index]
+    assert moved.executed_code == prefill and moved.__cause__ is cause and type(moved) is CodeExecutionError
+    assert (error.lineno, error.col_offset) == (seg_line, seg_col)  # the segment's own error is left as it was

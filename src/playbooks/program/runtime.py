@@ -34,6 +34,7 @@ built-in and playbook call from LLM code is a tool call through the executor's i
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 import itertools
 import os
@@ -1024,9 +1025,14 @@ class ProgramRuntime:
             LLMCallFinished(agent.name, spec.name, number, frame.depth, used.prompt_tokens, used.completion_tokens)
         )
         returned = _RETURNED in frame.namespace
+        error = result.error
+        if error is not None and prefill:
+            # The segment's executor counted lines from its own start; the LLM sees (and the error
+            # message quotes) its whole message, the prefill and the segment's rest.
+            error = _in_whole_response(error, prefill, lead)
         return _TurnOutcome(
             response=prefill + _response_seen(result)[len(lead) :],
-            error=result.error,
+            error=error,
             returned=returned,
             return_value=frame.namespace[_RETURNED] if returned else None,
             report=self._report(frame, result),
@@ -1398,6 +1404,29 @@ def _response_seen(result: ExecutionResult) -> str:
         return text
     newline = text.find("\n", end)
     return text if newline < 0 else text[: newline + 1]
+
+
+def _in_whole_response(error: LLMCodeError, prefill: str, lead: str) -> LLMCodeError:
+    """``error`` of a continuing segment (fed ``lead``, then the rest of a message that began with
+    ``prefill``), with its line and column counted from the start of the whole message.
+
+    The segment's line ``L`` is line ``L - (lines of lead)`` of the rest, and the rest's first line
+    continues the prefill's last one (which has no newline after it when a statement ended there).
+    ``executed_code`` becomes the whole message's executed prefix too. A copy: the original stays in
+    the segment's own records, in its own coordinates.
+    """
+    moved = copy.copy(error)
+    moved.__cause__, moved.__context__ = error.__cause__, error.__context__
+    moved.__traceback__ = error.__traceback__
+    lead_lines = lead.count("\n")
+    if error.lineno is not None:
+        rest_line = max(1, error.lineno - lead_lines)
+        moved.lineno = prefill.count("\n") + rest_line
+        if rest_line == 1 and error.col_offset is not None and error.lineno > lead_lines:
+            moved.col_offset = error.col_offset + len(prefill) - (prefill.rfind("\n") + 1)
+    if error.executed_code.startswith(lead):
+        moved.executed_code = prefill + error.executed_code[len(lead) :]
+    return moved
 
 
 def _complete_statements(text: str) -> str:
