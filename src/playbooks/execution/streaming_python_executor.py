@@ -338,6 +338,14 @@ class StreamingPythonExecutor:
         """
         return self._finalized
 
+    async def start(self) -> None:
+        """Start the durable frame now (take the lock, write its first, unsynced snapshot) instead of
+        at the first chunk or call; idempotent, and nothing to do for an executor without
+        checkpoints. A host that lets code of its own make durable calls (a python playbook's
+        ``print``) before any code is fed starts it first, so their records are written at once."""
+        if self._frame is not None:
+            await self._durable(self._frame.start())
+
     async def checkpoint(self) -> None:
         """Take a snapshot now (durable executors only): for hosts that change the namespace between
         responses, so the change is saved before the next durable call."""

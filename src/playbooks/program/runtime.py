@@ -814,7 +814,7 @@ class ProgramRuntime:
         if executor.finished:  # it had finished before the crash: its outcome is in its final snapshot
             return _stored_outcome(frame, executor.namespace)
         if not executor.restored:
-            await _start_frame(executor)
+            await executor.start()  # before the function runs: its prints are recorded at once
         try:
             value = await function(*args, **kwargs)
         except PlaybookReturn as returned:
@@ -1443,23 +1443,6 @@ def _complete_statements(text: str) -> str:
         if not isinstance(item, Statement):
             return text[:end]
         end = item.end
-
-
-async def _start_frame(executor: StreamingPythonExecutor) -> None:
-    """Start a fresh python playbook's durable frame (take the lock, write its first, unsynced
-    snapshot) before its function runs, not at its first await: a frame that has not started holds
-    the records of sync calls until it does, so a ``print`` before the first await would be shown
-    again by a resume.
-
-    The executor has no public ``start()``; :meth:`StreamingPythonExecutor.checkpoint` starts it too
-    but adds a synced snapshot, an fsync per python playbook call (300 calls of a python playbook that
-    says one line: about 2.5 s more on a shared 2-core VM, median of 5), so this reaches its frame.
-    Failures stop the executor as usual.
-    """
-    frame = executor._frame
-    if frame is None:
-        raise InterpreterError("a python playbook's frame must be durable to be started")
-    await executor._durable(frame.start())
 
 
 def _python_print(*values: Any, **options: Any) -> None:
