@@ -544,12 +544,19 @@ async def test_corrupt_journal_entry_is_skipped_and_reported(tmp_path: Path) -> 
     data = bytearray(journal.read_bytes())
     data[-3] ^= 0x40  # a bit flips in the last entry (the last snapshot)
     journal.write_bytes(bytes(data))
-    with pytest.warns(CheckpointWarning, match="unreadable and was skipped"):
+    with pytest.warns(CheckpointWarning) as caught:
         ex2, report, _ = await _resume(agent, FilesystemCheckpointProvider(tmp_path))
+    said = " | ".join(str(w.message) for w in caught)
+    assert "unreadable and was skipped" in said and "Work(2)" in said and "may have run" in said
     assert report.fallbacks
+    # The skipped snapshot held the value of `b = await Work(2)` (a direct call's result is not also
+    # journaled): the resume starts from the snapshot before it, and that call, left in flight by
+    # what is readable, runs again with the same idempotency key and is reported.
+    assert [c.call for c in report.in_flight] == ["Work(2)"]
     result = await ex2.finalize()
     assert result.namespace["a"] == 10 and result.namespace["b"] == 20
-    assert [x for _, x in ledger.calls] == [1, 2]  # replayed from the journal, not called again
+    assert [x for _, x in ledger.calls] == [1, 2, 2]
+    assert ledger.calls[1][0] == ledger.calls[2][0]  # the same idempotency key
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "filesystem"])

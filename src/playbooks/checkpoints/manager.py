@@ -541,6 +541,11 @@ class CheckpointManager:
                 highest = max(highest, _root_number(entry.seq))
         return usable
 
+    async def unread_counters(self) -> list[int]:
+        """Stored records that loading could not use (unreadable, or refused as another store's)."""
+        await self.load_records()
+        return [c for c in await self._stored_counters() if c not in self._records and c not in self._tombstones]
+
     async def _stored_counters(self) -> list[int]:
         ids = await self.provider.list_checkpoints(self.execution_id)
         files = {parse_checkpoint_id(cid)[1] for cid in ids}

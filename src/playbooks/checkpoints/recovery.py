@@ -80,7 +80,8 @@ class RecoveryCoordinator:
         """
         latest = await self.manager.get_latest_checkpoint()
         if latest is None:
-            if self.manager.fallbacks:
+            # (Readable records and no snapshot: killed before the first one, when no call had run.)
+            if await self.manager.unread_counters():
                 reasons = "; ".join(self.manager.fallbacks)
                 raise CheckpointCorruptError(
                     f"execution {self.manager.execution_id!r} has checkpoints but none can be read, so "

@@ -123,6 +123,10 @@ class DurableFrame:
         self._last_snapshot_at = time.perf_counter()
         self._last_snapshot_cost = 0.0
         self._last_snapshot_size = 0
+        self.direct_tool: str | None = None
+        """The tool the running statement awaits directly (``x = await Tool(...)``), if that is all it
+        awaits: see :meth:`after_call`. Set by the executor for each statement."""
+        self._deferred: tuple[ToolCall, Any, tuple[tuple[str, str], ArgumentWatch]] | None = None
 
     @property
     def agent_id(self) -> str:
@@ -209,6 +213,7 @@ class DurableFrame:
             error=error,
         )
         await self.manager.write(record, sync=sync)
+        self._deferred = None  # the snapshot holds the statement's result: its record is not needed
         if record.response_host is None:
             self._response_host = (record.counter, len(record.response_text))
         self.encoder.commit(encoded, record.counter)
@@ -234,7 +239,9 @@ class DurableFrame:
         return time.perf_counter() - self._last_snapshot_at >= _SNAPSHOT_SPACING * self._last_snapshot_cost
 
     async def flush(self) -> None:
-        """Write the records of sync calls made since the last await (unsynced)."""
+        """Write the records of sync calls made since the last await (unsynced), after the deferred
+        result of a direct call if there is one."""
+        await self.write_deferred()
         while self._pending:
             self._journal_since += 1
             await self.manager.write(self._pending.pop(0), sync=False)
@@ -248,6 +255,15 @@ class DurableFrame:
     async def after_statement(self) -> None:
         """Snapshot after a statement that awaited a durable call; otherwise just flush."""
         self._cancelled_live.clear()  # the statement ended normally: its cancellations were its own
+        self.direct_tool = None
+        try:
+            await self._after_statement()
+        finally:
+            if self._deferred is not None:  # no snapshot took its place (or it failed)
+                with anyio.CancelScope(shield=True):
+                    await self.write_deferred()
+
+    async def _after_statement(self) -> None:
         if self.awaited and self._snapshot_blocked():
             self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
             await self.flush()
@@ -376,10 +392,42 @@ class DurableFrame:
     async def after_call(
         self, call: ToolCall, value: Any, raised: BaseException | None, *, cancelled: bool = False
     ) -> None:
-        """Record how the call ended (unsynced: the next call or snapshot makes it durable)."""
+        """Record how the call ended (unsynced: the next call or snapshot makes it durable).
+
+        The value of a statement's direct call (``x = await Tool(...)``, ``await Tool(...)``: nothing
+        of the LLM's code runs between the tool's return and the statement's end) is not written now:
+        the snapshot after the statement holds it, which saves a record per await. If no snapshot is
+        written there (a big namespace, running tasks, a failure), the result is written instead,
+        before anything else. A kill in between, within the host's own code, leaves the call in
+        flight: it runs again with the same idempotency key and is reported, as a kill just before a
+        result record is written always did.
+        """
         self._journal_since += 1
         # The fingerprint of the arguments as they were when the call started (a tool may mutate them).
         before = self._calls.pop(call.call_id)
+        if (
+            raised is None and not cancelled and call.name == self.direct_tool and self._deferred is None
+            and call.call_id.isdigit() and not self._snapshot_blocked()
+        ):
+            self._deferred = (call, value, before)
+            return
+        await self._write_result(call, value, raised, before, cancelled=cancelled)
+
+    async def write_deferred(self) -> None:
+        """Write the result held back by :meth:`after_call`, if any."""
+        if self._deferred is not None:
+            (call, value, before), self._deferred = self._deferred, None
+            await self._write_result(call, value, None, before)
+
+    async def _write_result(
+        self,
+        call: ToolCall,
+        value: Any,
+        raised: BaseException | None,
+        before: tuple[tuple[str, str], ArgumentWatch],
+        *,
+        cancelled: bool = False,
+    ) -> None:
         fields = self._outcome_fields(call, value, raised, before, cancelled=cancelled)
         await self.manager.write(self._record("result", **fields), sync=False)
         if cancelled:
@@ -414,7 +462,9 @@ class DurableFrame:
         """The host cancelled the execution: calls recorded as cancelled in this statement were not
         cancelled by the LLM's code, so a replay must not replay that cancellation; they run again."""
         calls, self._cancelled_live = self._cancelled_live, []
+        self.direct_tool = None
         with anyio.CancelScope(shield=True):
+            await self.write_deferred()
             for call in calls:
                 digest, display = fingerprint(call.name, call.args, call.kwargs)
                 record = self._record(

@@ -29,7 +29,7 @@ import secrets
 import sys
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,34 @@ __all__ = ("ExecutionResult", "StreamingPythonExecutor")
 
 _FILENAMES = itertools.count(1)
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+
+def _direct_tool(node: ast.stmt, namespace: Mapping[str, Any], bound: Mapping[str, Any]) -> str | None:
+    """The tool a statement awaits if that await is all that remains of it once the tool returns:
+    ``await Tool(...)``, ``x = await Tool(...)`` or ``x: T = await Tool(...)``, where ``Tool`` is
+    still the bound tool and no other ``await`` is in the statement (the arguments are evaluated
+    before the call). Between the tool's return and the statement's end no code of the LLM runs."""
+    if isinstance(node, ast.Expr):
+        value: ast.expr | None = node.value
+    elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        value = node.value
+    elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.simple:
+        value = node.value
+    else:
+        return None
+    if not isinstance(value, ast.Await) or not isinstance(value.value, ast.Call):
+        return None
+    call = value.value
+    if not isinstance(call.func, ast.Name):
+        return None
+    name = call.func.id
+    tool = bound.get(name)
+    if tool is None or namespace.get(name) is not tool:
+        return None
+    for part in (*call.args, *(k.value for k in call.keywords)):
+        if any(isinstance(n, ast.Await) for n in ast.walk(part)):
+            return None
+    return name
 
 
 def _compile(module: ast.Module, filename: str) -> types.CodeType:
@@ -522,6 +550,8 @@ class StreamingPythonExecutor:
             raise error from exc
         if self._on_statement is not None:
             self._on_statement(statement)
+        if self._frame is not None:
+            self._frame.direct_tool = _direct_tool(statement.node, self.namespace, self.bound)
         root = self.interceptor.root
         root.task = current_task()
         root.begin_statement(self._statements_executed)
