@@ -95,7 +95,7 @@ UnpicklablePolicy = Literal["skip", "strict"]
 _STATE_PREFIX = "@"
 _JOURNAL_SNAPSHOT_MAX = 64 * 1024
 """An unsynced snapshot up to this size (encoded) is a journal entry: an append, not a new file."""
-_PRUNE_EVERY = 8
+_PRUNE_EVERY = 16
 _NO_HOSTS: frozenset[int] = frozenset()  # a journal record refers to no other record
 
 
