@@ -4,7 +4,8 @@
 
 Prints, all from this run:
 
-* the floor: one 100-byte append with fsync to a file in the same folder as the checkpoints;
+* the floor: one 100-byte append with fsync to a file in the same folder as the checkpoints (the
+  median of samples taken before the run and before every repeat, interleaved with the runs);
 * the per-await overhead of a durable executor (FilesystemCheckpointProvider) over the same code run
   without checkpoints, for a small namespace and for a namespace holding an untouched 1 MB of data
   (a str and a list of dicts, so the mutable part is re-pickled and hashed but not rewritten), with
@@ -48,8 +49,8 @@ class _Counting(FilesystemCheckpointProvider):
         await super().append_journal(execution_id, counter, data)
 
 
-def floor_us(folder: str, n: int) -> float:
-    """Median time of one small append + fsync, in microseconds."""
+def floor_samples(folder: str, n: int) -> list[float]:
+    """``n`` timings of one small append + fsync, in microseconds."""
     path = os.path.join(folder, "floor.log")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     samples = []
@@ -62,7 +63,7 @@ def floor_us(folder: str, n: int) -> float:
     finally:
         os.close(fd)
         os.unlink(path)
-    return statistics.median(samples) * 1e6
+    return [x * 1e6 for x in samples]
 
 
 def _code(n: int) -> str:
@@ -96,10 +97,14 @@ def _big_namespace() -> dict[str, Any]:
     }
 
 
-async def overhead(folder: str, n: int, prelude: dict[str, Any], label: str, repeats: int) -> tuple[float, float]:
-    """Median per-await overhead (µs) and bytes written per await."""
+async def overhead(
+    folder: str, n: int, prelude: dict[str, Any], label: str, repeats: int, floor: list[float]
+) -> tuple[float, float]:
+    """Median per-await overhead (µs) and bytes written per await; the floor is sampled again before
+    every repeat (into ``floor``), since a shared disk's fsync latency drifts within seconds."""
     overheads, sizes = [], []
     for r in range(repeats):
+        floor.extend(floor_samples(folder, 60))
         plain, _ = await _run(None, n, prelude, f"{label}-plain-{r}")
         durable, written = await _run(folder, n, prelude, f"{label}-{r}")
         overheads.append((durable - plain) / n * 1e6)
@@ -182,9 +187,10 @@ def main() -> None:
     repeats = 2 if options.quick else 5
     n = 40 if options.quick else options.awaits
     with tempfile.TemporaryDirectory(dir=options.dir or os.getcwd(), prefix=".bench-ckpt-") as folder:
-        floor = floor_us(folder, 50 if options.quick else 300)
-        small, small_bytes = asyncio.run(overhead(folder, n, {"x": 1, "name": "small"}, "small", repeats))
-        big, big_bytes = asyncio.run(overhead(folder, n, _big_namespace(), "big", repeats))
+        samples = floor_samples(folder, 50 if options.quick else 120)
+        small, small_bytes = asyncio.run(overhead(folder, n, {"x": 1, "name": "small"}, "small", repeats, samples))
+        big, big_bytes = asyncio.run(overhead(folder, n, _big_namespace(), "big", repeats, samples))
+        floor = statistics.median(samples)
         wall, inside, import_ms = cold_resume(folder, repeats)
     print(f"python {sys.version.split()[0]}, {n} awaits x {repeats} repeats, folder on {options.dir or os.getcwd()}")
     print(f"floor: one fsynced 100-byte append          {floor:9.1f} us")
