@@ -79,6 +79,15 @@ WORKER = textwrap.dedent(
             return write
         setattr(provider, name, wrap(name, getattr(provider, name)))
 
+    prepare = provider.prepare_append  # the record of a line, written the instant the line is out
+    def prepare_append(*args, **kwargs):
+        append = prepare(*args, **kwargs)
+        def landed():
+            append()
+            event("append_journal")
+        return landed
+    provider.prepare_append = prepare_append
+
     class Stdout:
         def __init__(self, real):
             self.real = real

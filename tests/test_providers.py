@@ -881,6 +881,19 @@ async def test_journal_append_read_drop(provider: CheckpointProvider) -> None:
     assert await _journal_view(provider, "other", [2, 4]) == {}
 
 
+@conformance
+async def test_prepared_append_lands_when_called(provider: CheckpointProvider) -> None:
+    if not provider.completes_without_suspending:
+        pytest.skip("prepare_append is for providers that write without suspending")
+    await provider.append_journal("run", 1, b"one")
+    land = provider.prepare_append("run", 2, b"two")
+    assert await _journal_view(provider, "run", [1, 2]) == {1: b"one"}  # nothing written yet
+    land()
+    await provider.append_journal("run", 3, b"three")
+    await provider.sync_journal("run")
+    assert await _journal_view(provider, "run", [1, 2, 3]) == {1: b"one", 2: b"two", 3: b"three"}
+
+
 async def test_fs_journal_is_one_file_and_drops_a_torn_tail(fs: FilesystemCheckpointProvider) -> None:
     await fs.append_journal("run", 1, b"first")
     await fs.append_journal("run", 2, b"second")

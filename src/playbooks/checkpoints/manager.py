@@ -41,6 +41,7 @@ import os
 import pickle
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -112,13 +113,20 @@ def _spell(counters: set[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in CounterRanges(counters).ranges())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedRecord:
-    """A record encoded and signed as the next in its execution's chain, not stored yet."""
+    """A record encoded and signed as the next in its execution's chain, not stored yet.
+
+    ``append`` is its journal write made ready by the provider (see
+    :meth:`~playbooks.checkpoints.provider.CheckpointProvider.prepare_append`), run by
+    :meth:`CheckpointManager.land`; ``landed`` says it ran.
+    """
 
     record: Record
     data: bytes
     previous_tip: tuple[int, bytes] | None
+    append: Callable[[], None] | None = None
+    landed: bool = False
 
 
 @dataclass(slots=True)
@@ -306,7 +314,27 @@ class CheckpointManager:
         """
         before = self._tip
         data = self._encode(record.counter, encode_record(record))
-        return PreparedRecord(record, data, before)
+        prepared = PreparedRecord(record, data, before)
+        if record.kind != "snapshot" and self.provider.completes_without_suspending:
+            try:
+                prepared.append = self.provider.prepare_append(self.execution_id, record.counter, data)
+            except BaseException:
+                self.discard(prepared)
+                raise
+        return prepared
+
+    def land(self, prepared: PreparedRecord) -> None:
+        """Write a prepared journal record now (one write, no suspension); :meth:`store` then only
+        indexes it. For the record of an output, the instant the output is out."""
+        if prepared.append is None or prepared.landed:
+            return
+        try:
+            prepared.append()
+        except BaseException:
+            self.discard(prepared)
+            raise
+        prepared.landed = True
+        self._unsynced = True
 
     def discard(self, prepared: PreparedRecord) -> None:
         """Forget a prepared record that will not be stored: the next one chains to its predecessor."""
@@ -320,7 +348,9 @@ class CheckpointManager:
         snapshot = record.kind == "snapshot"
         in_journal = not snapshot or (not sync and len(data) <= _JOURNAL_SNAPSHOT_MAX)
         try:
-            if in_journal:
+            if prepared.landed:
+                pass
+            elif in_journal:
                 await self.provider.append_journal(self.execution_id, record.counter, data)
                 self._unsynced = True
             else:

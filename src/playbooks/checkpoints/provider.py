@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import ClassVar
 
@@ -168,6 +168,29 @@ class CheckpointProvider(abc.ABC):
         with an append-only file or table overrides the four journal methods.
         """
         await self.save_checkpoint(checkpoint_id(execution_id, counter), data, sync=False)
+
+    def prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
+        """Do now everything of :meth:`append_journal` but the write, and return the write.
+
+        Only for a provider that :attr:`completes_without_suspending`. The manager uses it for the
+        record of an output (``print``): the record is ready before the line is shown and lands right
+        after it, so the window in which a kill shows the line twice is one write. The default
+        returns :meth:`append_journal` itself, run to completion when called.
+        """
+
+        def append() -> None:
+            step = self.append_journal(execution_id, counter, data)
+            try:
+                step.send(None)
+            except StopIteration:
+                return
+            step.close()
+            raise RuntimeError(
+                f"{type(self).__name__}.append_journal suspended, but the provider declares "
+                "completes_without_suspending"
+            )
+
+        return append
 
     async def sync_journal(self, execution_id: str) -> None:
         """Make the journal entries appended so far durable (default: :meth:`sync`)."""

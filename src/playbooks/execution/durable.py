@@ -26,6 +26,7 @@ executor re-attaches to its own checkpoints. That is how the whole call stack co
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import itertools
 import logging
@@ -46,7 +47,7 @@ from playbooks.errors import CheckpointCorruptError, CheckpointWarning, Interpre
 from playbooks.execution.fingerprint import fingerprint
 from playbooks.execution.hash_seed import record_hash_seed, seed_mismatch
 from playbooks.execution.mutations import ArgumentWatch, apply_mutations
-from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, when_output_written
 
 if TYPE_CHECKING:
     from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
@@ -533,15 +534,20 @@ class DurableInterceptor(ToolCallInterceptor):
     """Journals live calls and replays recorded ones for a :class:`DurableFrame`."""
 
     def _output(self, call: ToolCall, fn: Callable[..., Any], before: tuple[tuple[str, str], ArgumentWatch]) -> Any:
-        """An output call (``print``): its record is made first and stored right after the output."""
+        """An output call (``print``): its record is made first and written the instant the output is
+        out (:func:`~playbooks.execution.tool_calls.output_written`), then indexed."""
         frame = self.frame
         prepared = frame.prepare_output(call, before)
         try:
-            value = super().call_sync(call, fn)
+            with when_output_written(functools.partial(frame.manager.land, prepared)):
+                value = super().call_sync(call, fn)
         except BaseException:
-            frame.manager.discard(prepared)
+            if prepared.landed:  # the output was out and its record written: index it
+                frame.store_output(prepared)
+            else:
+                frame.manager.discard(prepared)
             raise
-        frame.store_output(prepared)
+        frame.store_output(prepared)  # writes it first if the output function did not
         return value
 
     def __init__(

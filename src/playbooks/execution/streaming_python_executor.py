@@ -48,7 +48,7 @@ from playbooks.errors import (
 )
 from playbooks.execution.statement_splitter import END, NEED_DATA, Statement, StatementSplitter
 from playbooks.execution.tasks import current_task, install_task_hooks, running_node
-from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, bind_tools
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, bind_tools, output_written
 
 if TYPE_CHECKING:
     from playbooks.checkpoints.manager import CheckpointManager
@@ -127,6 +127,7 @@ def _durable_print(*args: Any, **kwargs: Any) -> None:
         if target not in (None, sys.stdout, sys.stderr):
             raise  # a file of the LLM's own
         raise HostIOError(f"cannot write to standard output: {exc.strerror or exc}") from exc
+    output_written()  # the line is out: its record lands now, one write later
 
 
 _durable_print.__playbooks_output__ = True  # type: ignore[attr-defined]  # its record is made before it writes

@@ -12,16 +12,17 @@ changes for it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from playbooks.execution.tasks import TaskNode, node_for_call, running_node
 
-__all__ = ("ToolCall", "ToolCallInterceptor", "bind_tools", "current_tool_call")
+__all__ = ("ToolCall", "ToolCallInterceptor", "bind_tools", "current_tool_call", "output_written", "when_output_written")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,28 @@ class ToolCall:
 
 
 _CURRENT: contextvars.ContextVar[ToolCall | None] = contextvars.ContextVar("playbooks_tool_call", default=None)
+_OUTPUT_WRITTEN: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "playbooks_output_written", default=None
+)
+
+
+def output_written() -> None:
+    """Called by an output function (one marked ``__playbooks_output__``, such as the durable
+    ``print``) the instant its output is out: a durable frame writes the output's record right there,
+    with one write, so only a kill within that write can show the output twice."""
+    written = _OUTPUT_WRITTEN.get()
+    if written is not None:
+        written()
+
+
+@contextlib.contextmanager
+def when_output_written(callback: Callable[[], None]) -> Iterator[None]:
+    """Within this block, :func:`output_written` calls ``callback``."""
+    token = _OUTPUT_WRITTEN.set(callback)
+    try:
+        yield
+    finally:
+        _OUTPUT_WRITTEN.reset(token)
 
 
 def current_tool_call() -> ToolCall | None:

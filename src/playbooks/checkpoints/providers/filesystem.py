@@ -603,6 +603,37 @@ class FilesystemCheckpointProvider(CheckpointProvider):
         return _Journal(fd, False, created, (st.st_dev, st.st_ino), size, path)
 
     async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
+        self._prepare_append(execution_id, counter, data)()
+
+    def prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
+        return self._prepare_append(execution_id, counter, data)
+
+    def _prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
+        journal = self._journal_for_append(execution_id)
+        frame = _frame(counter, data)
+
+        def append() -> None:
+            journal.unsynced = True
+            try:
+                view = memoryview(frame)
+                while view:
+                    view = view[os.write(journal.fd, view) :]
+            except OSError as exc:
+                # Cut a partial entry off at once, so the next append does not land after it.
+                try:
+                    os.ftruncate(journal.fd, journal.size)
+                except OSError:
+                    self._close_journal(execution_id)  # the next append reopens and repairs
+                raise CheckpointWriteError(
+                    f"cannot append to journal {journal.path}: {_describe(exc)}; earlier checkpoints are intact"
+                ) from exc
+            journal.size += len(frame)
+
+        return append
+
+    def _journal_for_append(self, execution_id: str) -> _Journal:
+        """The execution's open journal, opened (and its torn tail repaired) if needed; raises
+        :class:`StoreReplacedError` if the file was deleted or replaced since."""
         journal = self._journals.get(execution_id)
         path = journal.path if journal is not None else self._journal_path(execution_id)
         try:
@@ -627,22 +658,7 @@ class FilesystemCheckpointProvider(CheckpointProvider):
             raise CheckpointWriteError(
                 f"cannot open journal {path}: {_describe(exc)}; earlier checkpoints are intact"
             ) from exc
-        frame = _frame(counter, data)
-        journal.unsynced = True
-        try:
-            view = memoryview(frame)
-            while view:
-                view = view[os.write(journal.fd, view) :]
-        except OSError as exc:
-            # Cut a partial entry off at once, so the next append does not land after it.
-            try:
-                os.ftruncate(journal.fd, journal.size)
-            except OSError:
-                self._close_journal(execution_id)  # the next append reopens and repairs
-            raise CheckpointWriteError(
-                f"cannot append to journal {path}: {_describe(exc)}; earlier checkpoints are intact"
-            ) from exc
-        journal.size += len(frame)
+        return journal
 
     async def sync_journal(self, execution_id: str) -> None:
         journal = self._journals.get(execution_id)
