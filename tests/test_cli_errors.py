@@ -123,7 +123,11 @@ def test_ctrl_c_during_ask_user_ends_at_once(tmp_path: Path) -> None:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == "Your name?\n"
         proc.send_signal(signal.SIGINT)  # Ctrl-C while it waits for the answer; stdin stays open
-        _, err = proc.communicate(timeout=10)  # no Enter needed
-        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)  # no Enter needed (communicate() would close stdin: an end of input)
+        finally:
+            proc.stdin.close()
+        assert proc.stderr is not None
+        err = proc.stderr.read()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
