@@ -118,13 +118,18 @@ def test_ctrl_c_during_ask_user_ends_at_once(tmp_path: Path) -> None:
             f'[model]\nprovider = "openai"\nname = "m"\nbase_url = "{server.base_url}"\n'
         )
         base = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+        base["PYTHONFAULTHANDLER"] = "1"  # a hang is shown with every thread's stack (SIGABRT below)
         proc = subprocess.Popen([sys.executable, "-m", "playbooks.cli", "run", "ask.pb"], cwd=tmp_path, env=base,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
         assert proc.stdout.readline() == "Your name?\n"
         proc.send_signal(signal.SIGINT)  # Ctrl-C while it waits for the answer; stdin stays open
         try:
             proc.wait(timeout=10)  # no Enter needed (communicate() would close stdin: an end of input)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait()
+            pytest.fail(f"still waiting 10 s after Ctrl-C:\n{proc.stderr.read()}")
         finally:
             proc.stdin.close()
         assert proc.stderr is not None
