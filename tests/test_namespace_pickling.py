@@ -569,3 +569,29 @@ def test_foreign_pickles_are_refused_per_variable() -> None:
     assert target["ok"] == 1 and isinstance(target["junk"], UnrestoredValue)
     with pytest.raises(pickle.UnpicklingError):  # a stored variable needs decode_namespace
         pickle.loads(_inline(NamespaceEncoder().encode({"ok": 1}))["ok"])
+
+
+def test_an_untouched_big_value_without_sets_is_not_walked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0x8f (EMPTY_SET) appears in the pickle as data, so only a walk could tell there is no set.
+    rows = [{"id": i, "tag": bytes([0x8F]) * 3} for i in range(400)]
+    namespace: dict[str, Any] = {"rows": rows, "grows": [1]}
+    walked: list[Any] = []
+    real = namespace_module.canonicalize_sets
+
+    def counting(value: Any) -> tuple[bool, bool]:
+        walked.append(value)
+        return real(value)
+
+    monkeypatch.setattr(namespace_module, "canonicalize_sets", counting)
+    encoder = NamespaceEncoder()
+    encoder.commit(encoder.encode(namespace), 3)
+    assert any(v is rows for v in walked)
+    walked.clear()
+    encoder.commit(encoder.encode(namespace), 4)
+    assert not any(v is rows for v in walked)  # the same bytes as a snapshot with no set in them
+    rows.append({"s": {"b", "a", "c"}})  # now it holds a set: walked (and laid out) again
+    encoder.commit(encoder.encode(namespace), 5)
+    assert any(v is rows for v in walked)
+    walked.clear()
+    encoder.commit(encoder.encode(namespace), 6)
+    assert any(v is rows for v in walked)  # a value with sets is walked at every snapshot

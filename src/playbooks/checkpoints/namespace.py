@@ -593,6 +593,7 @@ class NamespaceEncoder:
         self.policy = policy
         self._memory: dict[str, _Remembered] = {}
         self._without_sets: set[str] = set()
+        self._committed_without_sets: frozenset[str] = frozenset()  # as the last snapshot found them
 
     def encode(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> EncodedNamespace:
         """Pickle every variable but ``__builtins__`` and the bound objects under their own names.
@@ -625,7 +626,13 @@ class NamespaceEncoder:
             ids[name] = set()
             data = self._pickle(name, value, namespace, bound_ids, encoded, ids[name])
             holds_sets = False
-            if may_hold_sets(data):  # the opcode's byte may also be plain data: the walk decides
+            if (
+                name in self._committed_without_sets and remembered is not None
+                and len(data) >= _REF_MIN_SIZE and remembered.size == len(data)
+                and remembered.digest == _digest(data)
+            ):
+                pass  # the same bytes as in the last snapshot, which had no set in it: none now either
+            elif may_hold_sets(data):  # the opcode's byte may also be plain data: the walk decides
                 changed, holds_sets = canonicalize_sets(value)
                 if changed:  # see set_order: pickle it as fixed
                     ids[name] = set()
@@ -693,6 +700,7 @@ class NamespaceEncoder:
             memory[name] = self._remember(blob, host, name in encoded._values, encoded._values.get(name))
         self._memory = memory
         self._without_sets = set(encoded._without_sets)
+        self._committed_without_sets = frozenset(encoded._without_sets)
 
     def settle_sets(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> None:
         """Put the sets of the namespace in their canonical layout without taking a snapshot.
@@ -723,6 +731,7 @@ class NamespaceEncoder:
         self._without_sets = {
             name for name, blob in blobs.items() if blob.data is not None and not may_hold_sets(blob.data)
         }
+        self._committed_without_sets = frozenset(self._without_sets)
 
     @staticmethod
     def _remember(blob: VarBlob, host: int, known: bool, value: Any) -> _Remembered:
