@@ -62,7 +62,7 @@ async def _resume(agent: Agent, provider: CheckpointProvider) -> tuple[Streaming
 
 @pytest.mark.parametrize(
     "code",
-    ["x = await Work(1)\n", "await Work(1)\n", "x: int = await Work(1)\n", "x = await Work(*[1])\n"],
+    ["x = await Work(1)\n", "await Work(1)\n", "x = await Work(*[1])\n", "x = await Work(x=1)\n"],
 )
 async def test_a_direct_call_is_held_by_the_snapshot_after_it(tmp_path: Path, code: str, anyio_backend: str) -> None:
     tools = Tools()
@@ -77,6 +77,7 @@ async def test_a_direct_call_is_held_by_the_snapshot_after_it(tmp_path: Path, co
     "code",
     [
         "x = str(await Work(1))\n",  # str runs after the call returns
+        "x: int = await Work(1)\n",  # the annotation is evaluated after the assignment
         "x = [await Work(1)]\n",
         "x = await Work(await Work(1))\n",  # the inner call's caller goes on
         "x, y = await Work((1, 2))\n",  # unpacking runs the LLM's objects' code

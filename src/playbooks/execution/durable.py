@@ -395,7 +395,7 @@ class DurableFrame:
     ) -> None:
         """Record how the call ended (unsynced: the next call or snapshot makes it durable).
 
-        The value of a statement's direct call (``x = await Tool(...)``, ``await Tool(...)``: nothing
+        The value of a statement's direct call (``x = await Tool(...)`` or ``await Tool(...)``: nothing
         of the LLM's code runs between the tool's return and the statement's end) is not written now:
         the snapshot after the statement holds it, which saves a record per await. If no snapshot is
         written there (a big namespace, running tasks, a failure), the result is written instead,

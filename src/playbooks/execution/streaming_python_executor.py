@@ -63,14 +63,13 @@ _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
 def _direct_tool(node: ast.stmt, namespace: Mapping[str, Any], bound: Mapping[str, Any]) -> str | None:
     """The tool a statement awaits if that await is all that remains of it once the tool returns:
-    ``await Tool(...)``, ``x = await Tool(...)`` or ``x: T = await Tool(...)``, where ``Tool`` is
-    still the bound tool and no other ``await`` is in the statement (the arguments are evaluated
-    before the call). Between the tool's return and the statement's end no code of the LLM runs."""
+    ``await Tool(...)`` or ``x = await Tool(...)``, where ``Tool`` is still the bound tool and no other
+    ``await`` is in the statement (the arguments are evaluated before the call). Between the tool's
+    return and the statement's end no code of the LLM runs, and nothing can fail. (Not ``x: T = ...``:
+    its annotation is evaluated after the assignment.)"""
     if isinstance(node, ast.Expr):
-        value: ast.expr | None = node.value
+        value: ast.expr = node.value
     elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-        value = node.value
-    elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.simple:
         value = node.value
     else:
         return None
