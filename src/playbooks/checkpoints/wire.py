@@ -59,6 +59,11 @@ def encode_fields(state: dict[str, Any]) -> bytes:
         elif isinstance(value, list) and any(isinstance(v, bytes) for v in value):
             value = [blob(x) if isinstance(x, bytes) else x for x in value]
         plain[name] = value
+    return _payload(plain, blobs)
+
+
+def _payload(plain: dict[str, Any], blobs: list[bytes]) -> bytes:
+    """The wire payload: magic, the JSON field table, then each blob with its length."""
     text = _ENCODER.encode(plain).encode("utf-8")
     parts = [WIRE_MAGIC, _LEN.pack(len(text)), text]
     for item in blobs:
@@ -158,12 +163,7 @@ def encode_record(record: Record) -> bytes:
                     data = {_BLOB_KEY: len(blobs) - 1}
                 table[n] = [v.digest, v.size, data, v.host]
             plain[name] = table
-    text = _ENCODER.encode(plain).encode("utf-8")
-    parts = [WIRE_MAGIC, _LEN.pack(len(text)), text]
-    for item in blobs:
-        parts.append(_BLOB.pack(len(item)))
-        parts.append(item)
-    return b"".join(parts)
+    return _payload(plain, blobs)
 
 
 _PLAIN, _BYTES, _STACK, _VARIABLES = "plain", "bytes", "stack", "variables"
