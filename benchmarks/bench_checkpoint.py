@@ -26,6 +26,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from typing import Any
 
 from playbooks import Agent
@@ -47,6 +48,10 @@ class _Counting(FilesystemCheckpointProvider):
     async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
         type(self).written += len(data)
         await super().append_journal(execution_id, counter, data)
+
+    def prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
+        type(self).written += len(data)  # the manager writes most journal entries this way
+        return super().prepare_append(execution_id, counter, data)
 
 
 def floor_samples(folder: str, n: int) -> list[float]:

@@ -350,6 +350,9 @@ class CheckpointManager:
         try:
             if prepared.landed:
                 pass
+            elif prepared.append is not None:
+                prepared.append()
+                self._unsynced = True
             elif in_journal:
                 await self.provider.append_journal(self.execution_id, record.counter, data)
                 self._unsynced = True
