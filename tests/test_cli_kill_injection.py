@@ -190,7 +190,7 @@ def test_python_playbook_prints_and_says_are_not_repeated(tmp_path: Path) -> Non
     reference = _run(reference_dir, "printer")
     assert reference.returncode == 0, reference.stderr
     assert "first print, before any await" in reference.stdout and "  part 2 say" in reference.stdout
-    stride = max(1, STRIDE // 8)
+    stride = max(1, STRIDE // 17)  # every record: the program writes few
     trials = {"after": 0, "before": 0}
     for mode in ("after", "before"):
         n = 1
@@ -205,4 +205,4 @@ def test_python_playbook_prints_and_says_are_not_repeated(tmp_path: Path) -> Non
             else:
                 assert twice in ([], [last]), f"killed before record {n} (last line {last!r}), shown twice: {twice}"
             n += stride
-    assert trials["after"] >= 10 and trials["before"] >= 10, trials
+    assert trials["after"] >= 6 and trials["before"] >= 6, trials  # at stride 1: every record, both ways

@@ -1,6 +1,7 @@
-"""A statement's direct call (``x = await Tool(...)``) is recorded by the snapshot after it, not by a
-result record of its own: two records per await instead of three. These tests pin down when that
-happens, and that the result is written whenever no snapshot takes its place."""
+"""A statement's direct call (``x = await Tool(...)``) is recorded by the snapshot after it, if one is
+written there, not by a result record of its own. These tests pin down when that happens, and that the
+result is written whenever no snapshot takes its place (between the snapshots of a fast run, which
+snapshots after every ``_SNAPSHOT_EVERY``-th statement that awaited)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from playbooks import Agent
 from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider, RecoveryCoordinator
 from playbooks.checkpoints.provider import CheckpointProvider
 from playbooks.errors import CheckpointTooLargeError
+from playbooks.execution import durable
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 from playbooks.execution.tool_calls import current_tool_call
 
@@ -22,6 +24,12 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def every_await(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshot after every statement that awaited, as a slow run does."""
+    monkeypatch.setattr(durable, "_SNAPSHOT_EVERY", 1)
 
 
 class Tools:
@@ -64,6 +72,7 @@ async def _resume(agent: Agent, provider: CheckpointProvider) -> tuple[Streaming
     "code",
     ["x = await Work(1)\n", "await Work(1)\n", "x = await Work(*[1])\n", "x = await Work(x=1)\n"],
 )
+@pytest.mark.usefixtures("every_await")
 async def test_a_direct_call_is_held_by_the_snapshot_after_it(tmp_path: Path, code: str, anyio_backend: str) -> None:
     tools = Tools()
     manager = CheckpointManager("d", FilesystemCheckpointProvider(tmp_path))
@@ -71,6 +80,23 @@ async def test_a_direct_call_is_held_by_the_snapshot_after_it(tmp_path: Path, co
     await ex.add_chunk(code)
     assert await _kinds(manager) == ["snapshot", "intent", "snapshot"]
     await manager.close()
+
+
+async def test_a_fast_run_snapshots_every_eighth_await_and_records_the_results_between(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    tools = Tools()
+    manager = CheckpointManager("f", FilesystemCheckpointProvider(tmp_path))
+    ex = StreamingPythonExecutor(tools.agent("f"), checkpoint_manager=manager)
+    await ex.add_chunk("".join(f"x{i} = await Work({i})\n" for i in range(17)))
+    every = durable._SNAPSHOT_EVERY
+    one_round = ["intent", "result"] * (every - 1) + ["intent", "snapshot"]
+    assert await _kinds(manager) == ["snapshot", *one_round, *one_round, "intent", "result"]
+    await _stop(manager)
+    ex2, report = await _resume(tools.agent("f"), FilesystemCheckpointProvider(tmp_path))
+    assert report.in_flight == []
+    assert (await ex2.finalize()).namespace["x16"] == 160
+    assert len(tools.calls) == 17  # every call replayed, none ran again
 
 
 @pytest.mark.parametrize(
@@ -96,6 +122,7 @@ async def test_a_call_followed_by_more_code_keeps_its_result_record(tmp_path: Pa
     await manager.close()
 
 
+@pytest.mark.usefixtures("every_await")
 async def test_a_snapshot_that_fails_leaves_the_result_recorded(tmp_path: Path, anyio_backend: str) -> None:
     tools = Tools()
     agent = tools.agent("big")
@@ -113,9 +140,14 @@ async def test_a_snapshot_that_fails_leaves_the_result_recorded(tmp_path: Path, 
     assert len(tools.calls) == 1
 
 
-async def test_a_direct_call_resumes_exactly_after_a_kill_at_every_record(tmp_path: Path, anyio_backend: str) -> None:
+@pytest.mark.parametrize("every", [1, 2])
+async def test_a_direct_call_resumes_exactly_after_a_kill_at_every_record(
+    tmp_path: Path, every: int, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Stop after each stored record in turn: every completed call is replayed or superseded by a
-    snapshot, and only a call whose outcome no readable record holds runs again, reported."""
+    snapshot, and only a call whose outcome no readable record holds runs again, reported. With a
+    snapshot after every awaited statement, and after every second one."""
+    monkeypatch.setattr(durable, "_SNAPSHOT_EVERY", every)
     code = "total = 0\nfor i in range(3):\n    total += await Work(i)\nx = await Work(7)\ny = await Work(x)\nz = x + y\n"
     reference = Tools()
     plain = StreamingPythonExecutor(reference.agent("ref"))

@@ -36,10 +36,19 @@ from playbooks.errors import (
     UnpicklableValueError,
     UnrestoredValueError,
 )
+from playbooks.execution import durable
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 from playbooks.execution.tool_calls import current_tool_call
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _snapshot_after_every_await(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read the snapshot after a given statement: snapshot after every statement that
+    awaited, as a slow run does (a fast one snapshots after every eighth: test_direct_calls.py and the
+    crash tests run that)."""
+    monkeypatch.setattr(durable, "_SNAPSHOT_EVERY", 1)
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ A :class:`DurableFrame` is the durability side of one :class:`StreamingPythonExe
   that produced no later side effect. Sync calls (``print``, sync tools) cannot await a write: their
   records are written at the frame's next await or statement end.
 * after a top-level statement that awaited a durable call, the frame writes a ``snapshot`` (namespace,
-  executed offset, response, next sequence number), which supersedes the journal. Every snapshot
-  survives a killed process and is fsynced with the journal before the next durable call (the last
-  one is fsynced at once), so the per-await cost is one journal fsync, and a power loss falls back to
-  the last snapshot before the last fsync.
+  executed offset, response, next sequence number), which supersedes the journal; in a fast run only
+  after every ``_SNAPSHOT_EVERY``-th such statement (see :meth:`DurableFrame._snapshot_due`), the
+  journal covering those between. Every snapshot survives a killed process and is fsynced with the
+  journal before the next durable call (the last one is fsynced at once), so the per-await cost is one
+  journal fsync, and a power loss falls back to the last snapshot before the last fsync.
 * resumed, the frame starts from its newest snapshot; a call whose sequence number is in the journal
   returns the recorded result (or raises the recorded exception) instead of running; a call that had
   started but not finished runs again with the same idempotency key; a call whose name or arguments
@@ -56,8 +57,10 @@ __all__ = ("DurableFrame", "DurableInterceptor", "current_durable_call")
 
 _logger = logging.getLogger("playbooks.checkpoints")
 
-_SMALL_NAMESPACE = 256 * 1024  # pickled bytes: a namespace this small is snapshotted after every await
-_SNAPSHOT_SPACING = 4  # an expensive snapshot waits this many times its cost since the previous one
+_SMALL_NAMESPACE = 256 * 1024  # pickled bytes: a snapshot of a namespace this small is cheap
+_SNAPSHOT_EVERY = 8  # awaited statements the journal covers between two snapshots in a fast run...
+_SNAPSHOT_INTERVAL = 0.02  # ...unless the last snapshot is this old (s): a slow run snapshots every await
+_SNAPSHOT_SPACING = 4  # a big namespace's snapshot waits this many times its cost since the previous one
 _MAX_JOURNAL = 256  # journal records after which a snapshot is taken whatever it costs
 _RESPONSE_DELTA_MAX = 4096  # characters a snapshot adds to its host's response before holding it whole
 
@@ -121,6 +124,7 @@ class DurableFrame:
         self._calls: dict[str, tuple[tuple[str, str], ArgumentWatch]] = {}
         self._response_host: tuple[int, int] | None = None  # (counter, length) of a whole response
         self._journal_since = 0
+        self._awaited_since = 0  # statements that awaited since the last snapshot
         self._last_snapshot_at = time.perf_counter()
         self._last_snapshot_cost = 0.0
         self._last_snapshot_size = 0
@@ -220,7 +224,7 @@ class DurableFrame:
         self.encoder.commit(encoded, record.counter)
         self._pending.clear()
         self._unsynced_snapshots = 0 if sync else self._unsynced_snapshots + 1
-        self._journal_since = 0
+        self._journal_since = self._awaited_since = 0
         self._last_snapshot_at = time.perf_counter()
         self._last_snapshot_cost = self._last_snapshot_at - began
         self._last_snapshot_size = encoded.total_size()
@@ -229,15 +233,21 @@ class DurableFrame:
     def _snapshot_due(self) -> bool:
         """Whether to snapshot after this statement, or leave it to the journal.
 
-        A small namespace is snapshotted after every statement that awaited. A big one (its mutable
-        values are pickled again to find what changed, which takes milliseconds) is snapshotted at most
-        every ``_SNAPSHOT_SPACING`` times what its last snapshot took, so snapshots stay a small share of
-        the run; the journal covers the statements in between (a resume runs them again, replaying their
-        calls), and ``_MAX_JOURNAL`` bounds that replay.
+        The journal covers the statements between two snapshots (a resume runs them again, replaying
+        their calls). A snapshot costs more than the result record it replaces (the namespace diff, the
+        response, pruning), so in a fast run, where awaits follow each other within microseconds, one
+        is written after every ``_SNAPSHOT_EVERY``-th statement that awaited; when the last snapshot is
+        older than ``_SNAPSHOT_INTERVAL`` (slow tools, a streaming model), after every one. A big
+        namespace (its mutable values are pickled again to find what changed, which takes
+        milliseconds) also waits ``_SNAPSHOT_SPACING`` times what its last snapshot took, so snapshots
+        stay a small share of the run. ``_MAX_JOURNAL`` bounds the replay whatever the rest says.
         """
-        if self._last_snapshot_size < _SMALL_NAMESPACE or self._journal_since >= _MAX_JOURNAL:
+        if self._journal_since >= _MAX_JOURNAL:
             return True
-        return time.perf_counter() - self._last_snapshot_at >= _SNAPSHOT_SPACING * self._last_snapshot_cost
+        elapsed = time.perf_counter() - self._last_snapshot_at
+        if self._last_snapshot_size >= _SMALL_NAMESPACE and elapsed < _SNAPSHOT_SPACING * self._last_snapshot_cost:
+            return False
+        return self._awaited_since + 1 >= _SNAPSHOT_EVERY or elapsed >= _SNAPSHOT_INTERVAL
 
     async def flush(self) -> None:
         """Write the records of sync calls made since the last await (unsynced), after the deferred
@@ -279,6 +289,7 @@ class DurableFrame:
             # Sets are put in their layout after every statement, snapshot or not, so that the live
             # run and a resumed one fix their orders at the same points of the code.
             self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
+            self._awaited_since += self.awaited
             self.awaited = False
             await self.flush()
 
