@@ -481,13 +481,13 @@ def test_unchanged_immutable_values_are_not_pickled_again(monkeypatch: pytest.Mo
     encoder = NamespaceEncoder()
     encoder.commit(encoder.encode(namespace), 3)
     pickled: list[Any] = []
-    real_dump = namespace_module._dump
+    real_pickled = namespace_module._pickled
 
-    def counting_dump(value: Any, *args: Any) -> bytes:
+    def counting_pickled(value: Any, *args: Any) -> Any:
         pickled.append(value)
-        return real_dump(value, *args)
+        return real_pickled(value, *args)
 
-    monkeypatch.setattr(namespace_module, "_dump", counting_dump)
+    monkeypatch.setattr(namespace_module, "_pickled", counting_pickled)
     again = encoder.encode(namespace)
     assert pickled == [[1]]  # only the mutable list was pickled again
     assert again.blobs["text"] == VarBlob(again.blobs["text"].digest, again.blobs["text"].size, None, 3)
@@ -495,7 +495,7 @@ def test_unchanged_immutable_values_are_not_pickled_again(monkeypatch: pytest.Mo
     namespace["text"] = "x" * 100_000  # equal but another object: pickled, then found unchanged
     third = encoder.encode(namespace)
     assert third.blobs["text"].data is None and third.blobs["text"].host == 3
-    assert pickled == [[1], [1]]  # an exact str is pickled by plain pickle, not by _dump
+    assert pickled == [[1], [1]]  # an exact str is pickled by plain pickle, not by _pickled
 
 
 def test_seed_makes_the_first_snapshot_after_a_resume_reuse() -> None:
@@ -595,3 +595,54 @@ def test_an_untouched_big_value_without_sets_is_not_walked_again(monkeypatch: py
     walked.clear()
     encoder.commit(encoder.encode(namespace), 6)
     assert any(v is rows for v in walked)  # a value with sets is walked at every snapshot
+
+
+def _identity_shape(namespace: dict[str, Any], names: list[str]) -> list[tuple[str, ...]]:
+    """Every mutable object reachable from the variables ``names``, as the sorted paths that reach
+    it: two namespaces have the same sharing iff their shapes are equal."""
+    paths: dict[int, list[str]] = {}
+    keep: list[Any] = []
+
+    def walk(obj: Any, path: str) -> None:
+        if not isinstance(obj, (list, dict)):
+            return
+        seen = id(obj) in paths
+        paths.setdefault(id(obj), []).append(path)
+        keep.append(obj)
+        if seen:
+            return
+        for key, item in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            walk(item, f"{path}[{key!r}]")
+
+    for name in names:
+        walk(namespace[name], name)
+    return sorted(tuple(sorted(p)) for p in paths.values())
+
+
+def test_sharing_between_variables_survives_for_any_object_graph() -> None:
+    """Generated graphs: a pool of lists and dicts that hold each other and scalars, variables that
+    hold pool members (or the same one twice). After a round trip, every object is reached by exactly
+    the same paths as before: shared where it was shared, distinct where it was distinct."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.data())
+    def check(data: st.DataObject) -> None:
+        size = data.draw(st.integers(1, 8))
+        pool: list[Any] = [[] if data.draw(st.booleans()) else {} for _ in range(size)]
+        for container in pool:
+            for k in range(data.draw(st.integers(0, 4))):
+                item = data.draw(st.one_of(st.sampled_from(pool), st.integers(), st.text(max_size=3)))
+                if isinstance(container, list):
+                    container.append(item)
+                else:
+                    container[f"k{k}"] = item
+        names = [f"v{i}" for i in range(data.draw(st.integers(1, 6)))]
+        namespace: dict[str, Any] = {"__name__": "__llm__"}
+        for name in names:
+            namespace[name] = data.draw(st.sampled_from(pool))
+        restored = _round_trip(namespace)
+        assert _identity_shape(restored, names) == _identity_shape(namespace, names)
+
+    check()

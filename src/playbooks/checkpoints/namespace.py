@@ -25,6 +25,7 @@ C pickler calls ``persistent_id`` for every object (each int of a big list), but
 from __future__ import annotations
 
 import copyreg
+import gc
 import hashlib
 import inspect
 import io
@@ -419,22 +420,37 @@ that holds a mutable object shares it, which is seen on that object), classes (k
 the decoder) and modules, restored by reference."""
 
 
-def _dump(
-    value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str], shared: set[int] | None = None
-) -> bytes:
-    """The pickle of one value; ``shared`` gets the ids of the objects in it whose identity matters."""
+def _dump(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> bytes:
+    """The pickle of one value."""
+    return _pickled(value, namespace, bound_ids)[0].getvalue()
+
+
+def _dump_with_memo(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> tuple[bytes, _Memo]:
+    """The pickle of one value, and every object met while pickling it, by id (which of them are
+    shared with other variables, and whether that matters, is for :func:`_groups` to find)."""
+    buffer, pickler = _pickled(value, namespace, bound_ids)
+    memo: _Memo = pickler.memo.copy()  # it holds the objects, so their ids stay theirs
+    return buffer.getvalue(), memo
+
+
+def _pickled(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> tuple[io.BytesIO, _Pickler]:
     buffer = io.BytesIO()
     buffer.write(_PREFIX)
     pickler = _Pickler(buffer, namespace, bound_ids)
     pickler.dump(value)
-    if shared is not None:
-        for oid, (_, obj) in pickler.memo.copy().items():
-            if type(obj) in _NO_IDENTITY or obj is namespace or oid in bound_ids or isinstance(obj, type):
-                continue
-            if isinstance(obj, types.FunctionType) and obj.__globals__ is not namespace:
-                continue  # a function of the host's modules (or a tool): restored by reference
-            shared.add(oid)
-    return buffer.getvalue()
+    return buffer, pickler
+
+
+_Memo = dict[int, tuple[int, Any]]
+"""A pickler's memo: the id of every object pickled (that pickle memoizes), its index and the object."""
+
+
+def _identity_matters(oid: int, obj: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> bool:
+    """Whether two variables that both hold ``obj`` must still share it after a resume."""
+    if type(obj) in _NO_IDENTITY or obj is namespace or oid in bound_ids or isinstance(obj, type):
+        return False
+    # A function of the host's modules (or a tool) is restored by reference.
+    return not (isinstance(obj, types.FunctionType) and obj.__globals__ is not namespace)
 
 
 _NOT_SAVED = frozenset({"__builtins__", "__warningregistry__"})
@@ -451,10 +467,14 @@ def shared_names(key: str) -> list[str] | None:
     return key[len(SHARED_PREFIX) :].split(" ") if key.startswith(SHARED_PREFIX) else None
 
 
-def _groups(ids: Mapping[str, set[int]]) -> list[list[str]]:
-    """Variables that share an object, as groups of two or more (in namespace order)."""
-    owner: dict[int, str] = {}
-    parent: dict[str, str] = {name: name for name in ids}
+def _groups(
+    memos: Mapping[str, _Memo], namespace: Mapping[str, Any], bound_ids: Mapping[int, str]
+) -> list[list[str]]:
+    """Variables that share an object whose identity matters, as groups of two or more (in namespace
+    order). The ids each variable's pickle met are intersected as sets first: only an object met by
+    two variables or more is looked at, so an untouched big value costs a set union, not a loop over
+    its objects in Python."""
+    parent: dict[str, str] = {name: name for name in memos}
 
     def find(name: str) -> str:
         while parent[name] != name:
@@ -462,15 +482,21 @@ def _groups(ids: Mapping[str, set[int]]) -> list[list[str]]:
             name = parent[name]
         return name
 
-    for name, found in ids.items():
-        for oid in found:
-            first = owner.setdefault(oid, name)
-            if first != name:
-                a, b = find(first), find(name)
-                if a != b:
-                    parent[b] = a
+    earlier: list[tuple[str, _Memo]] = []
+    seen: set[int] = set()
+    for name, memo in memos.items():
+        for oid in seen.intersection(memo):
+            if not _identity_matters(oid, memo[oid][1], namespace, bound_ids):
+                continue
+            for other, other_memo in earlier:
+                if oid in other_memo:
+                    a, b = find(other), find(name)
+                    if a != b:
+                        parent[b] = a
+        seen.update(memo)
+        earlier.append((name, memo))
     members: dict[str, list[str]] = {}
-    for name in ids:
+    for name in memos:
         members.setdefault(find(name), []).append(name)
     return [group for group in members.values() if len(group) > 1]
 
@@ -601,12 +627,24 @@ class NamespaceEncoder:
         A variable that is unchanged since the last committed snapshot is a reference to the snapshot
         that holds it (``data`` is ``None``), unless its pickle is small (under 4 KiB), which is
         stored inline again rather than pin an old snapshot.
+
+        The garbage collector is paused meanwhile: finding which variables share objects copies each
+        pickler's memo (a tuple per object pickled), which for a big value would set it off many times
+        over, each time walking every young object; they are all freed before it resumes.
         """
-        bound = bound or {}
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._encode(namespace, bound or {})
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _encode(self, namespace: Mapping[str, Any], bound: Mapping[str, Any]) -> EncodedNamespace:
         bound_ids = {id(v): k for k, v in bound.items()}
         encoded = EncodedNamespace()
         pickled: dict[str, bytes] = {}
-        ids: dict[str, set[int]] = {}
+        memos: dict[str, _Memo] = {}
         for name, value in namespace.items():
             if name in _NOT_SAVED or (name in bound and bound[name] is value) or _tool_name(value) == name:
                 continue  # bound again by the resuming executor (an alias is stored as a reference)
@@ -623,8 +661,7 @@ class NamespaceEncoder:
                 pickled[name] = _PREFIX + pickle.dumps(value, _PROTOCOL)
                 encoded._without_sets.add(name)
                 continue
-            ids[name] = set()
-            data = self._pickle(name, value, namespace, bound_ids, encoded, ids[name])
+            data, memos[name] = self._pickle(name, value, namespace, bound_ids, encoded)
             holds_sets = False
             if (
                 name in self._committed_without_sets and remembered is not None
@@ -635,15 +672,14 @@ class NamespaceEncoder:
             elif may_hold_sets(data):  # the opcode's byte may also be plain data: the walk decides
                 changed, holds_sets = canonicalize_sets(value)
                 if changed:  # see set_order: pickle it as fixed
-                    ids[name] = set()
-                    data = self._pickle(name, value, namespace, bound_ids, EncodedNamespace(), ids[name])
+                    data, memos[name] = self._pickle(name, value, namespace, bound_ids, EncodedNamespace())
             if not holds_sets:
                 encoded._without_sets.add(name)
             pickled[name] = data
         # Variables that share an object (an alias, two closures over one cell, one list in two
         # dicts) are pickled together, so that they share it after loading too.
         skipped = {s.name for s in encoded.skipped}
-        for group in _groups(ids):
+        for group in _groups(memos, namespace, bound_ids):
             values = tuple(
                 UnrestoredValue(n, _type_name(namespace[n]), "it could not be saved") if n in skipped
                 else namespace[n]
@@ -674,10 +710,9 @@ class NamespaceEncoder:
         namespace: Mapping[str, Any],
         bound_ids: Mapping[int, str],
         encoded: EncodedNamespace,
-        shared: set[int],
-    ) -> bytes:
+    ) -> tuple[bytes, _Memo]:
         try:
-            return _dump(value, namespace, bound_ids, shared)
+            return _dump_with_memo(value, namespace, bound_ids)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             type_name = _type_name(value)
@@ -688,7 +723,7 @@ class NamespaceEncoder:
                     f'"skip" to leave it out'
                 ) from exc
             encoded.skipped.append(SkippedVar(name, type_name, reason))
-            return _dump(UnrestoredValue(name, type_name, reason), namespace, bound_ids)
+            return _dump(UnrestoredValue(name, type_name, reason), namespace, bound_ids), {}
 
     def commit(self, encoded: EncodedNamespace, counter: int) -> None:
         """Remember ``encoded`` as written at ``counter``; its inline variables are hosted there and
