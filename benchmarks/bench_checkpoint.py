@@ -1,6 +1,6 @@
 """What durability costs, measured beside its floor in one run on one disk.
 
-    python benchmarks/bench_checkpoint.py [--awaits 200] [--dir PATH] [--quick]
+    python benchmarks/bench_checkpoint.py [--awaits 200] [--dir PATH] [--quick] [--history 20,200,2000]
 
 Prints, all from this run:
 
@@ -11,8 +11,11 @@ Prints, all from this run:
   (a str and a list of dicts, so the mutable part is re-pickled and hashed but not rewritten), with
   ratios against the floor and against the small-namespace overhead (targets: <= 3x each);
 * bytes written per await;
+* the same small-namespace overhead with the SQLite provider, as a ratio to the filesystem's;
 * cold resume: a new process that recovers an execution and reaches its first remaining statement
-  (target: under 300 ms), and the time ``import playbooks`` adds to a bare interpreter.
+  (target: under 300 ms), and the time ``import playbooks`` adds to a bare interpreter;
+* cold resume after 20, 200 and 2,000 awaits (``--history``), as ratios to the first: a resume should
+  not cost more the longer the history before the kill.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 from playbooks import Agent
 from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider
+from playbooks.checkpoints.providers.sqlite import SQLiteCheckpointProvider
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
 
@@ -52,6 +56,12 @@ class _Counting(FilesystemCheckpointProvider):
     def prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
         type(self).written += len(data)  # the manager writes most journal entries this way
         return super().prepare_append(execution_id, counter, data)
+
+
+class _CountingSQLite(SQLiteCheckpointProvider):
+    async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
+        _Counting.written += len(data)  # journal entries are rows too: they come through here
+        await super().save_checkpoint(checkpoint_id, data, sync=sync)
 
 
 def floor_samples(folder: str, n: int) -> list[float]:
@@ -76,12 +86,17 @@ def _code(n: int) -> str:
     return "".join(f"x = await Work({i})\ntotal += x\n" for i in range(n))
 
 
-async def _run(folder: str | None, n: int, prelude: dict[str, Any], execution_id: str) -> tuple[float, int]:
+async def _run(
+    folder: str | None, n: int, prelude: dict[str, Any], execution_id: str, provider: str = "filesystem"
+) -> tuple[float, int]:
     agent = Agent(execution_id, tools={"Work": _work})
     namespace = dict(prelude)
     manager = None
     if folder is not None:
-        manager = CheckpointManager(execution_id, _Counting(folder), keep_last_n=10)
+        store: FilesystemCheckpointProvider | SQLiteCheckpointProvider = (
+            _CountingSQLite(os.path.join(folder, f"{execution_id}.sqlite3")) if provider == "sqlite" else _Counting(folder)
+        )
+        manager = CheckpointManager(execution_id, store, keep_last_n=10)
     ex = StreamingPythonExecutor(agent, namespace=namespace, checkpoint_manager=manager)
     await ex.add_chunk("total = 0\nwarm = await Work(-1)\n")
     _Counting.written = 0
@@ -92,6 +107,7 @@ async def _run(folder: str | None, n: int, prelude: dict[str, Any], execution_id
     written = _Counting.written
     if manager is not None:
         await manager.close()
+        await manager.provider.close()
     return elapsed, written
 
 
@@ -103,7 +119,8 @@ def _big_namespace() -> dict[str, Any]:
 
 
 async def overhead(
-    folder: str, n: int, prelude: dict[str, Any], label: str, repeats: int, floor: list[float]
+    folder: str, n: int, prelude: dict[str, Any], label: str, repeats: int, floor: list[float],
+    provider: str = "filesystem",
 ) -> tuple[float, float]:
     """Median per-await overhead (µs) and bytes written per await; the floor is sampled again before
     every repeat (into ``floor``), since a shared disk's fsync latency drifts within seconds."""
@@ -111,7 +128,7 @@ async def overhead(
     for r in range(repeats):
         floor.extend(floor_samples(folder, 60))
         plain, _ = await _run(None, n, prelude, f"{label}-plain-{r}")
-        durable, written = await _run(folder, n, prelude, f"{label}-{r}")
+        durable, written = await _run(folder, n, prelude, f"{label}-{r}", provider)
         overheads.append((durable - plain) / n * 1e6)
         sizes.append(written / n)
     return statistics.median(overheads), statistics.median(sizes)
@@ -148,11 +165,12 @@ _RESUME = textwrap.dedent(
 )
 
 
-async def _prepare_resume(folder: str) -> None:
+async def _prepare_resume(folder: str, awaits: int = 20, big: bool = True) -> None:
     agent = Agent("resume", tools={"Work": _work})
     manager = CheckpointManager("resume", FilesystemCheckpointProvider(folder))
-    ex = StreamingPythonExecutor(agent, namespace=_big_namespace(), checkpoint_manager=manager)
-    await ex.add_chunk("total = 0\n" + _code(20) + "after = await Work(")  # stops mid-statement, as a crash would
+    namespace = _big_namespace() if big else {"x": 1}
+    ex = StreamingPythonExecutor(agent, namespace=namespace, checkpoint_manager=manager)
+    await ex.add_chunk("total = 0\n" + _code(awaits) + "after = await Work(")  # stops mid-statement, as a crash would
     await manager.close()
 
 
@@ -162,10 +180,9 @@ def _wall_ms(args: list[str]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def cold_resume(folder: str, repeats: int) -> tuple[float, float, float]:
-    """Median ms: process start to first remaining statement (wall), the same inside the process,
-    and ``import playbooks`` over a bare interpreter."""
-    asyncio.run(_prepare_resume(folder))
+def _resume_ms(folder: str, repeats: int) -> tuple[float, float]:
+    """Median ms of a new process resuming the execution in ``folder`` up to its first remaining
+    statement: wall time from spawn, and the same from inside the process."""
     script = os.path.join(folder, "resume.py")
     with open(script, "w") as f:
         f.write(_RESUME)
@@ -175,12 +192,31 @@ def cold_resume(folder: str, repeats: int) -> tuple[float, float, float]:
         proc = subprocess.run([sys.executable, script, folder], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"the resume process failed:\n{proc.stderr}")
-        out = proc.stdout
         walls.append((time.perf_counter() - start) * 1000)
-        insides.append(float(out.strip()))
+        insides.append(float(proc.stdout.strip()))
+    return statistics.median(walls), statistics.median(insides)
+
+
+def cold_resume(folder: str, repeats: int) -> tuple[float, float, float]:
+    """Median ms: process start to first remaining statement (wall), the same inside the process,
+    and ``import playbooks`` over a bare interpreter."""
+    asyncio.run(_prepare_resume(folder))
+    wall, inside = _resume_ms(folder, repeats)
     bare = statistics.median(_wall_ms([sys.executable, "-c", "pass"]) for _ in range(repeats))
     imported = statistics.median(_wall_ms([sys.executable, "-c", "import playbooks"]) for _ in range(repeats))
-    return statistics.median(walls), statistics.median(insides), imported - bare
+    return wall, inside, imported - bare
+
+
+def resume_by_history(base: str, lengths: list[int], repeats: int) -> list[tuple[int, float, float]]:
+    """Cold resume (wall ms, ms after interpreter start) of an execution killed after each number of
+    awaits in ``lengths`` (small namespace): a resume should not cost more the longer the history."""
+    rows = []
+    for n in lengths:
+        folder = os.path.join(base, f"history-{n}")
+        os.mkdir(folder)
+        asyncio.run(_prepare_resume(folder, awaits=n, big=False))
+        rows.append((n, *_resume_ms(folder, repeats)))
+    return rows
 
 
 def main() -> None:
@@ -188,23 +224,36 @@ def main() -> None:
     parser.add_argument("--awaits", type=int, default=200)
     parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp folder here)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    parser.add_argument(
+        "--history", default="20,200,2000", help="awaits before the kill for the resume-by-history rows ('' for none)"
+    )
     options = parser.parse_args()
     repeats = 2 if options.quick else 5
     n = 40 if options.quick else options.awaits
+    lengths = [int(x) for x in options.history.split(",") if x]
     with tempfile.TemporaryDirectory(dir=options.dir or os.getcwd(), prefix=".bench-ckpt-") as folder:
         samples = floor_samples(folder, 50 if options.quick else 120)
         small, small_bytes = asyncio.run(overhead(folder, n, {"x": 1, "name": "small"}, "small", repeats, samples))
         big, big_bytes = asyncio.run(overhead(folder, n, _big_namespace(), "big", repeats, samples))
+        sqlite, sqlite_bytes = asyncio.run(
+            overhead(folder, n, {"x": 1, "name": "small"}, "sqlite", repeats, samples, provider="sqlite")
+        )
         floor = statistics.median(samples)
         wall, inside, import_ms = cold_resume(folder, repeats)
+        history = resume_by_history(folder, lengths, repeats)
     print(f"python {sys.version.split()[0]}, {n} awaits x {repeats} repeats, folder on {options.dir or os.getcwd()}")
     print(f"floor: one fsynced 100-byte append          {floor:9.1f} us")
     print(f"per-await overhead, small namespace          {small:9.1f} us   {small / floor:5.2f}x floor (target <= 3)")
     print(f"per-await overhead, untouched 1 MB namespace {big:9.1f} us   {big / small:5.2f}x small (target <= 3)")
     print(f"bytes written per await, small namespace     {small_bytes:9.0f} B")
     print(f"bytes written per await, 1 MB namespace      {big_bytes:9.0f} B")
+    print(f"per-await overhead, SQLite provider          {sqlite:9.1f} us   {sqlite / small:5.2f}x filesystem (small namespace)")
+    print(f"bytes written per await, SQLite provider     {sqlite_bytes:9.0f} B (records handed to the provider)")
     print(f"cold resume to first remaining statement     {wall:9.1f} ms wall ({inside:.1f} ms after interpreter start; target < 300)")
     print(f"import playbooks                              {import_ms:9.1f} ms over a bare interpreter")
+    for awaits, h_wall, h_inside in history:
+        print(f"cold resume after {awaits:5d} awaits              {h_wall:9.1f} ms wall ({h_inside:.1f} ms after "
+              f"interpreter start; {h_wall / history[0][1]:.2f}x the first)")
 
 
 if __name__ == "__main__":
