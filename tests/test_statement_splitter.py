@@ -290,6 +290,61 @@ def test_generated_code_any_chunking(data: st.DataObject) -> None:
 
 
 @settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_skip_until_a_statement_end_releases_the_same_later_statements(data: st.DataObject) -> None:
+    """A resumed executor's splitter skips what ran (``skip_until`` = its executed offset, always a
+    statement's end): whatever the chunking, every statement ending after it comes out as before,
+    with the same positions and nodes, and none ending at or before it is parsed."""
+    text = data.draw(llm_code(), label="text")
+    whole = split(text)
+    assume(whole)
+    offset = data.draw(st.sampled_from([0, *(s.end for s in whole)]), label="skip_until")
+    cuts = data.draw(cuts_for(text), label="cuts")
+    splitter = StatementSplitter(skip_until=offset)
+    out: list[Statement] = []
+    prev = 0
+    for cut in [*sorted({c for c in cuts if 0 < c < len(text)}), len(text)]:
+        splitter.feed(text[prev:cut])
+        prev = cut
+        drain(splitter, out)
+    splitter.close()
+    drain(splitter, out)
+
+    def key(statements: Iterable[Statement]) -> list[tuple[int, int, int, str]]:
+        return [(s.start, s.end, s.lineno, ast.dump(s.node)) for s in statements if s.end > offset]
+
+    assert key(out) == key(whole)
+
+
+@pytest.mark.parametrize("cut", [None, 3, 8, 13])
+def test_skip_until_inside_a_line_of_two_statements_keeps_the_second(cut: int | None) -> None:
+    text = "a = 1; b = await Work(a)\nc = 3\n"
+    splitter = StatementSplitter(skip_until=text.index(";"))  # a ran before the crash, b did not
+    for part in ([text] if cut is None else [text[:cut], text[cut:]]):
+        splitter.feed(part)
+    splitter.close()
+    out: list[Statement] = []
+    drain(splitter, out)
+    assert [s.source for s in out if s.end > text.index(";")] == ["b = await Work(a)", "c = 3"]
+
+
+def test_skip_until_parses_nothing_of_the_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    from playbooks.execution import statement_splitter
+
+    text = "".join(f"x = await Work({i})  # call {i}\ntotal += x\n" for i in range(500)) + "last = total\n"
+    parsed: list[str] = []
+    real = statement_splitter._parse
+    monkeypatch.setattr(statement_splitter, "_parse", lambda source, **kw: parsed.append(source) or real(source, **kw))
+    splitter = StatementSplitter(skip_until=text.index("last"))
+    for i in range(0, len(text), 7):
+        splitter.feed(text[i : i + 7])
+    splitter.close()
+    out: list[Statement] = []
+    drain(splitter, out)
+    assert [s.source for s in out] == ["last = total"]
+    assert len(parsed) <= 2  # the last statement, and at most the one whose segment reaches it
+
+
 @given(llm_code())
 def test_generated_code_every_character_and_every_line(text: str) -> None:
     want = expected(text)

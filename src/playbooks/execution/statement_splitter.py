@@ -126,8 +126,12 @@ def _char_col(line: str, byte_col: int) -> int:
 class StatementSplitter:
     """Turn a stream of text chunks into complete top-level statements; see the module docstring."""
 
-    def __init__(self, *, filename: str = "<llm-response>") -> None:
+    def __init__(self, *, filename: str = "<llm-response>", skip_until: int = 0) -> None:
         self.filename = filename
+        self.skip_until = skip_until
+        """Offset up to which the text ran before (a resumed executor's executed offset): a segment
+        that ends there or before is scanned, so that the state after it is right, but neither parsed
+        nor released. A resume then costs no parse per statement of its history."""
         self._tail = ""  # text not yet dropped; _tail[0] is at absolute offset _base
         self._base = 0
         self._pos = 0  # scan position in _tail
@@ -548,6 +552,9 @@ class StatementSplitter:
         self._emit(source, seg_start, seg_line, text)
 
     def _emit(self, source: str, seg_start: int, seg_line: int, scanned: str) -> None:
+        if seg_start + len(source.rstrip()) <= self.skip_until:
+            self._released_any = True  # it parsed and ran before
+            return
         try:
             tree = _parse(source, filename=self.filename)
         except (SyntaxError, ValueError) as exc:

@@ -217,7 +217,7 @@ class StreamingPythonExecutor:
         if self._frame is not None and _state is not None:
             self._restore(_state)
         self.filename = f"<llm-response-{agent.id}-{next(_FILENAMES)}>"
-        self._splitter = StatementSplitter(filename=self.filename)
+        self._splitter = StatementSplitter(filename=self.filename, skip_until=self._resume_offset)
         self._chunks: list[str] = []
         self._response_cache: str | None = ""
         self._expected_response: str | None = None
