@@ -105,10 +105,12 @@ class DurableFrame:
         self.journal: dict[str, JournalEntry] = dict(state.journal) if state else {}
         # A replay hands recorded outcomes back in the order the calls finished (sync calls, which
         # cannot wait, excepted): ``_order`` is that order, ``_waiting`` the replayed calls waiting
-        # for their turn.
+        # for their turn. A cancelled call is not in it: its code, not its finishing, ends it, and
+        # the replay may never make it again (a replayed call returns at once, so a task can be
+        # cancelled before it starts where the live one had started): waiting for it would hang.
         self._order: list[str] = [
             e.seq for e in sorted(self.journal.values(), key=lambda e: e.counter)
-            if e.outcome in ("value", "raise", "cancelled") and not e.sync
+            if e.outcome in ("value", "raise") and not e.sync
         ]
         self._waiting: dict[str, anyio.Event] = {}
         self._progress = 0
