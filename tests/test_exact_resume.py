@@ -774,6 +774,41 @@ async def test_a_task_cancelled_before_it_starts_in_the_replay_does_not_hold_up_
         )
 
 
+async def test_a_timeout_keeps_its_place_among_the_results_that_came_after_it(anyio_backend: str) -> None:
+    """Live, the timeout of ``Slow`` came before ``Work(3)`` returned, and ``log`` says so; the replay
+    must hand ``Work(3)`` back only after the same timeout (a first fix of the case above let it pass)."""
+    if anyio_backend == "asyncio":
+        code = """
+        log = []
+        async def a():
+            try:
+                await asyncio.wait_for(Slow(1), 0.05)
+            except TimeoutError:
+                log.append("timeout")
+        async def b():
+            log.append(("b", await Work(3)))
+        first = await Work(1)
+        both = await asyncio.gather(a(), b())
+        last = await Work(2)
+        """
+    else:
+        code = """
+        log = []
+        async def a():
+            with anyio.move_on_after(0.05):
+                await Slow(1)
+            log.append("timeout")
+        async def b():
+            log.append(("b", await Work(3)))
+        first = await Work(1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a)
+            tg.start_soon(b)
+        last = await Work(2)
+        """
+    await check_every_kill(code, delays={3: 0.15}, sample=30)
+
+
 def test_a_closed_stdout_ends_the_run_as_a_host_failure_and_the_line_is_shown_after_resume(tmp_path: Path) -> None:
     """``| head -1``: print fails with BrokenPipeError. That is the host's failure: the run stops with
     HostIOError, nothing is journaled as the code's error, and a resume prints the line again."""

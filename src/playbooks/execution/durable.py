@@ -105,12 +105,10 @@ class DurableFrame:
         self.journal: dict[str, JournalEntry] = dict(state.journal) if state else {}
         # A replay hands recorded outcomes back in the order the calls finished (sync calls, which
         # cannot wait, excepted): ``_order`` is that order, ``_waiting`` the replayed calls waiting
-        # for their turn. A cancelled call is not in it: its code, not its finishing, ends it, and
-        # the replay may never make it again (a replayed call returns at once, so a task can be
-        # cancelled before it starts where the live one had started): waiting for it would hang.
+        # for their turn (see also :meth:`task_ended`).
         self._order: list[str] = [
             e.seq for e in sorted(self.journal.values(), key=lambda e: e.counter)
-            if e.outcome in ("value", "raise") and not e.sync
+            if e.outcome in ("value", "raise", "cancelled") and not e.sync
         ]
         self._waiting: dict[str, anyio.Event] = {}
         self._progress = 0
@@ -347,6 +345,11 @@ class DurableFrame:
                 await event.wait()
             if event.is_set():
                 self._waiting.pop(entry.seq, None)
+                # Let the code woken by the call before this one run on first (live, this call
+                # returned later: a timeout's handler, a task's result passed on, take a few turns
+                # of the event loop).
+                for _ in range(_SETTLE_TURNS):
+                    await anyio.lowlevel.checkpoint()
             elif self._progress == seen and self._order and self._order[0] in self.journal:
                 front = self.journal[self._order[0]]
                 error = NonDeterminismError(
@@ -356,6 +359,22 @@ class DurableFrame:
                 )
                 self.fatal = error
                 raise error
+
+    def task_ended(self, path: str) -> None:
+        """A task of the LLM's code (node ``path``) ended. Its calls still in the replay order were not
+        made again and cannot be any more: a replayed call returns at once, so the replay can cancel a
+        task before it reaches a call that the live run, slower, had made (and seen cancelled). They
+        must not hold up the calls recorded after them."""
+        gone = [seq for seq in self._order if seq.rpartition(".")[0] == path]
+        if not gone:
+            return
+        front = self._order[0]
+        for seq in gone:
+            self._order.remove(seq)
+        if self._order and self._order[0] != front:
+            event = self._waiting.pop(self._order[0], None)
+            if event is not None:
+                event.set()
 
     def release(self, entry: JournalEntry) -> None:
         """``entry`` was handed back: the next call in the recorded order may go."""
@@ -502,6 +521,7 @@ def _run_to_completion(step: Coroutine[Any, Any, None]) -> None:
 
 
 _REPLAY_STALL = 60.0
+_SETTLE_TURNS = 8
 """Seconds a replayed call waits for an earlier-finished call that the code does not make again."""
 
 
@@ -545,6 +565,10 @@ def _unwrap(interceptor: ToolCallInterceptor, call: ToolCall, entry: JournalEntr
 
 class DurableInterceptor(ToolCallInterceptor):
     """Journals live calls and replays recorded ones for a :class:`DurableFrame`."""
+
+    def task_ended(self, path: str) -> None:
+        """Called by the task hooks when a task of this frame's LLM code ends."""
+        self.frame.task_ended(path)
 
     def _output(self, call: ToolCall, fn: Callable[..., Any], before: tuple[tuple[str, str], ArgumentWatch]) -> Any:
         """An output call (``print``): its record is made first and written the instant the output is

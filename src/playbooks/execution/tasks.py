@@ -151,6 +151,9 @@ def _finished(node: TaskNode | None, task: object) -> None:
     if node is not None and node.task is task:
         root: TaskNode = getattr(node.owner, "root")
         root.pending.discard(task)
+        ended = getattr(node.owner, "task_ended", None)  # a durable frame's replay order
+        if ended is not None:
+            ended(node.path)
 
 
 # --- asyncio ---------------------------------------------------------------------------------------
