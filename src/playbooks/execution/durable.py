@@ -521,8 +521,9 @@ def _run_to_completion(step: Coroutine[Any, Any, None]) -> None:
 
 
 _REPLAY_STALL = 60.0
-_SETTLE_TURNS = 8
 """Seconds a replayed call waits for an earlier-finished call that the code does not make again."""
+_SETTLE_TURNS = 8
+"""Turns of the event loop a replayed call lets pass when its turn comes (see :meth:`DurableFrame.turn`)."""
 
 
 def _root_next(call: ToolCall) -> int | None:
