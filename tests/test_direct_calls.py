@@ -83,8 +83,9 @@ async def test_a_direct_call_is_held_by_the_snapshot_after_it(tmp_path: Path, co
 
 
 async def test_a_fast_run_snapshots_every_eighth_await_and_records_the_results_between(
-    tmp_path: Path, anyio_backend: str
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(durable, "_SNAPSHOT_INTERVAL", float("inf"))  # a loaded machine is still "fast"
     tools = Tools()
     manager = CheckpointManager("f", FilesystemCheckpointProvider(tmp_path))
     ex = StreamingPythonExecutor(tools.agent("f"), checkpoint_manager=manager)
