@@ -38,9 +38,9 @@ def drain(splitter: StatementSplitter, out: list[Statement]) -> object:
         out.append(item)
 
 
-def split(text: str, cuts: Iterable[int] = ()) -> list[Statement]:
+def split(text: str, cuts: Iterable[int] = (), *, skip_until: int = 0) -> list[Statement]:
     """Feed ``text`` cut at ``cuts`` (character offsets), drain after every chunk, close, drain."""
-    splitter = StatementSplitter()
+    splitter = StatementSplitter(skip_until=skip_until)
     out: list[Statement] = []
     prev = 0
     for cut in [*sorted({c for c in cuts if 0 < c < len(text)}), len(text)]:
@@ -300,15 +300,7 @@ def test_skip_until_a_statement_end_releases_the_same_later_statements(data: st.
     assume(whole)
     offset = data.draw(st.sampled_from([0, *(s.end for s in whole)]), label="skip_until")
     cuts = data.draw(cuts_for(text), label="cuts")
-    splitter = StatementSplitter(skip_until=offset)
-    out: list[Statement] = []
-    prev = 0
-    for cut in [*sorted({c for c in cuts if 0 < c < len(text)}), len(text)]:
-        splitter.feed(text[prev:cut])
-        prev = cut
-        drain(splitter, out)
-    splitter.close()
-    drain(splitter, out)
+    out = split(text, cuts, skip_until=offset)
 
     def key(statements: Iterable[Statement]) -> list[tuple[int, int, int, str]]:
         return [(s.start, s.end, s.lineno, ast.dump(s.node)) for s in statements if s.end > offset]
