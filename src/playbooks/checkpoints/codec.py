@@ -125,9 +125,13 @@ class RecordKey:
     secret: bytes
     source: str
     id: bytes = field(init=False, compare=False)
+    _mac: hmac.HMAC = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id", key_id(self.secret))
+        # Keyed once: each record's HMAC starts from a copy (setting up the key and looking up
+        # SHA-256 in OpenSSL on every record costs more than the hashing itself).
+        object.__setattr__(self, "_mac", hmac.new(self.secret, digestmod=hashlib.sha256))
 
     def __repr__(self) -> str:  # never show the secret
         return f"RecordKey(id={self.id.hex()}, source={self.source!r})"
@@ -209,15 +213,11 @@ def resolve_key(key: str | bytes | None = None, *, env_var: str = KEY_ENV_VAR) -
     return RecordKey(raw, "the key passed to CheckpointManager(key=...)")
 
 
-_ONE_SHOT = 1 << 16  # below this, joining header and payload for hmac.digest is cheaper than hmac.new
-
-
-def _digest(header: bytes | memoryview, payload: bytes | memoryview, secret: bytes) -> bytes:
-    if len(payload) < _ONE_SHOT:
-        return hmac.digest(secret, b"".join((header, payload)), "sha256")
-    h = hmac.new(secret, header, hashlib.sha256)
-    h.update(payload)
-    return h.digest()
+def _digest(header: bytes | memoryview, payload: bytes | memoryview, key: RecordKey) -> bytes:
+    mac = key._mac.copy()
+    mac.update(header)
+    mac.update(payload)
+    return mac.digest()
 
 
 def encode_record(payload: bytes, *, key: RecordKey, place: Place) -> tuple[bytes, bytes]:
@@ -240,7 +240,7 @@ def seal(
         MAGIC, FORMAT_VERSION, 0, len(payload), key.id, lineage, counter, prev_counter, prev_digest,
         len(eid),
     ) + eid
-    digest = _digest(header, payload, key.secret)
+    digest = _digest(header, payload, key)
     return b"".join((header, digest, payload)), digest
 
 
@@ -353,7 +353,7 @@ def decode_record(
             f"({KEY_ENV_VAR}, the durability.hmac_key_env variable, or the key file named by "
             f"{KEY_FILE_ENV_VAR})"
         )
-    if not hmac.compare_digest(_digest(view[: start - DIGEST_SIZE], view[start:], key.secret), place.digest):
+    if not hmac.compare_digest(_digest(view[: start - DIGEST_SIZE], view[start:], key), place.digest):
         raise CheckpointTamperedError(
             "checkpoint record fails its HMAC check: its bytes were changed after it was written "
             "(disk error, partial copy, manual edit or forgery)"

@@ -162,6 +162,10 @@ def _stand_in(exc: BaseException, lossy: list[str], depth: int = 0) -> BaseExcep
     return restore_exception_state(rebuild_exception(cls, args), (attributes, cause, context, exc.__suppress_context__))
 
 
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+"""Types whose pickle never meets :meth:`_Pickler.reducer_override`."""
+
+
 def dump_outcome(value: Any, *, what: str = "a call") -> bytes | None:
     """The bytes of a call's value or exception; ``None`` if a value cannot be pickled.
 
@@ -169,6 +173,8 @@ def dump_outcome(value: Any, *, what: str = "a call") -> bytes | None:
     defined), then cloudpickle. An exception is always stored, as a faithful stand-in if need be
     (with a :class:`~playbooks.errors.CheckpointWarning` that names what was left out).
     """
+    if type(value) in _SCALARS:  # the usual tool result: the same bytes without a pickler object
+        return pickle.dumps(value, _PROTOCOL)
     if isinstance(value, BaseException):
         for pickler in (_Pickler, _cloud_pickler()):
             try:
