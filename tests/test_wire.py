@@ -18,9 +18,7 @@ _vars = st.dictionaries(
     st.builds(StoredVar, _text, st.integers(min_value=0, max_value=10**6), st.none() | _blob, st.none() | st.integers(1, 99)),
     max_size=5,
 )
-_records = st.builds(
-    Record,
-    kind=st.sampled_from(["snapshot", "intent", "result", "state"]),
+_every_record = dict(  # the fields without a default
     execution_id=_text,
     counter=st.integers(min_value=1, max_value=10**9),
     timestamp=st.floats(allow_nan=False, allow_infinity=False),
@@ -29,6 +27,11 @@ _records = st.builds(
     call_stack=st.lists(_refs, max_size=3).map(tuple),
     response_start=st.integers(min_value=0, max_value=10**6),
     response_text=_text,
+)
+_records = st.builds(
+    Record,
+    kind=st.sampled_from(["snapshot", "intent", "result", "state"]),
+    **_every_record,
     executed_offset=st.integers(min_value=0, max_value=10**6),
     statement=_text,
     variables=_vars,
@@ -62,14 +65,7 @@ def test_every_bytes_field_of_a_record_is_stored_as_a_blob() -> None:
 _calls = st.builds(
     Record,
     kind=st.sampled_from(["intent", "result"]),
-    execution_id=_text,
-    counter=st.integers(min_value=1, max_value=10**9),
-    timestamp=st.floats(allow_nan=False, allow_infinity=False),
-    frame_id=_text,
-    agent_id=_text,
-    call_stack=st.lists(_refs, max_size=3).map(tuple),
-    response_start=st.integers(min_value=0, max_value=10**6),
-    response_text=_text,
+    **_every_record,
     seq=_text,
     name=_text,
     fingerprint=_text,
@@ -115,7 +111,6 @@ def test_the_kept_c_encoder_writes_what_the_json_encoder_writes(table: dict[str,
 
     assert _encode_json is not None  # CPython ships the C encoder
     assert "".join(_encode_json(table, 0)) == _ENCODER.encode(table)
-
 
 
 @given(_json)
