@@ -646,3 +646,119 @@ def test_sharing_between_variables_survives_for_any_object_graph() -> None:
         assert _identity_shape(restored, names) == _identity_shape(namespace, names)
 
     check()
+
+
+def _sharing_groups(namespace: dict[str, Any], names: list[str]) -> set[frozenset[str]]:
+    """The variables that reach a common mutable object, as groups of two or more (ground truth)."""
+    import types
+
+    reached: dict[str, set[int]] = {}
+    for name in names:
+        ids: set[int] = set()
+        stack = [namespace[name]]
+        while stack:
+            obj = stack.pop()
+            if not isinstance(obj, (list, dict, set, bytearray, types.SimpleNamespace)) or id(obj) in ids:
+                continue
+            ids.add(id(obj))
+            if isinstance(obj, dict):
+                stack.extend(obj.values())
+            elif isinstance(obj, types.SimpleNamespace):
+                stack.extend(vars(obj).values())
+            elif not isinstance(obj, bytearray):
+                stack.extend(obj)
+        reached[name] = ids
+    parent = {n: n for n in names}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            n = parent[n]
+        return n
+
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if reached[a] & reached[b]:
+                parent[find(b)] = find(a)
+    groups: dict[str, set[str]] = {}
+    for n in names:
+        groups.setdefault(find(n), set()).add(n)
+    return {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
+@pytest.mark.parametrize("probe", ["probe", "memo copy"])
+def test_variables_are_grouped_exactly_when_they_share(monkeypatch: pytest.MonkeyPatch, probe: str) -> None:
+    """Generated graphs with one big variable (a long list of records, as a fetched table) among
+    small ones, instances, sets and byte arrays: variables are stored together exactly when they
+    share a mutable object (none missed: identity; none extra: a needless group rewrites the big
+    value), and the round trip keeps the sharing. The big variable's memo is probed, not copied;
+    "memo copy" runs the fallback the probe takes when anything surprises it."""
+    import types
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from playbooks.checkpoints.namespace import SHARED_PREFIX, shared_names
+
+    if probe == "memo copy":
+        monkeypatch.setattr(namespace_module, "_ops", lambda data: 1 / 0)
+    else:
+        monkeypatch.setattr(namespace_module, "_met_by_copy", lambda pickler, candidates: 1 / 0)
+
+    @settings(max_examples=120, deadline=None)
+    @given(st.data())
+    def check(data: st.DataObject) -> None:
+        kinds = st.sampled_from(["list", "dict", "instance", "empty instance", "bytearray", "set"])
+        pool: list[Any] = []
+        for kind in data.draw(st.lists(kinds, min_size=1, max_size=8)):
+            pool.append({"list": list, "dict": dict, "bytearray": bytearray, "set": set}.get(kind, types.SimpleNamespace)())
+        for k, container in enumerate(pool):
+            for i in range(data.draw(st.integers(0, 3))):
+                item = data.draw(st.one_of(st.sampled_from(pool), st.integers(), st.text(max_size=3)))
+                if isinstance(container, list):
+                    container.append(item)
+                elif isinstance(container, dict):
+                    container[f"k{i}"] = item
+                elif isinstance(container, bytearray):
+                    container.append(k % 256)
+                elif isinstance(container, set):
+                    container.add(i * 7 + k)
+                elif vars(container) or i:  # an "empty instance" stays empty
+                    setattr(container, f"a{i}", item)
+        table = [{"id": i, "name": f"row-{i}"} for i in range(data.draw(st.integers(50, 400)))]
+        for member in data.draw(st.lists(st.sampled_from(pool), max_size=3)):
+            table.append(member)  # the big variable holds some pool members (or none)
+        names = [f"v{i}" for i in range(data.draw(st.integers(1, 5)))]
+        namespace: dict[str, Any] = {"__name__": "__llm__", "table": table}
+        for name in names:
+            namespace[name] = data.draw(st.sampled_from(pool))
+        everything = ["table", *names]
+        encoded = NamespaceEncoder().encode(namespace)
+        stored = {frozenset(shared_names(key) or ()) for key in encoded.blobs if key.startswith(SHARED_PREFIX)}
+        assert stored == _sharing_groups(namespace, everything)
+        target: dict[str, Any] = {"__name__": "__llm__"}
+        decode_namespace(_inline(encoded), target)
+        assert _sharing_groups(target, everything) == _sharing_groups(namespace, everything)
+
+    check()
+
+
+class _Token:
+    """Pickles as a call of its class with no arguments: a few bytes around one reference."""
+
+    def __reduce__(self) -> tuple[type[_Token], tuple[()]]:
+        return (_Token, ())
+
+
+def test_an_object_pickled_as_a_short_reduction_of_a_shared_class_is_not_taken_for_shared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe's one subtle case: an object that pickles as little more than a reference to its
+    class, which the big variable's pickle met too. Only a pickle that is nothing but a reference
+    means the object itself was met."""
+    from playbooks.checkpoints.namespace import SHARED_PREFIX
+
+    monkeypatch.setattr(namespace_module, "_met_by_copy", lambda pickler, candidates: 1 / 0)  # the probe decides
+    table: list[Any] = [{"id": i} for i in range(300)] + [_Token()]
+    namespace = {"__name__": "__llm__", "table": table, "token": _Token(), "row": table[3]}
+    encoded = NamespaceEncoder().encode(namespace)
+    assert sorted(k for k in encoded.blobs if k.startswith(SHARED_PREFIX)) == [f"{SHARED_PREFIX}table row"]

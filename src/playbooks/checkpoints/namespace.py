@@ -31,6 +31,7 @@ import inspect
 import io
 import logging
 import pickle
+import pickletools
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -425,12 +426,14 @@ def _dump(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]
     return _pickled(value, namespace, bound_ids)[0].getvalue()
 
 
-def _dump_with_memo(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> tuple[bytes, _Memo]:
-    """The pickle of one value, and every object met while pickling it, by id (which of them are
-    shared with other variables, and whether that matters, is for :func:`_groups` to find)."""
+def _dump_with_memo(
+    value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]
+) -> tuple[bytes, _Pickler]:
+    """The pickle of one value, and the pickler that made it: its memo holds every object met while
+    pickling (which of them are shared with other variables, and whether that matters, is for
+    :func:`_groups` to find; the pickler keeps them alive, so their ids stay theirs meanwhile)."""
     buffer, pickler = _pickled(value, namespace, bound_ids)
-    memo: _Memo = pickler.memo.copy()  # it holds the objects, so their ids stay theirs
-    return buffer.getvalue(), memo
+    return buffer.getvalue(), pickler
 
 
 def _pickled(value: Any, namespace: Mapping[str, Any], bound_ids: Mapping[int, str]) -> tuple[io.BytesIO, _Pickler]:
@@ -468,13 +471,23 @@ def shared_names(key: str) -> list[str] | None:
 
 
 def _groups(
-    memos: Mapping[str, _Memo], namespace: Mapping[str, Any], bound_ids: Mapping[int, str]
+    picklers: Mapping[str, _Pickler], sizes: Mapping[str, int], namespace: Mapping[str, Any],
+    bound_ids: Mapping[int, str],
 ) -> list[list[str]]:
     """Variables that share an object whose identity matters, as groups of two or more (in namespace
-    order). The ids each variable's pickle met are intersected as sets first: only an object met by
-    two variables or more is looked at, so an untouched big value costs a set union, not a loop over
-    its objects in Python."""
-    parent: dict[str, str] = {name: name for name in memos}
+    order).
+
+    The memos of all variables but the biggest are copied, and the ids they met are intersected as
+    sets: only an object met by two variables or more is looked at. The biggest variable's memo (tens
+    of thousands of objects for a big list of records, whose copy would cost more than its pickle) is
+    not copied: the objects of the others whose identity matters are looked up in it instead
+    (:func:`_met_by`)."""
+    names = list(picklers)
+    if len(names) < 2:
+        return []
+    biggest = max(names, key=lambda n: sizes[n])
+    memos = {n: picklers[n].memo.copy() for n in names if n != biggest}
+    parent: dict[str, str] = {name: name for name in names}
 
     def find(name: str) -> str:
         while parent[name] != name:
@@ -482,23 +495,90 @@ def _groups(
             name = parent[name]
         return name
 
+    def join(a: str, b: str) -> None:
+        a, b = find(a), find(b)
+        if a != b:
+            parent[b] = a
+
     earlier: list[tuple[str, _Memo]] = []
     seen: set[int] = set()
+    candidates: dict[int, Any] = {}
     for name, memo in memos.items():
         for oid in seen.intersection(memo):
-            if not _identity_matters(oid, memo[oid][1], namespace, bound_ids):
-                continue
-            for other, other_memo in earlier:
-                if oid in other_memo:
-                    a, b = find(other), find(name)
-                    if a != b:
-                        parent[b] = a
+            if _identity_matters(oid, memo[oid][1], namespace, bound_ids):
+                for other, other_memo in earlier:
+                    if oid in other_memo:
+                        join(other, name)
+        for oid in memo.keys() - candidates.keys():
+            obj = memo[oid][1]
+            if _identity_matters(oid, obj, namespace, bound_ids):
+                candidates[oid] = obj
         seen.update(memo)
         earlier.append((name, memo))
+    met = _met_by(picklers[biggest], candidates, namespace, bound_ids) if candidates else set()
+    for oid in met:
+        for name, memo in memos.items():
+            if oid in memo:
+                join(biggest, name)
     members: dict[str, list[str]] = {}
-    for name in memos:
+    for name in names:
         members.setdefault(find(name), []).append(name)
     return [group for group in members.values() if len(group) > 1]
+
+
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def _met_by(
+    pickler: _Pickler, candidates: Mapping[int, Any], namespace: Mapping[str, Any], bound_ids: Mapping[int, str]
+) -> set[int]:
+    """The ids of ``candidates`` that ``pickler`` met, found without copying its memo out.
+
+    A probe pickler starts with a copy of that memo (a table copy in C), learns how many entries it
+    has (``size``: pickling a fresh list twice refers back to index ``size``), then pickles each
+    candidate on its own: one the memo holds comes out as nothing but a reference to an index below
+    ``size``. A candidate it does not hold is pickled whole, and its new entries get indices from
+    ``size`` up, so a later candidate met only through it is not mistaken for one of the biggest
+    variable's objects. If anything is unexpected, the memo is copied after all.
+    """
+    buffer = io.BytesIO()
+    probe = _Pickler(buffer, namespace, bound_ids)
+    probe.memo = pickler.memo
+    fresh: list[Any] = []
+
+    def dump(obj: Any) -> bytes:
+        probe.dump(obj)
+        out = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return out
+
+    try:
+        size = next(arg for op, arg in _ops(dump((fresh, fresh))) if op in _GETS)
+        met: set[int] = set()
+        for oid, obj in candidates.items():
+            out = dump(obj)
+            if len(out) <= _MAX_GET_PICKLE:
+                ops = [(op, arg) for op, arg in _ops(out) if op not in ("PROTO", "FRAME")]
+                if len(ops) == 2 and ops[0][0] in _GETS and ops[0][1] < size and ops[1][0] == "STOP":
+                    met.add(oid)
+        return met
+    except Exception:
+        return _met_by_copy(pickler, candidates)
+
+
+def _met_by_copy(pickler: _Pickler, candidates: Mapping[int, Any]) -> set[int]:
+    """:func:`_met_by` the plain way: a copy of the whole memo."""
+    memo = pickler.memo.copy()
+    return {oid for oid in candidates if oid in memo}
+
+
+_MAX_GET_PICKLE = 24
+"""The longest pickle of a single memo reference: protocol, frame header, a long get, stop."""
+
+
+def _ops(data: bytes) -> list[tuple[str, Any]]:
+    return [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
 
 
 # --- unpickling -----------------------------------------------------------------------------------
@@ -628,8 +708,8 @@ class NamespaceEncoder:
         that holds it (``data`` is ``None``), unless its pickle is small (under 4 KiB), which is
         stored inline again rather than pin an old snapshot.
 
-        The garbage collector is paused meanwhile: finding which variables share objects copies each
-        pickler's memo (a tuple per object pickled), which for a big value would set it off many times
+        The garbage collector is paused meanwhile: finding which variables share objects copies the
+        memos of all but the biggest (a tuple per object pickled), which would set it off many times
         over, each time walking every young object; they are all freed before it resumes.
         """
         enabled = gc.isenabled()
@@ -644,7 +724,8 @@ class NamespaceEncoder:
         bound_ids = {id(v): k for k, v in bound.items()}
         encoded = EncodedNamespace()
         pickled: dict[str, bytes] = {}
-        memos: dict[str, _Memo] = {}
+        picklers: dict[str, _Pickler] = {}
+        digests: dict[str, str] = {}  # of pickles already hashed
         for name, value in namespace.items():
             if name in _NOT_SAVED or (name in bound and bound[name] is value) or _tool_name(value) == name:
                 continue  # bound again by the resuming executor (an alias is stored as a reference)
@@ -661,30 +742,30 @@ class NamespaceEncoder:
                 pickled[name] = _PREFIX + pickle.dumps(value, _PROTOCOL)
                 encoded._without_sets.add(name)
                 continue
-            data, memos[name] = self._pickle(name, value, namespace, bound_ids, encoded)
+            data, pickler = self._pickle(name, value, namespace, bound_ids, encoded)
             holds_sets = False
             if (
                 name in self._committed_without_sets and remembered is not None
                 and len(data) >= _REF_MIN_SIZE and remembered.size == len(data)
-                and remembered.digest == _digest(data)
+                and remembered.digest == digests.setdefault(name, _digest(data))
             ):
                 pass  # the same bytes as in the last snapshot, which had no set in it: none now either
             elif may_hold_sets(data):  # the opcode's byte may also be plain data: the walk decides
                 changed, holds_sets = canonicalize_sets(value)
                 if changed:  # see set_order: pickle it as fixed
-                    data, memos[name] = self._pickle(name, value, namespace, bound_ids, EncodedNamespace())
+                    data, pickler = self._pickle(name, value, namespace, bound_ids, EncodedNamespace())
+                    digests.pop(name, None)
             if not holds_sets:
                 encoded._without_sets.add(name)
+            if pickler is not None:
+                picklers[name] = pickler
             pickled[name] = data
         # Variables that share an object (an alias, two closures over one cell, one list in two
         # dicts) are pickled together, so that they share it after loading too.
-        skipped = {s.name for s in encoded.skipped}
-        for group in _groups(memos, namespace, bound_ids):
-            values = tuple(
-                UnrestoredValue(n, _type_name(namespace[n]), "it could not be saved") if n in skipped
-                else namespace[n]
-                for n in group
-            )
+        # (A variable that could not be pickled has no pickler, so it is in no group.)
+        sizes = {name: len(pickled[name]) for name in picklers}
+        for group in _groups(picklers, sizes, namespace, bound_ids):
+            values = tuple(namespace[n] for n in group)
             try:
                 data = _dump(values, namespace, bound_ids)
             except Exception as exc:  # each of them pickled alone: only their sharing is lost
@@ -694,9 +775,10 @@ class NamespaceEncoder:
             for n in group:
                 del pickled[n]
             pickled[SHARED_PREFIX + " ".join(group)] = data
+        del picklers  # the objects they met may go now
         for key, data in pickled.items():
             remembered = self._memory.get(key)
-            digest = _digest(data)
+            digest = digests.get(key) or _digest(data)
             if remembered is not None and remembered.digest == digest and len(data) >= _REF_MIN_SIZE:
                 encoded.blobs[key] = VarBlob(digest, len(data), None, remembered.host)
             else:
@@ -710,7 +792,7 @@ class NamespaceEncoder:
         namespace: Mapping[str, Any],
         bound_ids: Mapping[int, str],
         encoded: EncodedNamespace,
-    ) -> tuple[bytes, _Memo]:
+    ) -> tuple[bytes, _Pickler | None]:
         try:
             return _dump_with_memo(value, namespace, bound_ids)
         except Exception as exc:
@@ -723,7 +805,7 @@ class NamespaceEncoder:
                     f'"skip" to leave it out'
                 ) from exc
             encoded.skipped.append(SkippedVar(name, type_name, reason))
-            return _dump(UnrestoredValue(name, type_name, reason), namespace, bound_ids), {}
+            return _dump(UnrestoredValue(name, type_name, reason), namespace, bound_ids), None
 
     def commit(self, encoded: EncodedNamespace, counter: int) -> None:
         """Remember ``encoded`` as written at ``counter``; its inline variables are hosted there and
