@@ -46,3 +46,31 @@ def test_exec_reports_an_error_in_the_llm_code_with_its_line(tmp_path: Path) -> 
 def test_exec_usage_errors_exit_2(tmp_path: Path) -> None:
     assert _run("exec", str(tmp_path / "missing.md")).returncode == 2
     assert _run("nonsense").returncode == 2
+
+
+@pytest.mark.parametrize(
+    "argv, loaded",
+    [
+        (["--help"], set()),
+        (["init", "--help"], {"playbooks.cli.init_command"}),
+        (["runs", "--help"], {"playbooks.cli.checkpoints_command"}),
+        # (run uses a helper of checkpoints_command)
+        (["--conf", "x.toml", "run", "--help"], {"playbooks.cli.run_command", "playbooks.cli.checkpoints_command"}),
+    ],
+)
+def test_the_command_line_loads_only_the_invoked_command(argv: list[str], loaded: set[str]) -> None:
+    """``playbooks --help`` starts without the runtime, the LLM client or the storage code; a
+    sub-command loads its own module (``--config``'s value, even abbreviated, is not a command)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['playbooks', *{argv!r}]\n"
+        "try:\n    runpy.run_module('playbooks.cli', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('playbooks.'))), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    modules = set(done.stderr.split())
+    commands = {m for m in modules if m.endswith("_command")}
+    assert commands == loaded, done.stderr
+    if not loaded:
+        assert not {m for m in modules if m.split(".")[1] in ("program", "llm", "checkpoints", "execution")}

@@ -2,59 +2,66 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from playbooks.agent import Agent as Agent
-from playbooks.checkpoints import CheckpointManager as CheckpointManager
-from playbooks.checkpoints import CheckpointProvider as CheckpointProvider
-from playbooks.checkpoints import RecoveryCoordinator as RecoveryCoordinator
-from playbooks.errors import CheckpointError as CheckpointError
-from playbooks.errors import CheckpointWarning as CheckpointWarning
-from playbooks.errors import CodeExecutionError as CodeExecutionError
-from playbooks.errors import CodeSyntaxError as CodeSyntaxError
-from playbooks.errors import InterpreterError as InterpreterError
-from playbooks.errors import LLMCodeError as LLMCodeError
-from playbooks.errors import NonDeterminismError as NonDeterminismError
-from playbooks.errors import PlaybooksError as PlaybooksError
-from playbooks.errors import UnrestoredValueError as UnrestoredValueError
-from playbooks.execution.streaming_python_executor import ExecutionResult as ExecutionResult
-from playbooks.execution.streaming_python_executor import (
-    StreamingPythonExecutor as StreamingPythonExecutor,
-)
-from playbooks.execution.tool_calls import current_tool_call as current_tool_call
-
 if TYPE_CHECKING:
+    from playbooks.agent import Agent as Agent
+    from playbooks.checkpoints import CheckpointManager as CheckpointManager
+    from playbooks.checkpoints import CheckpointProvider as CheckpointProvider
+    from playbooks.checkpoints import RecoveryCoordinator as RecoveryCoordinator
     from playbooks.checkpoints.providers.filesystem import (
         FilesystemCheckpointProvider as FilesystemCheckpointProvider,
     )
+    from playbooks.errors import CheckpointError as CheckpointError
+    from playbooks.errors import CheckpointWarning as CheckpointWarning
+    from playbooks.errors import CodeExecutionError as CodeExecutionError
+    from playbooks.errors import CodeSyntaxError as CodeSyntaxError
+    from playbooks.errors import InterpreterError as InterpreterError
+    from playbooks.errors import LLMCodeError as LLMCodeError
+    from playbooks.errors import NonDeterminismError as NonDeterminismError
+    from playbooks.errors import PlaybooksError as PlaybooksError
+    from playbooks.errors import UnrestoredValueError as UnrestoredValueError
+    from playbooks.execution.streaming_python_executor import ExecutionResult as ExecutionResult
+    from playbooks.execution.streaming_python_executor import (
+        StreamingPythonExecutor as StreamingPythonExecutor,
+    )
+    from playbooks.execution.tool_calls import current_tool_call as current_tool_call
 
 __version__ = "0.1.0"
-__all__ = (
-    "Agent",
-    "CheckpointError",
-    "CheckpointManager",
-    "CheckpointProvider",
-    "CheckpointWarning",
-    "CodeExecutionError",
-    "CodeSyntaxError",
-    "ExecutionResult",
-    "FilesystemCheckpointProvider",
-    "InterpreterError",
-    "LLMCodeError",
-    "NonDeterminismError",
-    "PlaybooksError",
-    "RecoveryCoordinator",
-    "StreamingPythonExecutor",
-    "UnrestoredValueError",
-    "__version__",
-    "current_tool_call",
-)
+
+_WHERE = {
+    "Agent": "playbooks.agent",
+    "CheckpointError": "playbooks.errors",
+    "CheckpointManager": "playbooks.checkpoints",
+    "CheckpointProvider": "playbooks.checkpoints",
+    "CheckpointWarning": "playbooks.errors",
+    "CodeExecutionError": "playbooks.errors",
+    "CodeSyntaxError": "playbooks.errors",
+    "ExecutionResult": "playbooks.execution.streaming_python_executor",
+    "FilesystemCheckpointProvider": "playbooks.checkpoints.providers.filesystem",
+    "InterpreterError": "playbooks.errors",
+    "LLMCodeError": "playbooks.errors",
+    "NonDeterminismError": "playbooks.errors",
+    "PlaybooksError": "playbooks.errors",
+    "RecoveryCoordinator": "playbooks.checkpoints",
+    "StreamingPythonExecutor": "playbooks.execution.streaming_python_executor",
+    "UnrestoredValueError": "playbooks.errors",
+    "current_tool_call": "playbooks.execution.tool_calls",
+}
+__all__ = ("__version__", *sorted(_WHERE))
 
 
 def __getattr__(attr: str) -> Any:
-    """Import the filesystem provider on first access (``import playbooks`` loads no storage code)."""
-    if attr == "FilesystemCheckpointProvider":
-        from playbooks.checkpoints.providers.filesystem import FilesystemCheckpointProvider
+    """Import a public name's module on first access: ``import playbooks`` (and the command line's
+    start, which imports this package) loads nothing it does not use."""
+    where = _WHERE.get(attr)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    value = getattr(importlib.import_module(where), attr)
+    globals()[attr] = value  # the next access is a plain lookup
+    return value
 
-        return FilesystemCheckpointProvider
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

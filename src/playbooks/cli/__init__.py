@@ -4,6 +4,7 @@ recorded LLM response through the executor (exec)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -11,16 +12,43 @@ from pathlib import Path
 
 from playbooks import __version__
 
-from playbooks.cli.checkpoints_command import add_checkpoints_parser, add_runs_parser
-from playbooks.cli.exec_command import add_exec_parser
-from playbooks.cli.init_command import add_init_parser
-from playbooks.cli.run_command import add_run_parser
-
 __all__ = ("main",)
 
 EXIT_OK = 0
 EXIT_PROGRAM_ERROR = 1
 EXIT_USAGE = 2
+
+_COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    # name: (help, description, where its arguments are defined: module:function)
+    "exec": ("stream a recorded LLM response through the executor", None, "exec_command:configure_exec"),
+    "run": (
+        "run a .pb program",
+        "Run a .pb program: its first agent's Main playbook (and every other agent's).",
+        "run_command:configure_run",
+    ),
+    "init": ("write a commented default playbooks.toml", None, "init_command:configure_init"),
+    "runs": ("list the runs of playbooks run", "List the runs of playbooks run.", "checkpoints_command:configure_runs"),
+    "checkpoints": (
+        "list, show, prune or clear stored checkpoints",
+        "List, show, prune or clear the checkpoints of runs.",
+        "checkpoints_command:configure_checkpoints",
+    ),
+}
+"""Every sub-command. Only the one invoked is imported and given its arguments: ``playbooks --help``
+and ``playbooks init`` do not load the runtime, the LLM client or the storage code."""
+
+
+def _invoked(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line, if any (skipping the global ``--config`` value)."""
+    args = iter(argv)
+    for arg in args:
+        if len(arg) > 2 and "--config".startswith(arg):  # argparse accepts any unambiguous prefix
+            next(args, None)
+        elif arg in _COMMANDS:
+            return arg
+        elif not arg.startswith("-"):
+            return None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,11 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--config", dest="global_config", type=Path, help="configuration file (also accepted after the command)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    add_exec_parser(commands)
-    add_run_parser(commands)
-    add_init_parser(commands)
-    add_runs_parser(commands)
-    add_checkpoints_parser(commands)
+    invoked = _invoked(sys.argv[1:] if argv is None else argv)
+    for name, (help_text, description, where) in _COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=description)
+        if name == invoked:
+            module, function = where.split(":")
+            getattr(importlib.import_module(f"playbooks.cli.{module}"), function)(command)
     args = parser.parse_args(argv)
     args.reexec = argv is None
     if getattr(args, "config", None) is None and args.global_config is not None:

@@ -22,7 +22,7 @@ from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import CheckpointConfigError, PlaybooksError
 
-__all__ = ("add_checkpoints_parser", "add_runs_parser", "first_line")
+__all__ = ("configure_checkpoints", "configure_runs", "first_line")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -33,21 +33,14 @@ def _error(command: str, message: str) -> None:
     print(f"playbooks {command}: {message}", file=sys.stderr, flush=True)
 
 
-def add_runs_parser(commands: Any) -> None:
-    """Register ``playbooks runs``."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "runs", help="list the runs of playbooks run", description="List the runs of playbooks run."
-    )
+def configure_runs(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``playbooks runs``."""
     parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
     parser.set_defaults(handler=_runs)
 
 
-def add_checkpoints_parser(commands: Any) -> None:
-    """Register ``playbooks checkpoints list|show|prune|clear``."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "checkpoints", help="list, show, prune or clear stored checkpoints",
-        description="List, show, prune or clear the checkpoints of runs.",
-    )
+def configure_checkpoints(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``playbooks checkpoints list|show|prune|clear``."""
     parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="the runs with checkpoints, or the checkpoints of one run")

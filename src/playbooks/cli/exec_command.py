@@ -22,14 +22,11 @@ from playbooks.errors import LLMCodeError
 from playbooks.execution.statement_splitter import Statement
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
-__all__ = ("add_exec_parser",)
+__all__ = ("configure_exec",)
 
 
-def add_exec_parser(commands: Any) -> None:
-    """Register the ``exec`` sub-command on an argparse sub-parsers object."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "exec", help="stream a recorded LLM response through the executor"
-    )
+def configure_exec(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``playbooks exec``."""
     parser.add_argument("response", type=Path, help="a text/Markdown file holding the LLM response")
     parser.add_argument("--tools", type=Path, help="a Python file defining TOOLS = {name: callable}")
     parser.add_argument("--agent-id", default="demo", help="agent id (default: demo)")

@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from playbooks.config import CONFIG_FILENAME, ConfigError, write_default_config
 
-__all__ = ("add_init_parser",)
+__all__ = ("configure_init",)
 
 
-def add_init_parser(commands: Any) -> None:
-    """Register the ``init`` sub-command on an argparse sub-parsers object."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "init", help=f"write a commented default {CONFIG_FILENAME}"
-    )
+def configure_init(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``playbooks init``."""
     parser.add_argument(
         "--path", type=Path, default=Path(CONFIG_FILENAME), help=f"where to write it (default: ./{CONFIG_FILENAME})"
     )

@@ -65,20 +65,15 @@ from playbooks.program.runtime import (
     StepStarted,
 )
 
-__all__ = ("add_run_parser", "cassette_for", "make_provider", "parse_headers")
+__all__ = ("cassette_for", "configure_run", "make_provider", "parse_headers")
 
 EXIT_OK = 0
 EXIT_PROGRAM_ERROR = 1
 EXIT_USAGE = 2
 
 
-def add_run_parser(commands: Any) -> None:
-    """Register the ``run`` sub-command on an argparse sub-parsers object."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "run",
-        help="run a .pb program",
-        description="Run a .pb program: its first agent's Main playbook (and every other agent's).",
-    )
+def configure_run(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``playbooks run``."""
     parser.add_argument("program", type=Path, help="the .pb file to run")
     parser.add_argument(
         "--verbose", "-v", action="store_true", help="also show each LLM call and each code statement as it runs"
