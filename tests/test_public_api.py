@@ -34,3 +34,18 @@ def test_import_playbooks_stays_light() -> None:
     code = "import sys, playbooks; print(sorted(m for m in ('sqlite3', 'cloudpickle', 'hypothesis') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_facade_resolves_names_and_subpackages_on_first_use() -> None:
+    """``import playbooks`` loads nothing else; every public name and subpackage is there when asked."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, playbooks\n"
+        "assert not [m for m in sys.modules if m.startswith('playbooks.')], sys.modules\n"
+        "for name in playbooks.__all__:\n    getattr(playbooks, name)\n"
+        "assert playbooks.checkpoints.CheckpointManager is playbooks.CheckpointManager\n"
+        "assert 'StreamingPythonExecutor' in dir(playbooks)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -50,15 +50,19 @@ _WHERE = {
     "current_tool_call": "playbooks.execution.tool_calls",
 }
 __all__ = ("__version__", *sorted(_WHERE))
+_SUBMODULES = frozenset({"agent", "checkpoints", "cli", "config", "errors", "execution", "llm", "program"})
 
 
 def __getattr__(attr: str) -> Any:
     """Import a public name's module on first access: ``import playbooks`` (and the command line's
     start, which imports this package) loads nothing it does not use."""
     where = _WHERE.get(attr)
-    if where is None:
+    if where is not None:
+        value = getattr(importlib.import_module(where), attr)
+    elif attr in _SUBMODULES:  # ``import playbooks`` then ``playbooks.checkpoints...`` still works
+        value = importlib.import_module(f"{__name__}.{attr}")
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
-    value = getattr(importlib.import_module(where), attr)
     globals()[attr] = value  # the next access is a plain lookup
     return value
 
