@@ -772,11 +772,25 @@ async def test_sqlite_not_a_database(tmp_path: Path, anyio_backend: str) -> None
     await db.close()
 
 
-async def test_sqlite_sync_commits_with_full(db: SQLiteCheckpointProvider, tmp_path: Path) -> None:
+async def test_sqlite_sync_fsyncs_the_wal_without_a_commit(
+    db: SQLiteCheckpointProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sync() makes the unsynced commits durable with one fdatasync of the WAL (and of the folder
+    once, for the WAL's name); it commits nothing of its own, and does nothing when nothing is new."""
+    import os
+
+    synced: list[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
     await db.save_checkpoint("run_ckpt_1", b"x", sync=False)
     await db.sync("run")
+    assert synced == [str(tmp_path / "sub" / "c.sqlite3-wal"), str(tmp_path / "sub")]
+    await db.save_checkpoint("run_ckpt_2", b"y", sync=False)
+    await db.sync("run")
+    await db.sync("run")
+    assert synced[2:] == [str(tmp_path / "sub" / "c.sqlite3-wal")]
     with sqlite3.connect(tmp_path / "sub" / "c.sqlite3") as conn:
-        assert conn.execute("SELECT count(*) FROM meta WHERE key = 'last_sync'").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM meta WHERE key = 'last_sync'").fetchone()[0] == 0
     conn.close()
 
 

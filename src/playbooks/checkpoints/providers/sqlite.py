@@ -13,10 +13,11 @@ record is on stable storage when the call returns. A save with ``sync=False`` ru
 ``synchronous=NORMAL``: the commit is written to the WAL but not fsynced, so it survives the death of the
 process (it is in the OS) but not necessarily a power failure. The WAL is an append-only file replayed in
 order, so the fsync of a later ``FULL`` commit also makes every earlier ``NORMAL`` commit durable; that
-is how a ``sync=True`` save covers the ``sync=False`` records before it. :meth:`sync` does the same when
-needed by committing a tiny row to the ``meta`` table with ``FULL``. (A WAL checkpoint, which copies the
-WAL into the main file, also syncs, but SQLite may skip it while readers are active, so it is no
-guarantee.) Switching the pragma costs no I/O and is done only when the mode changes.
+is how a ``sync=True`` save covers the ``sync=False`` records before it. :meth:`sync` makes them
+durable without a commit of its own: one ``fdatasync`` of the ``-wal`` file, which is what a ``FULL``
+commit would do after writing its own frame (a WAL checkpoint, which copies the WAL into the main file,
+fsyncs the WAL before and the main file after, so commits it moved are durable too). Switching the
+pragma costs no I/O and is done only when the mode changes.
 
 *Locks.* Whether an execution's lock is held is decided by the kernel, never by a PID: the holder
 keeps ``flock(LOCK_EX)`` on ``{db}.locks/{sha256(execution_id)[:32]}.lock`` (folder 0700, file 0600)
@@ -114,6 +115,14 @@ def _describe(exc: BaseException) -> str:
     return f"{words} ({name}: {exc})" if words else f"{exc} ({name})"
 
 
+def _fdatasync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def _is_corruption(exc: sqlite3.Error) -> bool:
     name = getattr(exc, "sqlite_errorname", "")
     return isinstance(name, str) and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
@@ -192,7 +201,9 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         self._timeout = timeout
         self._conn: sqlite3.Connection | None = None
         self._synchronous = ""
-        self._unsynced = False  # a sync=False commit has not been covered by a FULL commit yet
+        self._unsynced = False  # a sync=False commit has not been made durable yet
+        self._wal = False  # the database is in WAL mode (known once opened)
+        self._wal_named = False  # the folder was fsynced since the WAL file exists
         self._locks: set[_SQLiteLock] = set()
         self._hostname = socket.gethostname()
 
@@ -213,6 +224,7 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
         try:
             (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            self._wal = mode == "wal"
             if mode != "wal" and self._path != ":memory:":
                 _log.warning(
                     "checkpoint database %s cannot use WAL mode (got %r); writes will block readers",
@@ -298,15 +310,23 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         self._unsynced = not sync
 
     async def sync(self, execution_id: str) -> None:
-        """Make every ``sync=False`` save of this provider durable with one fsynced commit."""
+        """Make every ``sync=False`` save of this provider durable: one ``fdatasync`` of the WAL, which
+        holds every commit since the last WAL checkpoint (and a checkpoint syncs the database file
+        itself). Without WAL (a file system that cannot share memory), one fsynced commit."""
         if not self._unsynced:
             return
         try:
             conn = self._connection()
-            self._set_synchronous(conn, "FULL")
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_sync', ?)", (time.time(),)
-            )
+            if self._path == ":memory:":
+                pass
+            elif self._wal:
+                _fdatasync_path(self._path + "-wal")
+                if not self._wal_named:  # the WAL's name, once, like the database file's
+                    _fdatasync_path(os.path.dirname(self._path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                    self._wal_named = True
+            else:
+                self._set_synchronous(conn, "FULL")
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_sync', ?)", (time.time(),))
         except (sqlite3.Error, OSError) as exc:
             raise CheckpointWriteError(
                 f"cannot flush checkpoints of {execution_id!r} in {self._path}: {_describe(exc)}"
