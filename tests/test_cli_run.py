@@ -327,6 +327,14 @@ def test_checkpoints_show_prune_clear(tmp_path: Path) -> None:
     assert data["metadata"]["execution_id"] == run_id and data["execution_state"]["done"]
     one = _run("checkpoints", "show", data["metadata"]["checkpoint_id"], cwd=tmp_path)
     assert json.loads(one.stdout)["metadata"]["counter"] == data["metadata"]["counter"]
+    runs = json.loads(_run("runs", "--json", cwd=tmp_path).stdout)
+    assert [(r["run_id"], r["status"], r["program"].endswith("orders.pb")) for r in runs] == [(run_id, "completed", True)]
+    assert runs[0]["checkpoints"] > 0 and runs[0]["last_statement"]
+    listed = json.loads(_run("checkpoints", "list", run_id, "--json", cwd=tmp_path).stdout)
+    assert [row["checkpoint_id"] for row in listed] == [f"{run_id}_ckpt_{row['counter']}" for row in listed]
+    assert {row["kind"] for row in listed} <= {"snapshot", "intent", "result", "state"} and listed[-1]["done"]
+    (stored,) = json.loads(_run("checkpoints", "list", "--json", cwd=tmp_path).stdout)
+    assert stored["run_id"] == run_id and stored["checkpoints"] >= len(listed)  # (and the manager's own entries)
     before = _run("checkpoints", "list", run_id, cwd=tmp_path).stdout.count("_ckpt_")
     pruned = _run("checkpoints", "prune", run_id, "--keep", "1", cwd=tmp_path)
     assert pruned.returncode == 0 and "deleted" in pruned.stdout

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def _error(command: str, message: str) -> None:
 def configure_runs(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``playbooks runs``."""
     parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
+    parser.add_argument("--json", action="store_true", help="one JSON array of the runs, for scripts")
     parser.set_defaults(handler=_runs)
 
 
@@ -45,6 +47,7 @@ def configure_checkpoints(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="the runs with checkpoints, or the checkpoints of one run")
     listing.add_argument("run_id", nargs="?")
+    listing.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     show = actions.add_parser("show", help="a checkpoint (or a run's latest) as JSON")
     show.add_argument("checkpoint", help="a checkpoint id (RUN_ckpt_N) or a run id (its latest checkpoint)")
     prune = actions.add_parser("prune", help="keep only the newest snapshots of a run (and what they need)")
@@ -93,12 +96,22 @@ def _runs(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     records = RunStore(runs_folder(config)).all()
+    if args.json:
+        listed = []
+        for record in records:
+            status, count, statement = anyio.run(_progress, config, record)
+            listed.append({
+                **asdict(record), "status": status, "checkpoints": count, "last_statement": statement,
+            })
+        print(json.dumps(listed, indent=2))
+        return EXIT_OK
     if not records:
         print(f"no runs in {runs_folder(config)}")
         return EXIT_OK
     rows = [("RUN", "STATUS", "CHECKPOINTS", "LLM CALLS", "TOKENS IN/OUT", "STARTED", "PROGRAM", "LAST STATEMENT")]
     for record in records:
         status, count, statement = anyio.run(_progress, config, record)
+        statement = first_line(statement)
         rows.append((
             record.run_id,
             status,
@@ -116,7 +129,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 async def _progress(config: Config, record: RunRecord) -> tuple[str, int, str]:
-    """A run's status (by its checkpoint lock), number of checkpoints and last statement."""
+    """A run's status (by its checkpoint lock), number of checkpoints and last statement (whole)."""
     manager = _manager(config, record.run_id)
     try:
         status = await run_status(record, manager.provider)
@@ -124,7 +137,7 @@ async def _progress(config: Config, record: RunRecord) -> tuple[str, int, str]:
         if not ids:
             return status, 0, ""
         await manager.load_records()
-        return status, len(ids), first_line(manager.last_statement())
+        return status, len(ids), manager.last_statement()
     finally:
         await manager.provider.close()
 
@@ -152,7 +165,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 async def _checkpoint_action(args: argparse.Namespace, config: Config) -> int:
     if args.action == "list":
-        return await _list(config, args.run_id)
+        return await _list(config, args.run_id, as_json=args.json)
     if args.action == "show":
         return await _show(config, args.checkpoint)
     if args.action == "prune":
@@ -160,21 +173,37 @@ async def _checkpoint_action(args: argparse.Namespace, config: Config) -> int:
     return await _clear(config, args.run_id, args.all, args.yes)
 
 
-async def _list(config: Config, run_id: str | None) -> int:
+async def _list(config: Config, run_id: str | None, *, as_json: bool = False) -> int:
     if run_id is None:
         manager = _manager(config, "_")
-        executions = await manager.provider.list_executions()
-        for execution in executions:
-            count = len(await _manager(config, execution).list_checkpoints())  # files and journal entries
-            print(f"{execution}  {count} checkpoint{'' if count == 1 else 's'}")
-        if not executions:
+        counts = {  # files and journal entries
+            execution: len(await _manager(config, execution).list_checkpoints())
+            for execution in await manager.provider.list_executions()
+        }
+        if as_json:
+            print(json.dumps([{"run_id": r, "checkpoints": n} for r, n in counts.items()], indent=2))
+        elif not counts:
             print("no checkpoints")
+        else:
+            for execution, count in counts.items():
+                print(f"{execution}  {count} checkpoint{'' if count == 1 else 's'}")
         return EXIT_OK
     manager = _manager(config, run_id)
     records = await manager.load_records()
     if not records:
         _error("checkpoints", f"run {run_id!r} has no checkpoints")
         return EXIT_USAGE
+    listed = [
+        {
+            "checkpoint_id": f"{run_id}_ckpt_{counter}", "counter": counter, "time": record.timestamp,
+            "kind": record.kind, "frame_id": record.frame_id, "statement": record.statement,
+            "call": record.display, "tool": record.name, "done": record.done,
+        }
+        for counter, record in sorted(records.items())
+    ]
+    if as_json:
+        print(json.dumps(listed, indent=2))
+        return EXIT_OK
     for counter, record in sorted(records.items()):
         what = record.display or first_line(record.statement) or record.name
         stamp = time.strftime("%H:%M:%S", time.localtime(record.timestamp))
