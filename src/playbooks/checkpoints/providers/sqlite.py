@@ -576,3 +576,4 @@ class SQLiteCheckpointProvider(CheckpointProvider):
                 self._conn.close()
                 self._conn = None
                 self._synchronous = ""
+                self._wal_named = False  # the last connection's close may delete the WAL file
