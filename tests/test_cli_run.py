@@ -347,3 +347,38 @@ def test_checkpoints_show_prune_clear(tmp_path: Path) -> None:
     assert cleared.returncode == 0, cleared.stderr
     assert "no runs" in _run("runs", cwd=tmp_path).stdout
     assert _run("checkpoints", "show", "nope", cwd=tmp_path).returncode == 2
+
+
+def test_completed_runs_are_deleted_after_their_age_and_failed_ones_kept(tmp_path: Path) -> None:
+    """Retention: ``checkpoints prune --older-than AGE`` deletes completed runs that finished longer
+    ago (records and checkpoints); failed, crashed and recent ones stay. With
+    ``durability.delete_completed_after_days`` a run that completes does the same for the others."""
+    shutil.copy(EXAMPLES / "orders.pb", tmp_path)
+    shutil.copy(EXAMPLES / "orders.cassette.json", tmp_path)
+    runs = tmp_path / ".checkpoints" / ".runs"
+    for _ in range(2):
+        assert _run("run", "orders.pb", cwd=tmp_path).returncode == 0
+    old, recent = sorted(runs.glob("*.json"))
+    record = json.loads(old.read_text())
+    record["updated"] -= 3 * 86400
+    old.write_text(json.dumps(record))
+    for status in ("failed", "crashed"):  # old too, but they may resume
+        (runs / f"kept-{status}.json").write_text(json.dumps({**record, "run_id": f"kept-{status}", "status": status}))
+    assert _run("checkpoints", "prune", "--older-than", "x", cwd=tmp_path).returncode == 2
+    assert _run("checkpoints", "prune", recent.stem, "--older-than", "1d", cwd=tmp_path).returncode == 2
+    pruned = _run("checkpoints", "prune", "--older-than", "2d", cwd=tmp_path)
+    assert pruned.returncode == 0 and f"deleted 1 completed run: {old.stem}" in pruned.stdout, pruned.stdout
+    assert sorted(p.stem for p in runs.glob("*.json")) == sorted([recent.stem, "kept-crashed", "kept-failed"])
+    def stored(run_id: str) -> list[str]:  # (a run's folder keeps its lock file, as after clear)
+        return [p.name for p in (tmp_path / ".checkpoints" / run_id).iterdir() if p.name != ".lock"]
+
+    assert not stored(old.stem) and stored(recent.stem)
+
+    record = json.loads(recent.read_text())
+    record["updated"] -= 2 * 86400
+    recent.write_text(json.dumps(record))
+    (tmp_path / "playbooks.toml").write_text("[durability]\ndelete_completed_after_days = 1\n", encoding="utf-8")
+    again = _run("run", "orders.pb", cwd=tmp_path)
+    assert again.returncode == 0 and f"deleted the completed run {recent.stem}" in again.stderr, again.stderr
+    left = sorted(p.stem for p in runs.glob("*.json"))
+    assert len(left) == 3 and "kept-crashed" in left and "kept-failed" in left and recent.stem not in left

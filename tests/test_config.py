@@ -55,6 +55,7 @@ def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         provider="filesystem",
         unpicklable="skip",
         hmac_key_env="PLAYBOOKS_CHECKPOINT_KEY",
+        delete_completed_after_days=None,
     )
     assert config.model == ModelConfig(
         provider="replay",

@@ -203,6 +203,16 @@ class DurabilityConfig(_Validated):
             non_empty=True,
         ),
     )
+    delete_completed_after_days: float | None = field(
+        default=None,
+        metadata=_meta(
+            "Delete the checkpoints and record of a completed run this many days after it finished "
+            "(checked when a run completes, and by playbooks checkpoints prune --older-than). Failed and "
+            "crashed runs are kept: they may still resume. Unset keeps every run.",
+            above=0,
+            example=30,
+        ),
+    )
 
 
 @dataclass(frozen=True)

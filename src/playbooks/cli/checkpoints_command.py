@@ -21,9 +21,9 @@ from playbooks.checkpoints import Checkpoint, CheckpointManager
 from playbooks.checkpoints.provider import parse_checkpoint_id
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
-from playbooks.errors import CheckpointConfigError, PlaybooksError
+from playbooks.errors import CheckpointConfigError, ExecutionLockedError, PlaybooksError
 
-__all__ = ("configure_checkpoints", "configure_runs", "first_line")
+__all__ = ("configure_checkpoints", "configure_runs", "delete_completed_runs", "first_line")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -50,9 +50,16 @@ def configure_checkpoints(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     show = actions.add_parser("show", help="a checkpoint (or a run's latest) as JSON")
     show.add_argument("checkpoint", help="a checkpoint id (RUN_ckpt_N) or a run id (its latest checkpoint)")
-    prune = actions.add_parser("prune", help="keep only the newest snapshots of a run (and what they need)")
-    prune.add_argument("run_id")
+    prune = actions.add_parser(
+        "prune", help="keep only the newest snapshots of a run (and what they need), or delete old completed runs"
+    )
+    prune.add_argument("run_id", nargs="?")
     prune.add_argument("--keep", type=int, default=None, help="snapshots to keep (default: durability.keep_last_n)")
+    prune.add_argument(
+        "--older-than", type=_age, default=None, metavar="AGE",
+        help="instead: delete every completed run that finished more than AGE ago (30d, 12h, 45m, 90s); "
+        "failed and crashed runs are kept, they may still resume",
+    )
     clear = actions.add_parser("clear", help="delete every checkpoint of a run (or of all runs)")
     clear.add_argument("run_id", nargs="?")
     clear.add_argument("--all", action="store_true", help="every run (asks first, unless --yes)")
@@ -168,7 +175,18 @@ async def _checkpoint_action(args: argparse.Namespace, config: Config) -> int:
         return await _list(config, args.run_id, as_json=args.json)
     if args.action == "show":
         return await _show(config, args.checkpoint)
+    if args.action == "prune" and args.older_than is not None:
+        if args.run_id is not None or args.keep is not None:
+            _error("checkpoints", "prune --older-than applies to every completed run: give no run id or --keep")
+            return EXIT_USAGE
+        deleted = await delete_completed_runs(config, older_than=args.older_than)
+        print(f"deleted {len(deleted)} completed run{'' if len(deleted) == 1 else 's'}"
+              + (f": {', '.join(deleted)}" if deleted else ""))
+        return EXIT_OK
     if args.action == "prune":
+        if args.run_id is None:
+            _error("checkpoints", "prune needs a run id, or --older-than AGE")
+            return EXIT_USAGE
         return await _prune(config, args.run_id, args.keep)
     return await _clear(config, args.run_id, args.all, args.yes)
 
@@ -253,6 +271,58 @@ async def _prune(config: Config, run_id: str, keep: int | None) -> int:
     return EXIT_OK
 
 
+async def _delete_run(config: Config, store: RunStore, run_id: str) -> int:
+    """Delete a run's checkpoints and record; return how many records went. Refused (an
+    :class:`~playbooks.errors.ExecutionLockedError`) while the run holds its lock."""
+    manager = _manager(config, run_id)
+    lock = await manager.provider.acquire_lock(run_id)
+    deleted = 0
+    try:
+        for cid in await manager.provider.list_checkpoints(run_id):
+            deleted += bool(await manager.provider.delete_checkpoint(cid))
+        journal = [counter for counter, _ in await manager.provider.read_journal(run_id)]
+        await manager.provider.drop_journal(run_id, journal)
+        deleted += len(journal)
+    finally:
+        await lock.release()
+        await manager.provider.close()
+    store.delete(run_id)
+    return deleted
+
+
+async def delete_completed_runs(config: Config, *, older_than: float, keep: str = "") -> list[str]:
+    """Delete every run recorded as completed that finished more than ``older_than`` seconds ago (but
+    ``keep``); return their ids. Failed and crashed runs stay (they may resume), and so does a run
+    that holds its lock."""
+    store = RunStore(runs_folder(config))
+    cutoff = time.time() - older_than
+    deleted = []
+    for record in store.all():
+        if record.status != "completed" or record.updated >= cutoff or record.run_id == keep:
+            continue
+        try:
+            await _delete_run(config, store, record.run_id)
+        except ExecutionLockedError:
+            continue
+        deleted.append(record.run_id)
+    return deleted
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> float:
+    """An age on the command line: a number and a unit (s, m, h, d, w), in seconds."""
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 30d, 12h, 45m or 90s") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: an age must be more than 0")
+    return seconds
+
+
 async def _clear(config: Config, run_id: str | None, every: bool, yes: bool = False) -> int:
     if (run_id is None) == (not every):
         _error("checkpoints", "clear needs a run id, or --all")
@@ -273,16 +343,6 @@ async def _clear(config: Config, run_id: str | None, every: bool, yes: bool = Fa
     total = 0
     for rid in run_ids:
         assert rid is not None
-        manager = _manager(config, rid)
-        lock = await manager.provider.acquire_lock(rid)  # refuse a running run
-        try:
-            for cid in await manager.provider.list_checkpoints(rid):
-                total += bool(await manager.provider.delete_checkpoint(cid))
-            journal = [counter for counter, _ in await manager.provider.read_journal(rid)]
-            await manager.provider.drop_journal(rid, journal)
-            total += len(journal)
-        finally:
-            await lock.release()
-        store.delete(rid)
+        total += await _delete_run(config, store, rid)
     print(f"deleted {total} checkpoint{'' if total == 1 else 's'} of {len(run_ids)} run{'' if len(run_ids) == 1 else 's'}")
     return EXIT_OK

@@ -31,7 +31,7 @@ import anyio
 
 from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
 from playbooks.checkpoints.provider import CheckpointProvider
-from playbooks.cli.checkpoints_command import first_line
+from playbooks.cli.checkpoints_command import delete_completed_runs, first_line
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import (
@@ -448,6 +448,11 @@ async def _session(
         await manager.close()
     run.status = "completed"
     store.save(run)
+    days = config.durability.delete_completed_after_days
+    if days is not None:  # retention: completed runs older than that go (this one stays)
+        for gone in await delete_completed_runs(config, older_than=days * 86400, keep=run.run_id):
+            print(f"playbooks run: deleted the completed run {gone} (durability.delete_completed_after_days = "
+                  f"{days:g})", file=sys.stderr, flush=True)
     return _finished(result, run)
 
 
