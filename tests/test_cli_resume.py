@@ -93,6 +93,12 @@ def test_sigkill_after_every_line_then_resume(name: str, tmp_path: Path) -> None
             capture_output=True, timeout=60,
         )
         where = f"{name}, killed after line {k} ({lines[k - 1].strip()!r})"
+        if resumed.returncode == 2 and "(completed)" in resumed.stderr and k == done_at:
+            # On a busy machine the kill after the last line can land after the run recorded itself
+            # completed (it only had "done:" left to print): then there is nothing to resume, and the
+            # killed process had shown everything.
+            assert killed_out == reference.stdout, where
+            continue
         assert resumed.returncode == 0, f"{where}:\n{resumed.stderr}"
         assert killed_out + resumed.stdout == reference.stdout, f"{where}:\n{resumed.stderr}"
         said = ("resuming run", "starting a fresh run", "starts from the beginning")
