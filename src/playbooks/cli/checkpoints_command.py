@@ -211,16 +211,15 @@ async def _list(config: Config, run_id: str | None, *, as_json: bool = False) ->
     if not records:
         _error("checkpoints", f"run {run_id!r} has no checkpoints")
         return EXIT_USAGE
-    listed = [
-        {
-            "checkpoint_id": f"{run_id}_ckpt_{counter}", "counter": counter, "time": record.timestamp,
-            "kind": record.kind, "frame_id": record.frame_id, "statement": record.statement,
-            "call": record.display, "tool": record.name, "done": record.done,
-        }
-        for counter, record in sorted(records.items())
-    ]
     if as_json:
-        print(json.dumps(listed, indent=2))
+        print(json.dumps([
+            {
+                "checkpoint_id": f"{run_id}_ckpt_{counter}", "counter": counter, "time": record.timestamp,
+                "kind": record.kind, "frame_id": record.frame_id, "statement": record.statement,
+                "call": record.display, "tool": record.name, "done": record.done,
+            }
+            for counter, record in sorted(records.items())
+        ], indent=2))
         return EXIT_OK
     for counter, record in sorted(records.items()):
         what = record.display or first_line(record.statement) or record.name
