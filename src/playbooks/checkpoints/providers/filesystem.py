@@ -85,6 +85,9 @@ from playbooks.checkpoints.provider import (
     parse_checkpoint_id,
     validate_execution_id,
 )
+from playbooks.checkpoints.providers._sync import DIR_FLAGS as _DIR_FLAGS
+from playbooks.checkpoints.providers._sync import READ_FLAGS as _READ_FLAGS
+from playbooks.checkpoints.providers._sync import fsync_path as _fsync_path
 from playbooks.errors import (
     CheckpointWarning,
     CheckpointWriteError,
@@ -102,8 +105,6 @@ _LOCKS_FOLDER = ".locks"  # {base}/.locks/{execution_id}: the lock that outlives
 _FOLDER_MODE = 0o700
 _FILE_MODE = 0o600
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _HEAD_OFFSET = 64  # in the lock file; the pid comes first
@@ -207,14 +208,6 @@ def _split(cid: str) -> tuple[str, int]:
         raise ValueError(f"not a canonical checkpoint id: {cid!r}")
     _validate_execution_id(execution_id)
     return execution_id, counter
-
-
-def _fsync_path(path: str, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path: str) -> None:

@@ -59,6 +59,7 @@ from playbooks.checkpoints.provider import (
     checkpoint_id,
     parse_checkpoint_id,
 )
+from playbooks.checkpoints.providers._sync import DIR_FLAGS, fsync_path
 from playbooks.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -113,14 +114,6 @@ def _describe(exc: BaseException) -> str:
     base = "_".join(name.split("_")[:2])  # SQLITE_IOERR_FSYNC -> SQLITE_IOERR
     words = _SQLITE_WORDS.get(base)
     return f"{words} ({name}: {exc})" if words else f"{exc} ({name})"
-
-
-def _fdatasync_path(path: str, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_corruption(exc: sqlite3.Error) -> bool:
@@ -265,11 +258,7 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         except FileExistsError:
             return
         os.close(fd)
-        dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(dir_fd)  # the new file's name must survive a power failure too
-        finally:
-            os.close(dir_fd)
+        fsync_path(folder, DIR_FLAGS)  # the new file's name must survive a power failure too
 
     async def check_writable(self) -> None:
         """Open (creating if needed) the database and check this process can write it."""
@@ -320,9 +309,9 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             if self._path == ":memory:":
                 pass
             elif self._wal:
-                _fdatasync_path(self._path + "-wal")
+                fsync_path(self._path + "-wal", data_only=True)
                 if not self._wal_named:  # the WAL's name, once, like the database file's
-                    _fdatasync_path(os.path.dirname(self._path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                    fsync_path(os.path.dirname(self._path), DIR_FLAGS, data_only=True)
                     self._wal_named = True
             else:
                 self._set_synchronous(conn, "FULL")
