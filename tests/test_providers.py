@@ -153,6 +153,44 @@ async def test_delete(provider: CheckpointProvider) -> None:
 
 
 @conformance
+async def test_delete_execution_starts_the_id_clean(provider: CheckpointProvider) -> None:
+    """A deleted execution's records, journal and head go (a new run under the id loads nothing and
+    warns of no loss), its neighbours stay, and it is refused while someone holds the execution."""
+    import warnings
+
+    from playbooks import Agent, StreamingPythonExecutor
+    from playbooks.checkpoints import CheckpointManager
+
+    async def work(i: int) -> int:
+        return i
+
+    async def run(execution_id: str) -> None:
+        manager = CheckpointManager(execution_id, provider, keep_last_n=None)
+        executor = StreamingPythonExecutor(Agent("a", tools={"Work": work}), checkpoint_manager=manager)
+        await executor.add_chunk("x = await Work(1)\nfor i in range(3):\n    await Work(i)\n")
+        await executor.finalize()
+        await manager.close()
+
+    await run("run")
+    await run("other")
+    kept = await provider.list_checkpoints("other")
+    held = await provider.acquire_lock("run")
+    with pytest.raises(ExecutionLockedError):
+        await provider.delete_execution("run")
+    await held.release()
+    assert await provider.delete_execution("run") > 0
+    assert await provider.list_checkpoints("run") == []
+    assert await provider.read_journal("run") == []
+    assert await provider.list_checkpoints("other") == kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manager = CheckpointManager("run", provider)
+        assert await manager.get_latest_checkpoint() is None
+        await run("run")
+    assert await CheckpointManager("run", provider).get_latest_checkpoint() is not None
+
+
+@conformance
 async def test_list_executions(provider: CheckpointProvider) -> None:
     assert await provider.list_executions() == []
     await provider.save_checkpoint("zeta_ckpt_1", b"z")

@@ -241,6 +241,25 @@ class CheckpointProvider(abc.ABC):
             deleted += bool(await self.delete_checkpoint(cid))
         return deleted
 
+    async def delete_execution(self, execution_id: str) -> int:
+        """Delete every record and journal entry of ``execution_id``; return how many went.
+
+        Refused (:class:`~playbooks.errors.ExecutionLockedError`) while a live process holds the
+        execution. A head left behind names no record of a lineage any more, so a new execution under
+        the same id starts clean.
+        """
+        lock = await self.acquire_lock(execution_id)
+        deleted = 0
+        try:
+            for cid in await self.list_checkpoints(execution_id):
+                deleted += bool(await self.delete_checkpoint(cid))
+            journal = [counter for counter, _ in await self.read_journal(execution_id)]
+            await self.drop_journal(execution_id, journal)
+            deleted += len(journal)
+        finally:
+            await lock.release()
+        return deleted
+
     async def close(self) -> None:
         """Release connections or handles, and every lock still held through this provider.
 

@@ -273,18 +273,11 @@ async def _prune(config: Config, run_id: str, keep: int | None) -> int:
 async def _delete_run(config: Config, store: RunStore, run_id: str) -> int:
     """Delete a run's checkpoints and record; return how many records went. Refused (an
     :class:`~playbooks.errors.ExecutionLockedError`) while the run holds its lock."""
-    manager = _manager(config, run_id)
-    lock = await manager.provider.acquire_lock(run_id)
-    deleted = 0
+    provider = _manager(config, run_id).provider
     try:
-        for cid in await manager.provider.list_checkpoints(run_id):
-            deleted += bool(await manager.provider.delete_checkpoint(cid))
-        journal = [counter for counter, _ in await manager.provider.read_journal(run_id)]
-        await manager.provider.drop_journal(run_id, journal)
-        deleted += len(journal)
+        deleted = await provider.delete_execution(run_id)
     finally:
-        await lock.release()
-        await manager.provider.close()
+        await provider.close()
     store.delete(run_id)
     return deleted
 
