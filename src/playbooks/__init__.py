@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         StreamingPythonExecutor as StreamingPythonExecutor,
     )
     from playbooks.execution.tool_calls import current_tool_call as current_tool_call
+    from playbooks.execution.tool_calls import durable_call as durable_call
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ _WHERE = {
     "StreamingPythonExecutor": "playbooks.execution.streaming_python_executor",
     "UnrestoredValueError": "playbooks.errors",
     "current_tool_call": "playbooks.execution.tool_calls",
+    "durable_call": "playbooks.execution.tool_calls",
 }
 __all__ = ("__version__", *sorted(_WHERE))
 _SUBMODULES = frozenset({"agent", "checkpoints", "cli", "config", "errors", "execution", "llm", "program"})

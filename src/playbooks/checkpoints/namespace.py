@@ -716,8 +716,15 @@ class NamespaceEncoder:
         self._without_sets: set[str] = set()
         self._committed_without_sets: frozenset[str] = frozenset()  # as the last snapshot found them
 
-    def encode(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> EncodedNamespace:
-        """Pickle every variable but ``__builtins__`` and the bound objects under their own names.
+    def encode(
+        self,
+        namespace: Mapping[str, Any],
+        *,
+        bound: Mapping[str, Any] | None = None,
+        unsaved: Callable[[str], bool] | None = None,
+    ) -> EncodedNamespace:
+        """Pickle every variable but ``__builtins__``, the bound objects under their own names and the
+        names ``unsaved`` says the host keeps.
 
         A variable that is unchanged since the last committed snapshot is a reference to the snapshot
         that holds it (``data`` is ``None``), unless its pickle is small (under 4 KiB), which is
@@ -730,12 +737,14 @@ class NamespaceEncoder:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._encode(namespace, bound or {})
+            return self._encode(namespace, bound or {}, unsaved)
         finally:
             if enabled:
                 gc.enable()
 
-    def _encode(self, namespace: Mapping[str, Any], bound: Mapping[str, Any]) -> EncodedNamespace:
+    def _encode(
+        self, namespace: Mapping[str, Any], bound: Mapping[str, Any], unsaved: Callable[[str], bool] | None
+    ) -> EncodedNamespace:
         bound_ids = {id(v): k for k, v in bound.items()}
         encoded = EncodedNamespace()
         pickled: dict[str, bytes] = {}
@@ -744,6 +753,8 @@ class NamespaceEncoder:
         for name, value in namespace.items():
             if name in _NOT_SAVED or (name in bound and bound[name] is value) or _tool_name(value) == name:
                 continue  # bound again by the resuming executor (an alias is stored as a reference)
+            if unsaved is not None and unsaved(name):
+                continue  # the host's own (an IPython shell's history)
             encoded._values[name] = value
             remembered = self._memory.get(name)
             if remembered is not None and remembered.immutable and remembered.value is value:
@@ -834,7 +845,13 @@ class NamespaceEncoder:
         self._without_sets = set(encoded._without_sets)
         self._committed_without_sets = frozenset(encoded._without_sets)
 
-    def settle_sets(self, namespace: Mapping[str, Any], *, bound: Mapping[str, Any] | None = None) -> None:
+    def settle_sets(
+        self,
+        namespace: Mapping[str, Any],
+        *,
+        bound: Mapping[str, Any] | None = None,
+        unsaved: Callable[[str], bool] | None = None,
+    ) -> None:
         """Put the sets of the namespace in their canonical layout without taking a snapshot.
 
         A frame does this after every statement, whether or not it writes a snapshot there (a
@@ -845,6 +862,8 @@ class NamespaceEncoder:
         bound = bound or {}
         for name, value in namespace.items():
             if name in _NOT_SAVED or name in self._without_sets or (name in bound and bound[name] is value):
+                continue
+            if unsaved is not None and unsaved(name):
                 continue
             if isinstance(value, (types.FunctionType, types.ModuleType, type)) or _tool_name(value):
                 continue

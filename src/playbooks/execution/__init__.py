@@ -13,6 +13,7 @@ from playbooks.execution.streaming_python_executor import (
 from playbooks.execution.tool_calls import ToolCall as ToolCall
 from playbooks.execution.tool_calls import ToolCallInterceptor as ToolCallInterceptor
 from playbooks.execution.tool_calls import current_tool_call as current_tool_call
+from playbooks.execution.tool_calls import durable_call as durable_call
 
 __all__ = (
     "END",
@@ -24,4 +25,5 @@ __all__ = (
     "ToolCall",
     "ToolCallInterceptor",
     "current_tool_call",
+    "durable_call",
 )

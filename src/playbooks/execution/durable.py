@@ -204,7 +204,7 @@ class DurableFrame:
         """Write the frame's state at its current statement boundary; it supersedes the journal."""
         ex = self.executor
         began = time.perf_counter()
-        encoded = self.encoder.encode(ex.namespace, bound=ex.bound)
+        encoded = self.encoder.encode(ex.namespace, bound=ex.bound, unsaved=ex.unsaved)
         self.manager.check_snapshot(encoded, self.frame_id)
         record = self._record(
             "snapshot",
@@ -276,7 +276,7 @@ class DurableFrame:
 
     async def _after_statement(self) -> None:
         if self.awaited and self._snapshot_blocked():
-            self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
+            self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound, unsaved=self.executor.unsaved)
             await self.flush()
         elif self.awaited and self._snapshot_due():  # the snapshot puts sets in their layout too
             self.awaited = False
@@ -288,7 +288,7 @@ class DurableFrame:
         else:
             # Sets are put in their layout after every statement, snapshot or not, so that the live
             # run and a resumed one fix their orders at the same points of the code.
-            self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound)
+            self.encoder.settle_sets(self.executor.namespace, bound=self.executor.bound, unsaved=self.executor.unsaved)
             self._awaited_since += self.awaited
             self.awaited = False
             await self.flush()

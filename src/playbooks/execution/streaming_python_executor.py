@@ -160,7 +160,9 @@ class StreamingPythonExecutor:
     exception, including calls replayed from the journal after a resume.
 
     ``checkpoint_manager`` makes the execution durable (then ``interceptor`` must not be given: the
-    frame's own journaling interceptor is used). An executor created while a durable tool call runs
+    frame's own journaling interceptor is used). ``unsaved`` names the variables of a shared namespace
+    that belong to the host and are never saved or restored (an IPython shell's ``In``, ``Out``,
+    ``_i3``). An executor created while a durable tool call runs
     (a tool that runs LLM code) is a child frame of that call and uses the parent's manager by
     default; after a resume it re-attaches to its checkpoints, skipping the code it already ran.
     """
@@ -175,9 +177,11 @@ class StreamingPythonExecutor:
         on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
         checkpoint_manager: CheckpointManager | None = None,
         frame_id: str | None = None,
+        unsaved: Callable[[str], bool] | None = None,
         _state: FrameState | None = None,
     ) -> None:
         self.agent = agent
+        self.unsaved = unsaved
         self.namespace: dict[str, Any] = namespace if namespace is not None else {}
         self.namespace.setdefault("__name__", "__llm__")
         self._frame: DurableFrame | None = None
@@ -274,7 +278,15 @@ class StreamingPythonExecutor:
         from playbooks.checkpoints.namespace import decode_namespace
 
         assert self._frame is not None
-        values = decode_namespace(state.resolved, self.namespace, bound=self.bound)
+        # A value that could not be saved, where the namespace already holds one under its name (a
+        # notebook whose setup cell made a new connection), keeps that one instead of a placeholder.
+        live = {name: self.namespace[name] for name, _, _ in state.skipped if name in self.namespace}
+        resolved = state.resolved
+        if self.unsaved is not None:
+            resolved = {k: v for k, v in resolved.items() if not self._any_unsaved(k)}
+        values = decode_namespace(resolved, self.namespace, bound=self.bound)
+        self.namespace.update(live)
+        values.update(live)
         self._frame.seed(values)
         self._resume_offset = state.executed_offset
         self._executed_offset = state.executed_offset
@@ -288,6 +300,12 @@ class StreamingPythonExecutor:
             if isinstance(error, LLMCodeError):
                 self._restored_error = error
 
+    def _any_unsaved(self, key: str) -> bool:
+        from playbooks.checkpoints.namespace import shared_names
+
+        assert self.unsaved is not None
+        return any(self.unsaved(name) for name in shared_names(key) or (key,))
+
     @classmethod
     async def resume_from_checkpoint(
         cls,
@@ -297,6 +315,8 @@ class StreamingPythonExecutor:
         checkpoint_manager: CheckpointManager,
         namespace: dict[str, Any] | None = None,
         on_statement: Callable[[Statement], None] | None = None,
+        on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+        unsaved: Callable[[str], bool] | None = None,
     ) -> StreamingPythonExecutor:
         """Continue the execution ``checkpoint`` belongs to, in this process.
 
@@ -321,7 +341,13 @@ class StreamingPythonExecutor:
             )
         await manager.open()
         executor = cls(
-            agent, namespace=namespace, on_statement=on_statement, checkpoint_manager=manager, _state=state
+            agent,
+            namespace=namespace,
+            on_statement=on_statement,
+            on_call=on_call,
+            checkpoint_manager=manager,
+            unsaved=unsaved,
+            _state=state,
         )
         if state.done:
             return executor

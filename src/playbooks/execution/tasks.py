@@ -45,6 +45,7 @@ from typing import Any
 
 __all__ = (
     "TaskNode",
+    "calling_owner",
     "current_task",
     "install_task_hooks",
     "node_for_call",
@@ -229,6 +230,12 @@ def install_task_hooks() -> None:
         _install_asyncio()
     except RuntimeError:
         pass  # no asyncio loop running (an unknown backend): tasks are named at their first call
+
+
+def calling_owner() -> object | None:
+    """The interceptor whose frame's LLM code runs now, or ``None`` in host code (a tool included)."""
+    node = _NODE.get()
+    return node.owner if node is not None else None
 
 
 def node_for_call(root: TaskNode) -> TaskNode:

@@ -18,11 +18,19 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
-from playbooks.execution.tasks import TaskNode, node_for_call, running_node
+from playbooks.execution.tasks import TaskNode, calling_owner, node_for_call, running_node
 
-__all__ = ("ToolCall", "ToolCallInterceptor", "bind_tools", "current_tool_call", "output_written", "when_output_written")
+__all__ = (
+    "ToolCall",
+    "ToolCallInterceptor",
+    "bind_tools",
+    "current_tool_call",
+    "durable_call",
+    "output_written",
+    "when_output_written",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,3 +196,68 @@ def _wrap(name: str, fn: Callable[..., Any], interceptor: ToolCallInterceptor) -
     wrapper.__qualname__ = name
     wrapper.__playbooks_tool__ = name  # type: ignore[attr-defined]  # not saved in checkpoints: bound again
     return wrapper
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _calling_interceptor() -> ToolCallInterceptor | None:
+    """The interceptor of the LLM code calling now; ``None`` in host code and inside a tool call."""
+    owner = calling_owner()
+    if not isinstance(owner, ToolCallInterceptor) or _CURRENT.get() is not None:
+        return None
+    return owner
+
+
+@overload
+def durable_call(fn: _F, /) -> _F: ...
+
+
+@overload
+def durable_call(*, name: str | None = None) -> Callable[[_F], _F]: ...
+
+
+def durable_call(fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+    """Mark a host function (sync or async) as a durable call wherever LLM code calls it.
+
+    An agent's tools are durable calls because the executor binds them by name; a function marked
+    with ``@durable_call`` is one however the code reaches it (a method, a dict of functions, a helper
+    defined earlier): called from code a :class:`~playbooks.execution.StreamingPythonExecutor` runs,
+    it goes through that executor's interceptor (numbered, journaled and replayed when the executor
+    is durable), under ``name`` (default: the function's ``__name__``). Called anywhere else (host
+    code, or from inside another tool call) it is a plain call, so a marked function stays usable on
+    its own. A notebook's ``%%durable`` cells use this to know which calls are durable.
+    """
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(fn):
+            raise TypeError(f"durable_call() needs a function, got {fn!r}")
+        call_name = name or getattr(fn, "__name__", None) or type(fn).__name__
+        # The wrappers refer to module-level helpers only, so that cloudpickle, which stores a
+        # notebook's functions by value, can save a variable holding one.
+        if _is_async(fn):
+
+            async def async_call(*args: Any, **kwargs: Any) -> Any:
+                interceptor = _calling_interceptor()
+                if interceptor is None:
+                    return await fn(*args, **kwargs)
+                return await interceptor.call_async(interceptor.start(call_name, args, kwargs), fn)
+
+            wrapper: Callable[..., Any] = async_call
+        else:
+
+            def sync_call(*args: Any, **kwargs: Any) -> Any:
+                interceptor = _calling_interceptor()
+                if interceptor is None:
+                    return fn(*args, **kwargs)
+                return interceptor.call_sync(interceptor.start(call_name, args, kwargs), fn)
+
+            wrapper = sync_call
+        try:
+            functools.update_wrapper(wrapper, fn)
+        except AttributeError:  # callables without __name__ and friends
+            pass
+        wrapper.__playbooks_durable__ = call_name  # type: ignore[attr-defined]
+        return wrapper
+
+    return mark(fn) if fn is not None else mark
