@@ -52,7 +52,9 @@ _WHERE = {
     "durable_call": "playbooks.execution.tool_calls",
 }
 __all__ = ("__version__", *sorted(_WHERE))
-_SUBMODULES = frozenset({"agent", "checkpoints", "cli", "config", "errors", "execution", "llm", "program"})
+_SUBMODULES = frozenset(
+    {"agent", "checkpoints", "cli", "config", "errors", "execution", "llm", "notebook", "program"}
+)
 
 
 def __getattr__(attr: str) -> Any:
@@ -67,6 +69,21 @@ def __getattr__(attr: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
     globals()[attr] = value  # the next access is a plain lookup
     return value
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """``%load_ext playbooks`` in IPython or Jupyter: registers the ``%%durable`` cell magic (see
+    :mod:`playbooks.notebook` and docs/notebooks.md)."""
+    from playbooks.notebook import load_ipython_extension as load
+
+    load(ip)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    """``%unload_ext playbooks``."""
+    from playbooks.notebook import unload_ipython_extension as unload
+
+    unload(ip)
 
 
 def __dir__() -> list[str]:
