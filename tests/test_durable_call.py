@@ -4,6 +4,7 @@ with host-owned names (``unsaved=``) and live values that could not be saved."""
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
 from playbooks.checkpoints.providers.memory import MemoryCheckpointProvider
 from playbooks.execution import durable
 from playbooks.execution.tool_calls import current_tool_call, durable_call
+from playbooks.llm import LLMProvider, LLMRequest, Message
 
 pytestmark = pytest.mark.anyio
 
@@ -176,3 +178,46 @@ async def test_unsaved_names_are_neither_stored_nor_restored_and_live_values_are
             await manager.close()
     finally:
         first.close()
+
+
+class _CountingModel(LLMProvider):
+    """A model that answers with the number of times it was asked."""
+
+    asked = 0
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        type(self).asked += 1
+        yield f"answer {type(self).asked} to "
+        yield request.messages[-1].content
+
+
+async def test_llm_complete_from_llm_code_is_a_durable_call() -> None:
+    """The project's LLM clients are durable calls in code an executor runs: after a crash the
+    answer comes from the journal, not from the model (which would answer differently)."""
+    _CountingModel.asked = 0
+    DIE_AT[:] = [20]
+    provider = MemoryCheckpointProvider()
+    code = (
+        "reply = await model.complete(LLMRequest([Message('user', 'hi')]))\n"
+        "paid = await charge(20)\n"
+    )
+    namespace: dict[str, Any] = {"model": _CountingModel(), "LLMRequest": LLMRequest, "Message": Message,
+                                 "charge": charge}
+    manager = CheckpointManager("llm", provider)
+    executor = StreamingPythonExecutor(Agent("llm"), namespace=namespace, checkpoint_manager=manager)
+    with pytest.raises(_Died):
+        await executor.add_chunk(code)
+    await _crash(manager)
+    assert namespace["reply"] == "answer 1 to hi" and _CountingModel.asked == 1
+    manager = CheckpointManager("llm", provider)
+    checkpoint = await manager.get_latest_checkpoint()
+    assert checkpoint is not None
+    fresh: dict[str, Any] = {}
+    resumed = await StreamingPythonExecutor.resume_from_checkpoint(
+        Agent("llm"), checkpoint, checkpoint_manager=manager, namespace=fresh
+    )
+    await resumed.finalize()
+    assert fresh["reply"] == "answer 1 to hi" and fresh["paid"] == "charged 20"
+    assert _CountingModel.asked == 1  # not asked again
+    assert await _CountingModel().complete(LLMRequest([Message("user", "x")])) == "answer 2 to x"  # host code
+    await manager.close()

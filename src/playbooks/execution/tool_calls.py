@@ -26,6 +26,7 @@ __all__ = (
     "ToolCall",
     "ToolCallInterceptor",
     "bind_tools",
+    "calling_interceptor",
     "current_tool_call",
     "durable_call",
     "output_written",
@@ -201,8 +202,11 @@ def _wrap(name: str, fn: Callable[..., Any], interceptor: ToolCallInterceptor) -
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _calling_interceptor() -> ToolCallInterceptor | None:
-    """The interceptor of the LLM code calling now; ``None`` in host code and inside a tool call."""
+def calling_interceptor() -> ToolCallInterceptor | None:
+    """The interceptor of the LLM code calling now; ``None`` in host code and inside a tool call.
+
+    A host function that should be a durable call when LLM code calls it, however it is reached, routes
+    itself through it (what :func:`durable_call` and ``LLMProvider.complete`` do)."""
     owner = calling_owner()
     if not isinstance(owner, ToolCallInterceptor) or _CURRENT.get() is not None:
         return None
@@ -238,7 +242,7 @@ def durable_call(fn: Callable[..., Any] | None = None, /, *, name: str | None = 
         if _is_async(fn):
 
             async def async_call(*args: Any, **kwargs: Any) -> Any:
-                interceptor = _calling_interceptor()
+                interceptor = calling_interceptor()
                 if interceptor is None:
                     return await fn(*args, **kwargs)
                 return await interceptor.call_async(interceptor.start(call_name, args, kwargs), fn)
@@ -247,7 +251,7 @@ def durable_call(fn: Callable[..., Any] | None = None, /, *, name: str | None = 
         else:
 
             def sync_call(*args: Any, **kwargs: Any) -> Any:
-                interceptor = _calling_interceptor()
+                interceptor = calling_interceptor()
                 if interceptor is None:
                     return fn(*args, **kwargs)
                 return interceptor.call_sync(interceptor.start(call_name, args, kwargs), fn)

@@ -125,7 +125,22 @@ class LLMProvider(abc.ABC):
         """
 
     async def complete(self, request: LLMRequest) -> str:
-        """Return the whole response: the concatenation of :meth:`stream`'s chunks."""
+        """Return the whole response: the concatenation of :meth:`stream`'s chunks.
+
+        Called from code that a :class:`~playbooks.execution.StreamingPythonExecutor` runs (a
+        notebook's ``%%durable`` cell), this is a durable call named ``llm.complete``: journaled, and
+        after a crash its response comes back from the journal instead of being asked for again.
+        (:meth:`stream` is not: its chunks are used as they come.)
+        """
+        from playbooks.execution.tool_calls import calling_interceptor
+
+        interceptor = calling_interceptor()
+        if interceptor is None:
+            return await self._collect(request)
+        text: str = await interceptor.call_async(interceptor.start("llm.complete", (request,), {}), self._collect)
+        return text
+
+    async def _collect(self, request: LLMRequest) -> str:
         chunks = self.stream(request)
         try:
             return "".join([chunk async for chunk in chunks])
