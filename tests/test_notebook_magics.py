@@ -192,7 +192,7 @@ def test_line_magics_list_show_resume_and_forget(
     assert "fetcher" in listing and "unfinished" in listing and "found = []" in listing
     nb.run("%durable show fetcher")
     shown = capsys.readouterr().out
-    assert "unfinished" in shown and "   done = sum(found)" in shown
+    assert "unfinished" in shown and "     6  done = sum(found)" in shown
     assert "4 finished durable calls in the journal (a resume replays them), the last fetch(3)" in shown
     nb.restart(monkeypatch)
     nb.setup(None)
@@ -218,9 +218,9 @@ def test_bad_input_is_a_clear_error(nb: Notebook) -> None:
     error = nb.run("%durable frobnicate", ok=False)
     assert "unknown command 'frobnicate'" in str(error)
     error = nb.run("%%durable --id syntax\nx = (1,\n", ok=False)
-    assert isinstance(error, magics.DurableCellError) and "line 1 of the cell" in str(error)
+    assert isinstance(error, magics.DurableCellError) and "line 2 of the cell" in str(error)
     error = nb.run("%%durable --id boom\nx = 1\ny = x / 0\n", ok=False)
-    assert "ZeroDivisionError" in str(error) and "line 2 of the cell" in str(error)
+    assert "ZeroDivisionError" in str(error) and "line 3 of the cell" in str(error)  # as the editor counts
     assert nb.ns["x"] == 1
     error = nb.run("%%durable --id bad/id\nx = 1", ok=False)
     assert "execution id" in str(error).lower() or "bad/id" in str(error)
@@ -276,3 +276,16 @@ def test_derived_cell_ids_are_valid_and_stable(
     if explicit is None and cell_id:
         edited = cell_module.derive_cell_id(explicit=None, notebook=notebook, cell_id=cell_id, source=source + "#")
         assert edited == first  # the front end's cell id survives an edit
+
+
+def test_progress_names_the_line_and_the_call_and_quiet_hides_it(
+    nb: Notebook, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setattr(magics, "_PROGRESS_EVERY", 0.0)
+    nb.setup(None)
+    capsys.readouterr()
+    nb.run(CELL)
+    out = capsys.readouterr().out
+    assert "durable cell 'fetcher': line 3, 2 statements, 5 calls; last call: fetch(4)" in out
+    nb.run(CELL.replace("--id fetcher", "--id hushed --quiet"))
+    assert capsys.readouterr().out.count("durable cell") == 0

@@ -33,6 +33,7 @@ from playbooks.checkpoints.namespace import shared_names
 from playbooks.checkpoints.provider import validate_execution_id
 from playbooks.checkpoints.recovery import RecoveryCoordinator
 from playbooks.errors import CheckpointWarning, LLMCodeError, PlaybooksError
+from playbooks.execution.fingerprint import fingerprint
 from playbooks.execution.hash_seed import seed_mismatch
 from playbooks.execution.statement_splitter import Statement
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
@@ -74,12 +75,16 @@ class CellProgress:
     """Durable calls whose outcome came back from the journal instead (``print`` excluded)."""
     printed: int = 0
     prints_replayed: int = 0
+    last_call: str = ""
+    """The durable call that ended last, as the journal shows it (``charge(3)``)."""
 
     def __str__(self) -> str:
         where = f"line {self.statement.lineno}" if self.statement is not None else "starting"
         text = f"durable cell {self.cell!r}: {where}, {self.statements} statements, {self.calls} calls"
         if self.replayed:
             text += f" ({self.replayed} more replayed from the journal)"
+        if self.last_call:
+            text += f"; last call: {self.last_call}"
         return text
 
 
@@ -220,10 +225,13 @@ class _Tracker:
         if call.name == "print":
             p.prints_replayed += replayed
             p.printed += not replayed
-        elif replayed:
-            p.replayed += 1
         else:
-            p.calls += 1
+            if replayed:
+                p.replayed += 1
+            else:
+                p.calls += 1
+            display = fingerprint(call.name, call.args, call.kwargs)[1]
+            p.last_call = display if len(display) <= 60 else display[:57] + "..."
         self._tell()
 
     def _tell(self) -> None:

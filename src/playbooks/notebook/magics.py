@@ -313,7 +313,8 @@ async def durable_cell_async(line: str, body: str) -> None:
     options = _parse(line, cell=True)
     notebook = _notebook(shell)
     cell = derive_cell_id(explicit=options["id"], notebook=notebook, cell_id=_Frontend.cell_id, source=body)
-    await _run(shell, options, cell, body, notebook)
+    # A blank first line stands for the %%durable line, so line numbers are the cell's as shown.
+    await _run(shell, options, cell, "\n" + body, notebook)
 
 
 async def _run(shell: InteractiveShell, options: dict[str, Any], cell: str, body: str, notebook: str | None) -> None:
@@ -467,8 +468,9 @@ async def _show(config: Config, cell: str) -> str:
     executed = root.executed_offset
     lines.append("source (>> ran):" if executed else "source:")
     offset = 0
-    for text in root.response.splitlines(keepends=True):
-        mark = ">> " if offset + len(text.rstrip("\n")) <= executed and text.strip() else "   "
-        lines.append(mark + text.rstrip("\n"))
+    for number, text in enumerate(root.response.splitlines(keepends=True), 1):
+        if number > 1 or text.strip():  # (a durable cell's first line stands for %%durable)
+            mark = ">> " if offset + len(text.rstrip("\n")) <= executed and text.strip() else "   "
+            lines.append(f"{mark}{number:>3}  {text.rstrip()}")
         offset += len(text)
     return "\n".join(lines)
