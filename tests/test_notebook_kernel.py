@@ -142,7 +142,15 @@ def test_kill_at_a_random_instant_resumes_exactly(tmp_path: Path, trial: int) ->
     assert first.status in ("killed", "ok")
 
 
-@pytest.mark.parametrize(("where", "call"), [("before", 0), ("after", 0), ("before", 17), ("after", 29)])
+EVERY_AWAIT = os.environ.get("PLAYBOOKS_NOTEBOOK_EVERY_AWAIT") == "1"
+KILL_POINTS = (
+    [(where, call) for call in range(N) for where in ("before", "after")]
+    if EVERY_AWAIT
+    else [("before", 0), ("after", 0), ("before", 17), ("after", 29)]
+)
+
+
+@pytest.mark.parametrize(("where", "call"), KILL_POINTS)
 def test_kill_inside_a_durable_call(tmp_path: Path, where: str, call: int) -> None:
     """The kernel dies inside the n-th call, before its side effect or after it: the call had
     started, so it is reported as in flight and runs again with the same key (an idempotent tool
