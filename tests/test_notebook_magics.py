@@ -110,6 +110,7 @@ def test_an_interrupted_cell_resumes_without_calling_finished_calls_again(
     error = nb.run(CELL, ok=False)
     assert isinstance(error, KeyboardInterrupt)
     assert nb.ns["calls"] == [0, 1, 2, 3]
+    assert "print" not in nb.ns  # the durable print of the interrupted cell is gone with it
     capsys.readouterr()
     nb.restart(monkeypatch)
     nb.setup(None)  # the notebook's setup cell, run again after the restart

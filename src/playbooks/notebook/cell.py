@@ -287,13 +287,14 @@ async def run_durable_cell(
         if executor is not None:
             report.error = executor.error
     finally:
-        if executor is not None:  # the names the executor bound are the notebook's again
-            for name, value in executor.bound.items():
-                if namespace.get(name) is value:
-                    if name in previous:
-                        namespace[name] = previous[name]
-                    else:
-                        del namespace[name]
+        # The names the executor bound are the notebook's again, also after an interrupt (then no
+        # executor was returned, but its bindings are in the namespace).
+        for name in bound_names:
+            if getattr(namespace.get(name), "__playbooks_tool__", None) == name:
+                if name in previous:
+                    namespace[name] = previous[name]
+                else:
+                    del namespace[name]
         for manager in managers:
             await manager.close()
             await manager.provider.close()
