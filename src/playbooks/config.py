@@ -203,6 +203,28 @@ class DurabilityConfig(_Validated):
             non_empty=True,
         ),
     )
+    retry_max_attempts: int = field(
+        default=1,
+        metadata=_meta(
+            "Attempts of a tool call that raises ConnectionError or TimeoutError (or a subclass), in all "
+            "(1: no retry); other errors reach the code at once. Every attempt is journaled under the "
+            "call's one idempotency key, so a crash between attempts does not reset the count. A tool "
+            "with its own policy (@retry) uses that instead.",
+            minimum=1,
+        ),
+    )
+    retry_initial_delay: float = field(
+        default=0.5,
+        metadata=_meta(
+            "Seconds before the second attempt; each later wait doubles, up to retry_max_delay, less up "
+            "to half of it at random (jitter).",
+            minimum=0,
+        ),
+    )
+    retry_max_delay: float = field(
+        default=30.0,
+        metadata=_meta("Longest wait between two attempts, in seconds.", minimum=0),
+    )
     delete_completed_after_days: float | None = field(
         default=None,
         metadata=_meta(

@@ -36,6 +36,7 @@ kills follow. Pruning applies the same rule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -818,7 +819,9 @@ class CheckpointManager:
             if record.kind == "snapshot" or _root_number(record.seq) < next_seq:
                 continue
             finished = record.kind == "result"
-            if not finished and record.seq in journal:
+            if not finished and record.seq in journal:  # another attempt (a retry, or a resumed call)
+                earlier = journal[record.seq]
+                journal[record.seq] = dataclasses.replace(earlier, attempts=earlier.attempts + 1)
                 continue
             journal[record.seq] = JournalEntry(
                 record.seq, record.name, record.fingerprint, record.display, record.key,

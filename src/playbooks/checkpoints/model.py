@@ -145,6 +145,8 @@ class JournalEntry:
     counter: int
     mutations: bytes | None = None
     sync: bool = False
+    attempts: int = 1
+    """How many attempts of the call were recorded (its ``intent`` records after the snapshot)."""
 
     @property
     def finished(self) -> bool:

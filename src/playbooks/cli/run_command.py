@@ -42,6 +42,7 @@ from playbooks.errors import (
     PlaybooksError,
 )
 from playbooks.execution.hash_seed import current_hash_seed, pin_hash_seed, resume_hash_seed
+from playbooks.execution.retry import RetryPolicy
 from playbooks.llm import CassetteError, LLMProvider, create_llm_provider
 from playbooks.program import (
     Program,
@@ -374,6 +375,7 @@ def _run(args: argparse.Namespace) -> int:
         runtime = ProgramRuntime(
             program, llm=llm, on_event=progress, temperature=config.model.temperature,
             max_tokens=config.model.max_tokens, continuation=config.model.continuation, stream=args.stream,
+            tool_retry=_retry_policy(config),
         )
         progress.start_ticker()
         code: int = anyio.run(_session, args, config, program, runtime, main_args)
@@ -484,6 +486,19 @@ def _finished(result: RunResult, run: RunRecord | None) -> int:
     print(f"done: {result.agent}.{result.playbook} finished after {_plural(calls, 'LLM call')}{spent}",
           file=sys.stderr)
     return EXIT_OK
+
+
+def _retry_policy(config: Config) -> RetryPolicy | None:
+    """The retry policy of the program's tool calls, from ``[durability]`` (``None``: one attempt)."""
+    durability = config.durability
+    if durability.retry_max_attempts <= 1:
+        return None
+    return RetryPolicy(
+        max_attempts=durability.retry_max_attempts,
+        initial_delay=durability.retry_initial_delay,
+        max_delay=durability.retry_max_delay,
+        retry_on=(ConnectionError, TimeoutError),  # transient; a KeyError would fail every attempt alike
+    )
 
 
 def _plural(count: int, noun: str) -> str:

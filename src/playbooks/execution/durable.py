@@ -27,6 +27,7 @@ executor re-attaches to its own checkpoints. That is how the whole call stack co
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -48,6 +49,7 @@ from playbooks.errors import CheckpointCorruptError, CheckpointWarning, Interpre
 from playbooks.execution.fingerprint import fingerprint
 from playbooks.execution.hash_seed import record_hash_seed, seed_mismatch
 from playbooks.execution.mutations import ArgumentWatch, apply_mutations
+from playbooks.execution.retry import RetryPolicy, policy_of
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, when_output_written
 
 if TYPE_CHECKING:
@@ -122,6 +124,7 @@ class DurableFrame:
         self._seeded = False
         self._unsynced_snapshots = 0
         self._calls: dict[str, tuple[tuple[str, str], ArgumentWatch]] = {}
+        self._attempts: dict[str, int] = {}  # unfinished calls popped from the journal: attempts made
         self._response_host: tuple[int, int] | None = None  # (counter, length) of a whole response
         self._journal_since = 0
         self._awaited_since = 0  # statements that awaited since the last snapshot
@@ -319,6 +322,7 @@ class DurableFrame:
             self.fatal = error
             raise error
         if entry.outcome is None or entry.outcome in ("unrecorded", "interrupted"):
+            self._attempts[call.call_id] = entry.attempts
             reason = {
                 None: "had started but not finished",
                 "unrecorded": "returned a value that could not be saved",
@@ -332,6 +336,10 @@ class DurableFrame:
             )
             return None
         return entry
+
+    def attempts_made(self, call_id: str) -> int:
+        """How many attempts of an unfinished call the journal recorded before the crash (0: none)."""
+        return self._attempts.pop(call_id, 0)
 
     async def turn(self, entry: JournalEntry) -> None:
         """Wait until every call that finished before ``entry`` in the recorded run has been handed
@@ -596,9 +604,11 @@ class DurableInterceptor(ToolCallInterceptor):
         frame_id: str,
         next_seq: int = 0,
         observer: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        super().__init__(run_id=run_id, frame_id=frame_id, next_seq=next_seq, observer=observer)
+        super().__init__(run_id=run_id, frame_id=frame_id, next_seq=next_seq, observer=observer, retry=retry)
         self.frame = frame
+        self.resumed = frame.state is not None
 
     async def call_async(self, call: ToolCall, fn: Callable[..., Awaitable[Any]]) -> Any:
         frame = self.frame
@@ -606,29 +616,40 @@ class DurableInterceptor(ToolCallInterceptor):
         frame.awaited = True
         if entry is not None:
             return await self._replay_async(call, entry)
-        await frame.before_call(call)
-        token = _ACTIVE_CALL.set(_CallContext(frame, call.call_id, itertools.count()))
-        try:
-            value = await super().call_async(call, fn)
-        except InterpreterError as exc:  # the interpreter failed (a child's storage, a divergence)
+        attempts = frame.attempts_made(call.call_id)
+        if attempts:
+            call = dataclasses.replace(call, attempt=attempts + 1)
+        policy = policy_of(fn, self.retry)
+        while True:  # every attempt is journaled (an intent each), so a crash does not reset the count
+            await frame.before_call(call)
+            token = _ACTIVE_CALL.set(_CallContext(frame, call.call_id, itertools.count()))
+            try:
+                value = await self.attempt_async(call, fn)
+            except InterpreterError as exc:  # the interpreter failed (a child's storage, a divergence)
+                _ACTIVE_CALL.reset(token)
+                frame.fatal = frame.fatal or exc
+                raise
+            except anyio.get_cancelled_exc_class():
+                _ACTIVE_CALL.reset(token)
+                with anyio.CancelScope(shield=True):
+                    await frame.after_call(call, None, None, cancelled=True)
+                raise
+            except Exception as exc:
+                _ACTIVE_CALL.reset(token)
+                if policy is not None and policy.retries(exc, call.attempt):
+                    await anyio.sleep(policy.delay(call.attempt))
+                    call = dataclasses.replace(call, attempt=call.attempt + 1)
+                    continue
+                await frame.after_call(call, None, exc)
+                self.observe(call, None, exc)
+                raise
+            except BaseException:
+                _ACTIVE_CALL.reset(token)
+                raise
             _ACTIVE_CALL.reset(token)
-            frame.fatal = frame.fatal or exc
-            raise
-        except anyio.get_cancelled_exc_class():
-            _ACTIVE_CALL.reset(token)
-            with anyio.CancelScope(shield=True):
-                await frame.after_call(call, None, None, cancelled=True)
-            raise
-        except Exception as exc:
-            _ACTIVE_CALL.reset(token)
-            await frame.after_call(call, None, exc)
-            raise
-        except BaseException:
-            _ACTIVE_CALL.reset(token)
-            raise
-        _ACTIVE_CALL.reset(token)
-        await frame.after_call(call, value, None)
-        return value
+            await frame.after_call(call, value, None)
+            self.observe(call, value, None)
+            return value
 
     async def _replay_async(self, call: ToolCall, entry: JournalEntry) -> Any:
         frame = self.frame

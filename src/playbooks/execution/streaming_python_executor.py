@@ -46,6 +46,7 @@ from playbooks.errors import (
     LLMCodeError,
     NonDeterminismError,
 )
+from playbooks.execution.retry import RetryPolicy
 from playbooks.execution.statement_splitter import END, NEED_DATA, Statement, StatementSplitter
 from playbooks.execution.tasks import current_task, install_task_hooks, running_node
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, bind_tools, output_written
@@ -160,7 +161,9 @@ class StreamingPythonExecutor:
     exception, including calls replayed from the journal after a resume.
 
     ``checkpoint_manager`` makes the execution durable (then ``interceptor`` must not be given: the
-    frame's own journaling interceptor is used). ``unsaved`` names the variables of a shared namespace
+    frame's own journaling interceptor is used). ``retry`` is the
+    :class:`~playbooks.execution.retry.RetryPolicy` of calls whose function has none of its own
+    (default: no retries). ``unsaved`` names the variables of a shared namespace
     that belong to the host and are never saved or restored (an IPython shell's ``In``, ``Out``,
     ``_i3``). An executor created while a durable tool call runs
     (a tool that runs LLM code) is a child frame of that call and uses the parent's manager by
@@ -178,6 +181,7 @@ class StreamingPythonExecutor:
         checkpoint_manager: CheckpointManager | None = None,
         frame_id: str | None = None,
         unsaved: Callable[[str], bool] | None = None,
+        retry: RetryPolicy | None = None,
         _state: FrameState | None = None,
     ) -> None:
         self.agent = agent
@@ -207,11 +211,11 @@ class StreamingPythonExecutor:
                 raise ExecutorStateError(
                     "a durable executor journals calls with its own interceptor; do not pass interceptor="
                 )
-            self._init_frame(manager, frame_id, _state, on_call)
+            self._init_frame(manager, frame_id, _state, on_call, retry)
             assert self._frame is not None
             self.interceptor: ToolCallInterceptor = self._frame_interceptor
         else:
-            self.interceptor = interceptor or ToolCallInterceptor(run_id=agent.id, frame_id=frame_id)
+            self.interceptor = interceptor or ToolCallInterceptor(run_id=agent.id, frame_id=frame_id, retry=retry)
             if on_call is not None:
                 self.interceptor.observer = on_call
         self.bound = bind_tools(agent.tools, self.interceptor)
@@ -257,6 +261,7 @@ class StreamingPythonExecutor:
         frame_id: str,
         state: FrameState | None,
         on_call: Callable[[ToolCall, Any, BaseException | None], None] | None,
+        retry: RetryPolicy | None,
     ) -> None:
         from playbooks.execution.durable import DurableFrame, DurableInterceptor, current_durable_call
 
@@ -272,6 +277,7 @@ class StreamingPythonExecutor:
             frame_id=frame_id,
             next_seq=state.next_seq if state is not None else 0,
             observer=on_call,
+            retry=retry,
         )
 
     def _restore(self, state: FrameState) -> None:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
+import anyio
+
+from playbooks.execution.retry import RetryPolicy, policy_of
 from playbooks.execution.tasks import TaskNode, calling_owner, node_for_call, running_node
 
 __all__ = (
@@ -49,6 +53,12 @@ class ToolCall:
     seq: int
     idempotency_key: str
     call_id: str = ""
+    attempt: int = 1
+    """Which attempt this is (1-based): a retry, or the run again of a call that was in flight at a
+    crash, counts on from the attempts recorded before (the key stays the same)."""
+    resumed: bool = False
+    """Whether the call runs in a frame that was resumed from a checkpoint (to word a message
+    "resumed", for example)."""
 
 
 _CURRENT: contextvars.ContextVar[ToolCall | None] = contextvars.ContextVar("playbooks_tool_call", default=None)
@@ -95,9 +105,14 @@ class ToolCallInterceptor:
         frame_id: str = "0",
         next_seq: int = 0,
         observer: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.run_id = run_id
         self.frame_id = frame_id
+        self.retry = retry
+        """The retry policy of calls whose function has none of its own (``None``: no retries)."""
+        self.resumed = False
+        """Whether this interceptor's frame was resumed from a checkpoint."""
         self.root = TaskNode(self, "", next_seq)
         """The frame's own code: its calls are numbered ``0, 1, ...`` (tasks it creates branch off)."""
         self._issued = next_seq
@@ -123,24 +138,37 @@ class ToolCallInterceptor:
         call_id = node_for_call(self.root).next_call()
         seq = self._issued
         self._issued += 1
-        return ToolCall(name, args, dict(kwargs), seq, f"{self.run_id}:{self.frame_id}:{call_id}", call_id)
+        key = f"{self.run_id}:{self.frame_id}:{call_id}"
+        return ToolCall(name, args, dict(kwargs), seq, key, call_id, resumed=self.resumed)
 
     async def call_async(self, call: ToolCall, fn: Callable[..., Awaitable[Any]]) -> Any:
-        """Run an async tool for ``call``; override to journal or replay."""
+        """Run an async tool for ``call``, with its retry policy; override to journal or replay."""
+        policy = policy_of(fn, self.retry)
+        while True:
+            try:
+                value = await self.attempt_async(call, fn)
+            except Exception as exc:
+                if policy is not None and policy.retries(exc, call.attempt):
+                    await anyio.sleep(policy.delay(call.attempt))
+                    call = dataclasses.replace(call, attempt=call.attempt + 1)
+                    continue
+                self.observe(call, None, exc)
+                raise
+            self.observe(call, value, None)
+            return value
+
+    async def attempt_async(self, call: ToolCall, fn: Callable[..., Awaitable[Any]]) -> Any:
+        """One attempt of an async tool: as host code, with ``call`` as the current call."""
         token = _CURRENT.set(call)
         try:
             with running_node(None):  # the tool is host code: tasks it creates are not the LLM's
-                value = await fn(*call.args, **call.kwargs)
-        except Exception as exc:
-            self.observe(call, None, exc)
-            raise
+                return await fn(*call.args, **call.kwargs)
         finally:
             _CURRENT.reset(token)
-        self.observe(call, value, None)
-        return value
 
     def call_sync(self, call: ToolCall, fn: Callable[..., Any]) -> Any:
-        """Run a sync tool for ``call``; override to journal or replay."""
+        """Run a sync tool for ``call`` (a sync call is not retried: waiting would block the event
+        loop); override to journal or replay."""
         token = _CURRENT.set(call)
         try:
             with running_node(None):
@@ -218,10 +246,12 @@ def durable_call(fn: _F, /) -> _F: ...
 
 
 @overload
-def durable_call(*, name: str | None = None) -> Callable[[_F], _F]: ...
+def durable_call(*, name: str | None = None, retry: RetryPolicy | None = None) -> Callable[[_F], _F]: ...
 
 
-def durable_call(fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+def durable_call(
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, retry: RetryPolicy | None = None
+) -> Any:
     """Mark a host function (sync or async) as a durable call wherever LLM code calls it.
 
     An agent's tools are durable calls because the executor binds them by name; a function marked
@@ -230,13 +260,18 @@ def durable_call(fn: Callable[..., Any] | None = None, /, *, name: str | None = 
     it goes through that executor's interceptor (numbered, journaled and replayed when the executor
     is durable), under ``name`` (default: the function's ``__name__``). Called anywhere else (host
     code, or from inside another tool call) it is a plain call, so a marked function stays usable on
-    its own. A notebook's ``%%durable`` cells use this to know which calls are durable.
+    its own. A notebook's ``%%durable`` cells use this to know which calls are durable. ``retry``
+    gives its calls a :class:`~playbooks.execution.retry.RetryPolicy`.
     """
 
     def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(fn):
             raise TypeError(f"durable_call() needs a function, got {fn!r}")
         call_name = name or getattr(fn, "__name__", None) or type(fn).__name__
+        target = fn
+        if retry is not None:  # carried by a partial: the function itself (maybe a method) is not changed
+            target = functools.partial(fn)
+            target.__playbooks_retry__ = retry  # type: ignore[attr-defined]
         # The wrappers refer to module-level helpers only, so that cloudpickle, which stores a
         # notebook's functions by value, can save a variable holding one.
         if _is_async(fn):
@@ -245,7 +280,7 @@ def durable_call(fn: Callable[..., Any] | None = None, /, *, name: str | None = 
                 interceptor = calling_interceptor()
                 if interceptor is None:
                     return await fn(*args, **kwargs)
-                return await interceptor.call_async(interceptor.start(call_name, args, kwargs), fn)
+                return await interceptor.call_async(interceptor.start(call_name, args, kwargs), target)
 
             wrapper: Callable[..., Any] = async_call
         else:
@@ -254,7 +289,7 @@ def durable_call(fn: Callable[..., Any] | None = None, /, *, name: str | None = 
                 interceptor = calling_interceptor()
                 if interceptor is None:
                     return fn(*args, **kwargs)
-                return interceptor.call_sync(interceptor.start(call_name, args, kwargs), fn)
+                return interceptor.call_sync(interceptor.start(call_name, args, kwargs), target)
 
             wrapper = sync_call
         try:

@@ -53,6 +53,7 @@ from playbooks.agent import Agent
 from playbooks.checkpoints.manager import CheckpointManager
 from playbooks.errors import CodeSyntaxError, HostIOError, InterpreterError, LLMCodeError, PlaybooksError
 from playbooks.execution.durable import current_durable_call
+from playbooks.execution.retry import RetryPolicy
 from playbooks.execution.statement_splitter import Statement, StatementSplitter
 from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, current_tool_call
@@ -541,6 +542,7 @@ class ProgramRuntime:
         stream: bool = True,
         run_id: str | None = None,
         checkpoint_manager: CheckpointManager | None = None,
+        tool_retry: RetryPolicy | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -553,6 +555,8 @@ class ProgramRuntime:
         self.io = io if io is not None else ProgramIO()
         self.on_event = on_event
         self.max_retries = max_retries
+        self.tool_retry = tool_retry
+        """The retry policy of tool calls made by the program's code (``None``: one attempt each)."""
         self.max_llm_calls = max_llm_calls
         self.model = model
         self.temperature = temperature
@@ -844,7 +848,8 @@ class ProgramRuntime:
         # print always did, and is journaled (record made before the line is written, stored right after).
         tools = {name: tool for name, tool in frame.agent.tools.items() if name != "print"}
         executor = StreamingPythonExecutor(
-            Agent(frame.agent.id, tools), namespace={}, checkpoint_manager=self.manager, frame_id=explicit
+            Agent(frame.agent.id, tools), namespace={}, checkpoint_manager=self.manager, frame_id=explicit,
+            retry=self.tool_retry,
         )
         executor.namespace.update(self._handles(frame.agent))
         frame.namespace = executor.namespace
@@ -1187,12 +1192,15 @@ class ProgramRuntime:
                 checkpoint_manager=self.manager,
                 on_statement=on_statement,
                 on_call=on_call,
+                retry=self.tool_retry,
             )
         else:
             executor = StreamingPythonExecutor(
                 agent,
                 namespace=frame.namespace,
-                interceptor=ToolCallInterceptor(run_id=self.run_id, frame_id=f"{frame.frame_id}/{number}"),
+                interceptor=ToolCallInterceptor(
+                    run_id=self.run_id, frame_id=f"{frame.frame_id}/{number}", retry=self.tool_retry
+                ),
                 on_statement=on_statement,
                 on_call=on_call,
             )
