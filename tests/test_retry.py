@@ -244,3 +244,36 @@ async def test_a_programs_tool_calls_follow_its_retry_policy(tmp_path: Path) -> 
     result = await runtime.run()
     assert result.value == "value of k"
     assert (tmp_path / "log").read_text().split() == ["k", "k", "k", "missing"]
+
+
+async def test_resumed_is_readable_from_the_code_and_from_tools() -> None:
+    from playbooks import resumed
+
+    seen: list[tuple[str, bool]] = []
+
+    async def Note(where: str) -> None:
+        seen.append((where, resumed()))
+        if where == "die" and not resumed():
+            raise KeyboardInterrupt  # stands for the process dying (once)
+
+    provider = MemoryCheckpointProvider()
+    agent = Agent("flag", tools={"Note": Note})
+    manager = CheckpointManager("flag", provider)
+    executor = StreamingPythonExecutor(agent, checkpoint_manager=manager, namespace={"resumed": resumed})
+    assert resumed() is False
+    with pytest.raises(KeyboardInterrupt):
+        await executor.add_chunk("first = resumed()\nawait Note('tool')\nawait Note('die')\nlast = resumed()\n")
+    assert executor.namespace["first"] is False
+    await manager._lock.release()  # what kill -9 leaves: the records, no lock
+    manager._lock = None
+    manager = CheckpointManager("flag", provider)
+    checkpoint = await manager.get_latest_checkpoint()
+    assert checkpoint is not None
+    namespace: dict[str, Any] = {"resumed": resumed}
+    again = await StreamingPythonExecutor.resume_from_checkpoint(
+        agent, checkpoint, checkpoint_manager=manager, namespace=namespace
+    )
+    await again.finalize()
+    assert seen == [("tool", False), ("die", False), ("die", True)]
+    assert namespace["last"] is True  # (``first`` too, if its statement ran again after the resume)
+    await manager.close()

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     )
     from playbooks.execution.tool_calls import current_tool_call as current_tool_call
     from playbooks.execution.tool_calls import durable_call as durable_call
+    from playbooks.execution.tool_calls import resumed as resumed
+    from playbooks.execution.retry import RetryPolicy as RetryPolicy
+    from playbooks.execution.retry import retry as retry
 
 __version__ = "0.1.0"
 
@@ -50,6 +53,9 @@ _WHERE = {
     "UnrestoredValueError": "playbooks.errors",
     "current_tool_call": "playbooks.execution.tool_calls",
     "durable_call": "playbooks.execution.tool_calls",
+    "resumed": "playbooks.execution.tool_calls",
+    "retry": "playbooks.execution.retry",
+    "RetryPolicy": "playbooks.execution.retry",
 }
 __all__ = ("__version__", *sorted(_WHERE))
 _SUBMODULES = frozenset(

@@ -34,6 +34,7 @@ __all__ = (
     "current_tool_call",
     "durable_call",
     "output_written",
+    "resumed",
     "when_output_written",
 )
 
@@ -89,6 +90,17 @@ def when_output_written(callback: Callable[[], None]) -> Iterator[None]:
 def current_tool_call() -> ToolCall | None:
     """The call being served, as seen from inside a tool (``None`` outside a tool call)."""
     return _CURRENT.get()
+
+
+def resumed() -> bool:
+    """Whether the code running now belongs to an execution resumed from a checkpoint: from the LLM's
+    code (or a notebook's durable cell), its frame was restored; from inside a tool, the call's frame
+    was. ``False`` in a first run, and outside any execution."""
+    call = _CURRENT.get()
+    if call is not None:
+        return call.resumed
+    owner = calling_owner()
+    return bool(getattr(owner, "resumed", False))
 
 
 class ToolCallInterceptor:
