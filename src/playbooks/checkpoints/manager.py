@@ -472,11 +472,17 @@ class CheckpointManager:
         doomed = sorted((set(self._index) | self._stale) - needed - {newest})
         if all(c in self._index and self._index[c].kind == "tombstone" for c in doomed):
             doomed = []  # a tombstone goes only when a newer one (which lists it) is written
+        await self._forget(doomed)
+        return len(doomed)
+
+    async def _forget(self, doomed: list[int]) -> None:
+        """Delete these records after a tombstone lists them (so their absence is not a loss)."""
         if doomed:
             await self._write_tombstone(doomed)
         for counter in doomed:
             entry = self._index.pop(counter, None)
             self._records.pop(counter, None)
+            self._places.pop(counter, None)
             self._stale.discard(counter)
             if entry is None or entry.in_journal:
                 self._dead_journal.add(counter)  # dropped in batches: a journal rewrite is not free
@@ -484,7 +490,57 @@ class CheckpointManager:
                 await self.provider.delete_checkpoint(checkpoint_id(self.execution_id, counter))
         if len(self._dead_journal) >= self.provider.journal_drop_batch:
             await self._drop_dead_journal()
-        return len(doomed)
+
+    def _failure_tail(self) -> tuple[Record | None, list[Record]]:
+        """The failing call's result (see :meth:`failure`) and the records of the failure's tail."""
+        failing: Record | None = None
+        tail: list[Record] = []
+        for counter in sorted(self._records, reverse=True):
+            record = self._records[counter]
+            if record.kind == "state":
+                continue
+            if record.kind == "snapshot" and record.done:
+                tail.append(record)
+                continue
+            if record.kind == "result" and record.outcome == "raise":
+                tail.append(record)
+                failing = record
+                continue
+            break
+        return failing, tail
+
+    def failure(self) -> Record | None:
+        """The result record of the durable call whose exception ended the execution, if it ended so.
+
+        An execution that failed ends with that call's ``raise`` result and what the exception did on
+        its way out: more ``raise`` results (the durable calls it passed through) and the final
+        snapshots of the frames it finished. This is the earliest ``raise`` result of that tail (among
+        the loaded records); call it only for an execution known to have failed.
+        """
+        return self._failure_tail()[0]
+
+    async def rewind_failure(self) -> Record | None:
+        """Forget how a failed execution failed, so that a resume calls the failing call again.
+
+        The records from the failing call's result (:meth:`failure`) on, and the final snapshots of the
+        frames that call ran, are deleted (a tombstone lists them); the call's ``intent`` stays, so a resume finds it unfinished and runs it again with the
+        same idempotency key, after replaying everything before it. Returns that result record, or
+        ``None`` when the execution did not end with a failed call. Takes the execution's lock.
+        """
+        await self.load_records()
+        failing, tail = self._failure_tail()
+        if failing is None:
+            return None
+        await self.open()
+        # Also the final snapshots of the frames the failing call ran (a tool that runs code): they
+        # finished because it failed, and resume from their earlier snapshots.
+        child = f"{failing.frame_id}/{failing.seq}"
+        doomed = sorted(
+            r.counter for r in tail
+            if r.counter >= failing.counter or r.frame_id == child or r.frame_id.startswith((child + ".", child + "/"))
+        )
+        await self._forget(doomed)
+        return failing
 
     async def _write_tombstone(self, doomed: list[int]) -> None:
         """Append a record listing every counter pruned so far (these, and all earlier ones), before
@@ -601,8 +657,8 @@ class CheckpointManager:
         self._checked = True
         found: dict[int, tuple[Place, bytes]] = {}
         for counter in await self._stored_counters():
-            if counter in self._records or counter in self._tombstones:
-                continue
+            if counter in self._records or counter in self._tombstones or counter in self._pruned:
+                continue  # (a pruned journal entry may still be in the journal until it is rewritten)
             cid = checkpoint_id(self.execution_id, counter)
             try:
                 data = journal[counter] if counter in journal else await self.provider.load_checkpoint(cid)

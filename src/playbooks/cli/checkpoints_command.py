@@ -115,10 +115,14 @@ def _runs(args: argparse.Namespace) -> int:
     if not records:
         print(f"no runs in {runs_folder(config)}")
         return EXIT_OK
-    rows = [("RUN", "STATUS", "CHECKPOINTS", "LLM CALLS", "TOKENS IN/OUT", "STARTED", "PROGRAM", "LAST STATEMENT")]
+    rows = [("RUN", "STATUS", "CHECKPOINTS", "LLM CALLS", "TOKENS IN/OUT", "STARTED", "PROGRAM",
+             "LAST STATEMENT (or, for a failed run, what failed)")]
     for record in records:
         status, count, statement = anyio.run(_progress, config, record)
         statement = first_line(statement)
+        if status == "failed" and record.error:
+            where = f"in {record.failed_call}: " if record.failed_call else ""
+            statement = first_line(f"failed {where}{record.error}")
         rows.append((
             record.run_id,
             status,

@@ -440,11 +440,15 @@ async def _session(
             result = await runtime.run(**kwargs)
     except PlaybooksError as exc:
         run.status, run.error = "failed", str(exc)
+        run.failed_call = await _failed_call(config, run.run_id, manager)
         store.save(run)
         if isinstance(exc, HostIOError):
             _error(f"{exc}; the run stopped. Resume it with: playbooks run {program.path} --resume {run.run_id}")
         else:
             _error(f"error: {exc}")
+            if run.failed_call:
+                _error(f"once the cause is fixed, `playbooks run {program.path} --resume {run.run_id}` calls "
+                       f"{run.failed_call} again; nothing before it runs twice")
         return EXIT_PROGRAM_ERROR
     finally:
         await manager.close()
@@ -565,8 +569,27 @@ async def _resume_hash_seed(manager: CheckpointManager, run: RunRecord) -> None:
               "order than before the crash")
 
 
+async def _failed_call(config: Config, run_id: str, manager: CheckpointManager) -> str:
+    """The call whose exception ended a failed run, as the journal shows it ("" if none did)."""
+    await manager.close()  # its records on disk and its lock given up: a fresh manager reads them
+    reader = _manager(config, run_id)
+    try:
+        await reader.load_records()
+        failing = reader.failure()
+    except PlaybooksError:
+        return ""
+    finally:
+        await reader.provider.close()
+    return failing.display if failing is not None and failing.display else ""
+
+
 async def _prepare_resume(manager: CheckpointManager, run: RunRecord) -> None:
-    """Load the run's checkpoints and say where it resumes from."""
+    """Load the run's checkpoints and say where it resumes from; a failed run first forgets how it
+    failed, so the call that failed runs again."""
+    failing = await manager.rewind_failure() if run.status == "failed" else None
+    if failing is not None:
+        print(f"run {run.run_id} failed in {failing.display}; resuming calls it again "
+              f"(idempotency key {failing.key})", file=sys.stderr, flush=True)
     await manager.load_records()
     latest = await manager.get_latest_checkpoint()
     for message in manager.fallbacks:
@@ -583,6 +606,8 @@ async def _prepare_resume(manager: CheckpointManager, run: RunRecord) -> None:
         flush=True,
     )
     for call in RecoveryCoordinator(manager).in_flight():
+        if failing is not None and call.idempotency_key == failing.key:
+            continue  # said above: it failed, and is called again
         if call.call.startswith("__llm_turn__("):
             number = call.call.removeprefix("__llm_turn__(").rstrip(")")
             _warn(f"LLM call {number} of frame {call.frame_id} was cut off; it goes on after the "

@@ -54,6 +54,9 @@ class RunRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Tokens the endpoint reported, over all the run's processes (``llm_calls`` too)."""
+    failed_call: str = ""
+    """For a failed run: the durable call whose exception ended it (``Charge(20)``), which a resume
+    calls again; ``error`` says what it raised."""
 
 
 async def run_status(record: RunRecord, provider: CheckpointProvider) -> Status:
