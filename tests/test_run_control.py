@@ -99,3 +99,39 @@ def test_resume_of_a_crashed_run_is_unchanged_by_the_failure_rewind(tmp_path: Pa
     (record,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
     again = _playbooks("run", "shop.pb", "--resume", record["run_id"], cwd=tmp_path)
     assert again.returncode != 0 and "completed; there is nothing to resume" in again.stderr
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("example", ["orders", "nested"])
+def test_fork_at_every_snapshot_continues_and_leaves_the_original_unchanged(tmp_path: Path, example: str) -> None:
+    import shutil
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for suffix in (".pb", ".cassette.json"):
+        shutil.copy(examples / f"{example}{suffix}", tmp_path)
+    first = _playbooks("run", f"{example}.pb", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    returned = next(line for line in first.stderr.splitlines() if line.startswith("< ") and " returned " in line)
+    (original,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
+    listing = json.loads(_playbooks("checkpoints", "list", original["run_id"], "--json", cwd=tmp_path).stdout)
+    snapshots = [row["counter"] for row in listing if row["kind"] == "snapshot"]
+    folder = tmp_path / ".checkpoints" / original["run_id"]
+    before = _tree(folder)
+    points = snapshots[:: max(1, len(snapshots) // 6)]  # about six points across the run
+    for at in points:
+        forked = _playbooks("fork", original["run_id"], "--at", str(at), cwd=tmp_path)
+        assert forked.returncode == 0, forked.stderr
+        fork_id = forked.stdout.split(" into ")[1].split(";")[0]
+        resumed = _playbooks("run", f"{example}.pb", "--resume", fork_id, cwd=tmp_path)
+        assert resumed.returncode == 0, (at, resumed.stderr)
+        assert returned in resumed.stderr, (at, resumed.stderr)
+        record = next(r for r in json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout) if r["run_id"] == fork_id)
+        assert record["status"] == "completed" and record["forked_from"] == f"{original['run_id']} at checkpoint {at}"
+    assert _tree(folder) == before  # the original run's files, byte for byte
+    bad = _playbooks("fork", original["run_id"], "--at", "999999", cwd=tmp_path)
+    assert bad.returncode == 1 and "has no readable checkpoint 999999" in bad.stderr
+    missing = _playbooks("fork", "no-such-run", cwd=tmp_path)
+    assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr

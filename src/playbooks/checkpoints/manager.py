@@ -598,6 +598,38 @@ class CheckpointManager:
                 needed |= kept_entry.hosts
         return needed
 
+    async def fork_into(self, target: CheckpointManager, *, upto: int | None = None) -> int:
+        """Copy this execution's records up to counter ``upto`` (default: its newest snapshot) into
+        ``target``, a new, empty execution; return the counter it forked at.
+
+        The copy is this execution as a process killed right after record ``upto`` would have left
+        it, under the target's id (records are signed again for their new place): resuming the target
+        continues from there, with its own idempotency keys, while this execution is not changed.
+        Snapshots, journal records and run-level state are copied; tombstones are not.
+        """
+        await self.load_records()
+        snapshots = [c for c, r in self._records.items() if r.kind == "snapshot"]
+        if upto is None:
+            if not snapshots:
+                raise CheckpointCorruptError(f"execution {self.execution_id!r} has no snapshot to fork from")
+            upto = max(snapshots)
+        elif upto not in self._records:
+            known = ", ".join(str(c) for c in sorted(snapshots)[-10:]) or "none"
+            raise CheckpointCorruptError(
+                f"execution {self.execution_id!r} has no readable checkpoint {upto} (snapshots: {known})"
+            )
+        if await target._stored_counters():
+            raise StoragePathError(
+                f"cannot fork into {target.execution_id!r}: that execution already has checkpoints"
+            )
+        await target.open()
+        for counter in sorted(c for c in self._records if c <= upto):
+            record = self._records[counter]
+            target._next_counter = max(target._next_counter or 0, counter + 1)
+            await target.write(dataclasses.replace(record, execution_id=target.execution_id), sync=False)
+        await target.sync()
+        return upto
+
     async def close(self) -> None:
         """Drop pruned journal entries, flush everything to disk and release the execution's lock."""
         try:

@@ -1,5 +1,5 @@
-"""The ``playbooks`` command line: run .pb programs durably (run, runs, checkpoints, init) and stream a
-recorded LLM response through the executor (exec)."""
+"""The ``playbooks`` command line: run .pb programs durably (run, runs, fork, checkpoints, init) and
+stream a recorded LLM response through the executor (exec)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ _COMMANDS: dict[str, tuple[str, str | None, str]] = {
     ),
     "init": ("write a commented default playbooks.toml", None, "init_command:configure_init"),
     "runs": ("list the runs of playbooks run", "List the runs of playbooks run.", "checkpoints_command:configure_runs"),
+    "fork": (
+        "start a new run from a checkpoint of another",
+        "Start a new run from a checkpoint of another (the original is not changed); continue it with "
+        "playbooks run PROGRAM --resume NEW_RUN.",
+        "fork_command:configure_fork",
+    ),
     "checkpoints": (
         "list, show, prune or clear stored checkpoints",
         "List, show, prune or clear the checkpoints of runs.",

@@ -24,7 +24,7 @@ from playbooks.errors import CheckpointConfigError, ExecutionLockedError
 
 __all__ = ("RunRecord", "RunStore", "run_status", "runs_folder")
 
-Status = Literal["running", "crashed", "failed", "completed"]
+Status = Literal["running", "crashed", "failed", "completed", "forked"]
 
 
 def runs_folder(config: Config) -> Path:
@@ -54,6 +54,8 @@ class RunRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Tokens the endpoint reported, over all the run's processes (``llm_calls`` too)."""
+    forked_from: str = ""
+    """For a run made by ``playbooks fork``: the run and checkpoint it started from."""
     failed_call: str = ""
     """For a failed run: the durable call whose exception ended it (``Charge(20)``), which a resume
     calls again; ``error`` says what it raised."""

@@ -1,0 +1,108 @@
+"""``playbooks fork RUN [--at CHECKPOINT]``: a new run that starts from a checkpoint of another.
+
+The new run is a copy of the old one's records up to that checkpoint, as a process killed right after
+it would have left them, under a new run id (``CheckpointManager.fork_into``); ``playbooks run PROGRAM
+--resume NEW`` continues it from there, with its own idempotency keys, and may use another model
+(``--model``). The old run is not changed; the new run's record says where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import anyio
+
+from playbooks.checkpoints import CheckpointManager
+from playbooks.checkpoints.provider import parse_checkpoint_id
+from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
+from playbooks.config import Config, ConfigError, load_config
+from playbooks.errors import PlaybooksError
+
+__all__ = ("configure_fork",)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def configure_fork(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``playbooks fork``."""
+    parser.add_argument("run_id", help="the run to fork (see: playbooks runs)")
+    parser.add_argument(
+        "--at", metavar="CHECKPOINT",
+        help="the checkpoint to start from: its number or id (see: playbooks checkpoints list RUN); "
+        "default: the run's latest",
+    )
+    parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
+    parser.set_defaults(handler=_fork)
+
+
+def _error(message: str) -> None:
+    print(f"playbooks fork: {message}", file=sys.stderr, flush=True)
+
+
+def _counter(text: str | None, run_id: str) -> int | None:
+    """``--at`` as a record counter (a number, or a checkpoint id of the run)."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    parsed = parse_checkpoint_id(text)
+    if parsed is None or parsed[0] != run_id:
+        raise ValueError(f"--at {text!r} is neither a checkpoint number nor a checkpoint id of run {run_id}")
+    return parsed[1]
+
+
+def _fork(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _error(f"configuration error: {exc}")
+        return EXIT_USAGE
+    store = RunStore(runs_folder(config))
+    source = store.get(args.run_id)
+    if source is None:
+        _error(f"no run {args.run_id!r} in {store.folder} (see: playbooks runs)")
+        return EXIT_USAGE
+    try:
+        upto = _counter(args.at, source.run_id)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        fork, at = anyio.run(_copy, config, store, source, upto)
+    except PlaybooksError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    print(f"forked run {source.run_id} at checkpoint {at} into {fork.run_id}; continue it with: "
+          f"playbooks run {source.program} --resume {fork.run_id}")
+    return EXIT_OK
+
+
+async def _copy(config: Config, store: RunStore, source: RunRecord, upto: int | None) -> tuple[RunRecord, int]:
+    original = _manager(config, source.run_id)
+    if await run_status(source, original.provider) == "running":
+        # Forking reads a prefix of records that a live run is still appending to: allowed, but say
+        # the copy is of this instant.
+        print(f"playbooks fork: run {source.run_id} is running; the fork copies it as it is now",
+              file=sys.stderr, flush=True)
+    fork = store.new_run(source.program, source.source_hash)
+    fork.status, fork.pid, fork.hash_seed = "forked", 0, source.hash_seed
+    target = _manager(config, fork.run_id)
+    try:
+        at = await original.fork_into(target, upto=upto)
+    finally:
+        await target.close()
+        await original.provider.close()
+        await target.provider.close()
+    fork.forked_from = f"{source.run_id} at checkpoint {at}"
+    store.save(fork)
+    return fork, at
+
+
+def _manager(config: Config, run_id: str) -> CheckpointManager:
+    return CheckpointManager.from_config(
+        config.durability, run_id, storage_path=config.resolve_path(config.durability.storage_path)
+    )
