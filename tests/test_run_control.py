@@ -135,3 +135,35 @@ def test_fork_at_every_snapshot_continues_and_leaves_the_original_unchanged(tmp_
     assert bad.returncode == 1 and "has no readable checkpoint 999999" in bad.stderr
     missing = _playbooks("fork", "no-such-run", cwd=tmp_path)
     assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
+
+
+def test_fork_with_set_and_resume_with_arg_change_what_follows(tmp_path: Path) -> None:
+    import shutil
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for suffix in (".pb", ".cassette.json"):
+        shutil.copy(examples / f"orders{suffix}", tmp_path)
+    assert _playbooks("run", "orders.pb", cwd=tmp_path).returncode == 0
+    (original,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
+    listing = json.loads(_playbooks("checkpoints", "list", original["run_id"], "--json", cwd=tmp_path).stdout)
+    # The start of the third response's code, which loops over order_ids (set by the second).
+    at = next(row["counter"] for row in listing if row["kind"] == "snapshot" and row["frame_id"] == "OrderAssistant/2")
+
+    forked = _playbooks("fork", original["run_id"], "--at", str(at), "--set", 'order_ids=["A102"]', cwd=tmp_path)
+    assert forked.returncode == 0, forked.stderr
+    fork_id = forked.stdout.split(" into ")[1].split(";")[0]
+    resumed = _playbooks("run", "orders.pb", "--resume", fork_id, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Order A102 is delivered" in resumed.stdout and "Order A100" not in resumed.stdout
+    assert "together come to 99.90" in resumed.stdout and "OrderAssistant.Main returned 1" in resumed.stderr
+
+    plain = _playbooks("fork", original["run_id"], "--at", str(at), cwd=tmp_path)
+    plain_id = plain.stdout.split(" into ")[1].split(";")[0]
+    with_arg = _playbooks("run", "orders.pb", "--resume", plain_id, "--arg", 'order_ids=["A100", "A101"]', cwd=tmp_path)
+    assert with_arg.returncode == 0, with_arg.stderr
+    assert "resuming with order_ids=['A100', 'A101']" in with_arg.stderr
+    assert "together come to 60.50" in with_arg.stdout and "Main returned 2" in with_arg.stderr
+    history = json.loads(_playbooks("checkpoints", "list", plain_id, "--json", cwd=tmp_path).stdout)
+    assert any(row["kind"] == "state" and row["frame_id"].startswith("@override:") for row in history)
+    bad = _playbooks("fork", original["run_id"], "--set", "not an assignment", cwd=tmp_path)
+    assert bad.returncode == 2 and "--set expects NAME=VALUE" in bad.stderr

@@ -40,9 +40,10 @@ import dataclasses
 import logging
 import os
 import pickle
+import secrets
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -95,6 +96,8 @@ _logger = logging.getLogger("playbooks.checkpoints")
 
 UnpicklablePolicy = Literal["skip", "strict"]
 _STATE_PREFIX = "@"
+_OVERRIDE_STATE = "override:"
+"""Names of the ``state`` records that set variables at the next restore (see ``save_overrides``)."""
 _JOURNAL_SNAPSHOT_MAX = 64 * 1024
 """An unsynced snapshot up to this size (encoded) is a journal entry: an append, not a new file."""
 _PRUNE_EVERY = 16
@@ -205,6 +208,7 @@ class CheckpointManager:
         self._since_prune = 0
         self._unsynced = False
         self._warned_skips: set[tuple[str, str]] = set()
+        self._overrides: list[tuple[int, dict[str, Any]]] = []  # written by this manager (not loaded)
         self.fallbacks: list[str] = []
         """Every corrupt or missing checkpoint that loading skipped, as a message (newest last)."""
 
@@ -418,6 +422,32 @@ class CheckpointManager:
             value=bytes(cloudpickle.dumps(value)),
         )
         await self.write(record, sync=False)
+
+    async def save_overrides(self, values: Mapping[str, Any]) -> None:
+        """Record new values for variables, to be set when the execution is next restored: each frame
+        restored from a snapshot older than this record sets them (its root frame always; other
+        frames where the name exists), so they hold until the next snapshot takes them in, also
+        across a crash before it. A resume or a fork with ``--set NAME=VALUE`` does this; the record
+        stays in the execution's history (``playbooks checkpoints list``)."""
+        await self.save_state(f"{_OVERRIDE_STATE}{secrets.token_hex(4)}", dict(values))
+        self._overrides.append((self._next_counter_written(), dict(values)))
+
+    def overrides_after(self, counter: int) -> dict[str, Any]:
+        """The variables set by :meth:`save_overrides` after record ``counter``, later ones winning."""
+        found = [
+            (r.counter, pickle.loads(r.value)) for r in self._records.values()
+            if r.kind == "state" and r.name.startswith(_OVERRIDE_STATE) and r.value is not None
+        ]
+        merged: dict[str, Any] = {}
+        for at, values in sorted([*found, *self._overrides], key=lambda item: item[0]):
+            if at > counter:
+                merged.update(values)
+        return merged
+
+    def _next_counter_written(self) -> int:
+        """The counter of the record written last by this manager."""
+        assert self._next_counter is not None
+        return self._next_counter - 1
 
     def loaded_state(self, name: str) -> Any:
         """The newest stored value of ``name`` among the loaded records (``None`` if there is none)."""

@@ -1,9 +1,10 @@
-"""``playbooks fork RUN [--at CHECKPOINT]``: a new run that starts from a checkpoint of another.
+"""``playbooks fork RUN [--at CHECKPOINT] [--set NAME=VALUE]``: a new run from a checkpoint of another.
 
 The new run is a copy of the old one's records up to that checkpoint, as a process killed right after
 it would have left them, under a new run id (``CheckpointManager.fork_into``); ``playbooks run PROGRAM
 --resume NEW`` continues it from there, with its own idempotency keys, and may use another model
-(``--model``). The old run is not changed; the new run's record says where it came from.
+(``--model``); ``--set`` changes variables at that point (``CheckpointManager.save_overrides``). The old
+run is not changed; the new run's record says where it came from.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from playbooks.checkpoints import CheckpointManager
 from playbooks.checkpoints.provider import parse_checkpoint_id
+from playbooks.cli.assignments import parse_assignments
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import PlaybooksError
@@ -34,6 +37,10 @@ def configure_fork(parser: argparse.ArgumentParser) -> None:
         "--at", metavar="CHECKPOINT",
         help="the checkpoint to start from: its number or id (see: playbooks checkpoints list RUN); "
         "default: the run's latest",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help="set a variable of the run at the fork point (VALUE is JSON, or else text); repeatable",
     )
     parser.add_argument("--config", type=Path, help="configuration file (default: ./playbooks.toml if present)")
     parser.set_defaults(handler=_fork)
@@ -68,11 +75,12 @@ def _fork(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         upto = _counter(args.at, source.run_id)
+        overrides = parse_assignments(args.set, "--set")
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
     try:
-        fork, at = anyio.run(_copy, config, store, source, upto)
+        fork, at = anyio.run(_copy, config, store, source, upto, overrides)
     except PlaybooksError as exc:
         _error(str(exc))
         return EXIT_ERROR
@@ -81,7 +89,9 @@ def _fork(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _copy(config: Config, store: RunStore, source: RunRecord, upto: int | None) -> tuple[RunRecord, int]:
+async def _copy(
+    config: Config, store: RunStore, source: RunRecord, upto: int | None, overrides: dict[str, Any]
+) -> tuple[RunRecord, int]:
     original = _manager(config, source.run_id)
     if await run_status(source, original.provider) == "running":
         # Forking reads a prefix of records that a live run is still appending to: allowed, but say
@@ -93,6 +103,8 @@ async def _copy(config: Config, store: RunStore, source: RunRecord, upto: int | 
     target = _manager(config, fork.run_id)
     try:
         at = await original.fork_into(target, upto=upto)
+        if overrides:
+            await target.save_overrides(overrides)
     finally:
         await target.close()
         await original.provider.close()

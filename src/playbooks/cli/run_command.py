@@ -16,7 +16,6 @@ configuration).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -31,6 +30,7 @@ import anyio
 
 from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
 from playbooks.checkpoints.provider import CheckpointProvider
+from playbooks.cli.assignments import parse_assignments
 from playbooks.cli.checkpoints_command import delete_completed_runs, first_line
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
@@ -182,20 +182,11 @@ def parse_headers(text: str | None) -> dict[str, str]:
 
 
 def _parse_args(pairs: list[str]) -> dict[str, Any] | None:
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or not name.isidentifier():
-            _error(f"--arg expects NAME=VALUE with NAME an identifier, got {pair!r}")
-            return None
-        try:
-            values[name] = json.loads(text)
-        except json.JSONDecodeError:
-            values[name] = text
-        except RecursionError:
-            _error(f"--arg {name}: the JSON value is nested too deeply")
-            return None
-    return values
+    try:
+        return parse_assignments(pairs, "--arg")
+    except ValueError as exc:
+        _error(str(exc))
+        return None
 
 
 class Progress:
@@ -420,6 +411,13 @@ async def _session(
         await manager.open()  # the run's lock, held to the end: it is how `playbooks runs` tells it is alive
         if resume:
             await _prepare_resume(manager, run)
+            if kwargs:  # --resume --arg NAME=VALUE: set at the resume point, kept in the run's history
+                await manager.save_overrides(kwargs)
+                print(f"resuming with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}", file=sys.stderr,
+                      flush=True)
+                # Only the start playbook's own parameters are also its arguments; the rest are variables.
+                params = {p.lstrip("*") for p in runtime.agents[runtime.entry.name].spec.main_playbook().params}
+                kwargs = {k: v for k, v in kwargs.items() if k in params}
     except ExecutionLockedError:
         await manager.close()
         _error(f"run {run.run_id} was taken by another process a moment ago (its checkpoint lock is held)")

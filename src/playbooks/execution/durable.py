@@ -125,6 +125,8 @@ class DurableFrame:
         self._unsynced_snapshots = 0
         self._calls: dict[str, tuple[tuple[str, str], ArgumentWatch]] = {}
         self._attempts: dict[str, int] = {}  # unfinished calls popped from the journal: attempts made
+        self.overridden = False
+        """Whether the restore set variables (``save_overrides``): an unfinished call may then change."""
         self._response_host: tuple[int, int] | None = None  # (counter, length) of a whole response
         self._journal_since = 0
         self._awaited_since = 0  # statements that awaited since the last snapshot
@@ -312,6 +314,18 @@ class DurableFrame:
             return None
         self._progress += 1
         digest, display = fingerprint(call.name, call.args, call.kwargs)
+        if self.overridden and not entry.finished:
+            if entry.name != call.name or entry.fingerprint != digest:
+                # Variables were set for this resume, so an unfinished call may now get other
+                # arguments: it runs as the code now makes it.
+                warnings.warn(
+                    f"call {entry.display} (idempotency key {entry.key}) had started but not finished "
+                    f"when the process stopped, and may have run; with the variables set for this "
+                    f"resume the code now calls {display} instead",
+                    CheckpointWarning,
+                    stacklevel=4,
+                )
+                return None
         if entry.name != call.name or entry.fingerprint != digest:
             error = NonDeterminismError(
                 f"replay of frame {self.frame_id!r} diverged at call {call.call_id}: the journal has "

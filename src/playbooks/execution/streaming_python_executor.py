@@ -294,6 +294,13 @@ class StreamingPythonExecutor:
         self.namespace.update(live)
         values.update(live)
         self._frame.seed(values)
+        # Variables set for this resume (a fork's or a resume's --set): after seeding, so the next
+        # snapshot pickles them anew. A frame sharing its namespace with its parent sets them too,
+        # or its own snapshot's values would win.
+        for name, value in self._frame.manager.overrides_after(state.snapshot_counter).items():
+            if self._frame.parent is None or name in self.namespace:
+                self.namespace[name] = value
+                self._frame.overridden = True
         self._resume_offset = state.executed_offset
         self._executed_offset = state.executed_offset
         self._statements_executed = state.statements_executed
