@@ -167,3 +167,65 @@ def test_fork_with_set_and_resume_with_arg_change_what_follows(tmp_path: Path) -
     assert any(row["kind"] == "state" and row["frame_id"].startswith("@override:") for row in history)
     bad = _playbooks("fork", original["run_id"], "--set", "not an assignment", cwd=tmp_path)
     assert bad.returncode == 2 and "--set expects NAME=VALUE" in bad.stderr
+
+
+ASK = """\
+# Greeter
+```python
+def _log(line):
+    with open("ledger.txt", "a") as f:
+        f.write(line + "\\n")
+
+@playbook
+async def Book(name: str) -> str:
+    \"\"\"Book a table (a side effect).\"\"\"
+    _log(f"booked for {name}")
+    return f"table for {name}"
+```
+
+## Main
+```python
+@playbook
+async def Main() -> str:
+    name = await AskUser("What is your name?")
+    table = await Book(name)
+    await Say("user", f"Hello, {name}: {table}")
+    color = await AskUser("Favourite colour?")
+    return f"{name} likes {color}"
+```
+"""
+
+
+def test_suspend_exit_and_answer_from_other_processes(tmp_path: Path) -> None:
+    (tmp_path / "ask.pb").write_text(ASK)
+    (tmp_path / "ask.cassette.json").write_text(json.dumps({"version": 1, "interactions": []}))
+    first = _playbooks("run", "ask.pb", "--suspend", cwd=tmp_path)
+    assert first.returncode == 3, first.stderr
+    (record,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
+    assert record["status"] == "waiting" and record["question"] == "What is your name?"
+    assert "waiting for an answer to: What is your name?" in _playbooks("runs", cwd=tmp_path).stdout
+
+    second = _playbooks("answer", record["run_id"], "Ada", cwd=tmp_path)
+    assert second.returncode == 3, second.stderr
+    assert "Hello, Ada: table for Ada" in second.stdout
+    (record,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
+    assert record["question"] == "Favourite colour?"
+
+    third = _playbooks("answer", record["run_id"], "green", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert "Greeter.Main returned 'Ada likes green'" in third.stderr
+    assert "What is your name?" not in third.stdout  # answered once, journaled: never asked again
+    assert (tmp_path / "ledger.txt").read_text().splitlines() == ["booked for Ada"]
+    again = _playbooks("answer", record["run_id"], "blue", cwd=tmp_path)
+    assert again.returncode == 2 and "is not waiting for an answer (it is completed)" in again.stderr
+
+
+def test_without_suspend_ask_user_still_reads_standard_input(tmp_path: Path) -> None:
+    (tmp_path / "ask.pb").write_text(ASK)
+    (tmp_path / "ask.cassette.json").write_text(json.dumps({"version": 1, "interactions": []}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PLAYBOOKS_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "playbooks.cli", "run", "ask.pb"], capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=env, input="Grace\nred\n",
+    )
+    assert done.returncode == 0 and "Greeter.Main returned 'Grace likes red'" in done.stderr

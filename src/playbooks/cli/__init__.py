@@ -1,4 +1,4 @@
-"""The ``playbooks`` command line: run .pb programs durably (run, runs, fork, checkpoints, init) and
+"""The ``playbooks`` command line: run .pb programs durably (run, runs, answer, fork, checkpoints, init) and
 stream a recorded LLM response through the executor (exec)."""
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ _COMMANDS: dict[str, tuple[str, str | None, str]] = {
     ),
     "init": ("write a commented default playbooks.toml", None, "init_command:configure_init"),
     "runs": ("list the runs of playbooks run", "List the runs of playbooks run.", "checkpoints_command:configure_runs"),
+    "answer": (
+        "answer the question a suspended run is waiting for, and continue it",
+        "Answer the question a run started with --suspend is waiting for (see playbooks runs), and "
+        "continue the run until it ends or asks again.",
+        "answer_command:configure_answer",
+    ),
     "fork": (
         "start a new run from a checkpoint of another",
         "Start a new run from a checkpoint of another (the original is not changed); continue it with "

@@ -116,13 +116,15 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"no runs in {runs_folder(config)}")
         return EXIT_OK
     rows = [("RUN", "STATUS", "CHECKPOINTS", "LLM CALLS", "TOKENS IN/OUT", "STARTED", "PROGRAM",
-             "LAST STATEMENT (or, for a failed run, what failed)")]
+             "LAST STATEMENT (or what failed, or the question waiting)")]
     for record in records:
         status, count, statement = anyio.run(_progress, config, record)
         statement = first_line(statement)
         if status == "failed" and record.error:
             where = f"in {record.failed_call}: " if record.failed_call else ""
             statement = first_line(f"failed {where}{record.error}")
+        elif status == "waiting":
+            statement = first_line(f"waiting for an answer to: {record.question}")
         rows.append((
             record.run_id,
             status,

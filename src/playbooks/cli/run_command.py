@@ -45,8 +45,10 @@ from playbooks.execution.hash_seed import current_hash_seed, pin_hash_seed, resu
 from playbooks.execution.retry import RetryPolicy
 from playbooks.llm import CassetteError, LLMProvider, create_llm_provider
 from playbooks.program import (
+    AnswerNeeded,
     Program,
     ProgramError,
+    ProgramIO,
     ProgramParseError,
     ProgramRuntime,
     RunEvent,
@@ -71,6 +73,8 @@ __all__ = ("cassette_for", "configure_run", "make_provider", "parse_headers")
 EXIT_OK = 0
 EXIT_PROGRAM_ERROR = 1
 EXIT_USAGE = 2
+EXIT_WAITING = 3
+"""The run asked the user a question and suspended (``--suspend``): ``playbooks answer`` continues it."""
 
 
 def configure_run(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +121,20 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--force", action="store_true", help="with --resume: resume even though the program changed"
+    )
+    parser.add_argument(
+        "--suspend",
+        action="store_true",
+        help="when the program asks the user (AskUser), store the question and exit with status 3 instead "
+        "of waiting; answer later, from any machine that sees the store, with playbooks answer RUN TEXT",
+    )
+    parser.add_argument(
+        "--answer",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="with --resume: the answer to the question the run is waiting for (repeatable: the next "
+        "questions' answers); implies --suspend",
     )
     parser.set_defaults(handler=_run)
 
@@ -363,10 +381,12 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_PROGRAM_ERROR
     progress = Progress(verbose=args.verbose, agents=len(program.agents) > 1)
     try:
+        suspend = args.suspend or bool(args.answer)
         runtime = ProgramRuntime(
             program, llm=llm, on_event=progress, temperature=config.model.temperature,
             max_tokens=config.model.max_tokens, continuation=config.model.continuation, stream=args.stream,
             tool_retry=_retry_policy(config),
+            io=ProgramIO(input=list(args.answer), suspend=True) if suspend else None,
         )
         progress.start_ticker()
         code: int = anyio.run(_session, args, config, program, runtime, main_args)
@@ -423,6 +443,7 @@ async def _session(
         _error(f"run {run.run_id} was taken by another process a moment ago (its checkpoint lock is held)")
         return EXIT_USAGE
     run.status, run.pid, run.error, run.hash_seed = "running", os.getpid(), "", current_hash_seed()
+    run.question = ""
     store.save(run)
     _arm_kill_switch(manager)
     runtime.run_id = run.run_id
@@ -448,6 +469,16 @@ async def _session(
                 _error(f"once the cause is fixed, `playbooks run {program.path} --resume {run.run_id}` calls "
                        f"{run.failed_call} again; nothing before it runs twice")
         return EXIT_PROGRAM_ERROR
+    except BaseException as exc:
+        needed = _answer_needed(exc)
+        if needed is None:
+            raise
+        await manager.close()
+        run.status, run.question = "waiting", needed.question
+        store.save(run)
+        _error(f"run {run.run_id} is waiting for an answer to: {needed.question}\nAnswer it (from any machine "
+               f"that sees this store) with: playbooks answer {run.run_id} \"...\"")
+        return EXIT_WAITING
     finally:
         await manager.close()
     run.status = "completed"
@@ -458,6 +489,20 @@ async def _session(
             print(f"playbooks run: deleted the completed run {gone} (durability.delete_completed_after_days = "
                   f"{days:g})", file=sys.stderr, flush=True)
     return _finished(result, run)
+
+
+def _answer_needed(exc: BaseException) -> AnswerNeeded | None:
+    """The :class:`AnswerNeeded` that ended the run, alone or in the exception group of a task group
+    (``None``: the run ended otherwise)."""
+    if isinstance(exc, AnswerNeeded):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _answer_needed(inner)
+            if found is not None:
+                return found
+    cause = exc.__cause__ or exc.__context__
+    return _answer_needed(cause) if isinstance(cause, (AnswerNeeded, BaseExceptionGroup)) else None
 
 
 def _counting(
@@ -541,7 +586,7 @@ async def _choose_run(
             return EXIT_USAGE
     else:
         runs = [(r, await run_status(r, provider)) for r in store.all() if r.program == path]
-        resumable = [r for r, status in runs if status in ("crashed", "failed")]
+        resumable = [r for r, status in runs if status in ("crashed", "failed", "waiting")]
         if not resumable:
             found = ", ".join(f"{r.run_id} ({status})" for r, status in runs[-5:]) or "none"
             why = f"no crashed or failed run of {program.path} to resume in {store.folder} (runs found: {found})"
@@ -603,9 +648,13 @@ async def _prepare_resume(manager: CheckpointManager, run: RunRecord) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if run.status == "waiting":
+        print(f"run {run.run_id} was waiting for an answer to: {run.question}", file=sys.stderr, flush=True)
     for call in RecoveryCoordinator(manager).in_flight():
         if failing is not None and call.idempotency_key == failing.key:
             continue  # said above: it failed, and is called again
+        if run.status == "waiting" and call.call.startswith("AskUser("):
+            continue  # the question it stopped at: asked again now, with the answer
         if call.call.startswith("__llm_turn__("):
             number = call.call.removeprefix("__llm_turn__(").rstrip(")")
             _warn(f"LLM call {number} of frame {call.frame_id} was cut off; it goes on after the "

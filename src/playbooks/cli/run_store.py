@@ -24,7 +24,7 @@ from playbooks.errors import CheckpointConfigError, ExecutionLockedError
 
 __all__ = ("RunRecord", "RunStore", "run_status", "runs_folder")
 
-Status = Literal["running", "crashed", "failed", "completed", "forked"]
+Status = Literal["running", "crashed", "failed", "completed", "forked", "waiting"]
 
 
 def runs_folder(config: Config) -> Path:
@@ -54,6 +54,8 @@ class RunRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Tokens the endpoint reported, over all the run's processes (``llm_calls`` too)."""
+    question: str = ""
+    """For a run waiting for a person (``--suspend``): the question ``AskUser`` asked."""
     forked_from: str = ""
     """For a run made by ``playbooks fork``: the run and checkpoint it started from."""
     failed_call: str = ""

@@ -18,6 +18,7 @@ from playbooks.program.model import ProgramWarning as ProgramWarning
 from playbooks.program.model import Step as Step
 from playbooks.program.parser import load_program as load_program
 from playbooks.program.parser import parse_program as parse_program
+from playbooks.program.runtime import AnswerNeeded as AnswerNeeded
 from playbooks.program.runtime import DeadlockError as DeadlockError
 from playbooks.program.runtime import PlaybookRunError as PlaybookRunError
 from playbooks.program.runtime import ProgramInputError as ProgramInputError
@@ -28,6 +29,7 @@ from playbooks.program.runtime import RunResult as RunResult
 
 __all__ = (
     "AgentMessage",
+    "AnswerNeeded",
     "AgentSpec",
     "CodeBlock",
     "DeadlockError",

@@ -73,6 +73,7 @@ from playbooks.program.prompt import (
 
 __all__ = (
     "AgentHandle",
+    "AnswerNeeded",
     "CodeFailed",
     "CodeStatement",
     "DeadlockError",
@@ -114,6 +115,20 @@ class PlaybookRunError(PlaybooksError):
 
 class ProgramInputError(PlaybookRunError):
     """Raised when ``AskUser`` needs a line but the input has ended."""
+
+
+class AnswerNeeded(BaseException):
+    """Raised by ``AskUser`` when the run suspends for a person's answer (``ProgramIO(suspend=True)``)
+    instead of waiting for it. A ``BaseException``, like ``KeyboardInterrupt``: the LLM's code cannot
+    catch it, and the ``AskUser`` call stays unfinished in the journal (its question asked, no
+    answer recorded), so the resume that brings the answer runs it again and records the answer once.
+    """
+
+    def __init__(self, question: str, agent: str, playbook: str) -> None:
+        super().__init__(question)
+        self.question = question
+        self.agent = agent
+        self.playbook = playbook
 
 
 class DeadlockError(PlaybookRunError):
@@ -263,7 +278,15 @@ class ProgramIO:
     :class:`ProgramInputError`.
     """
 
-    def __init__(self, *, input: Any = None, output: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self, *, input: Any = None, output: Callable[[str], Any] | None = None, suspend: bool = False
+    ) -> None:
+        self.suspend = suspend
+        """When the input has no answer left, ``AskUser`` raises :class:`AnswerNeeded` (the run
+        suspends) instead of :class:`ProgramInputError`; with ``suspend`` and no ``input``, standard
+        input is not read."""
+        if suspend and input is None:
+            input = []
         self._input = input
         self._iterator: Iterator[Any] | None = None
         if input is not None and not (
@@ -1214,9 +1237,15 @@ class ProgramRuntime:
         await self.io.say(text)
 
     async def _read_input(self, frame: PlaybookFrame, question: str) -> str:
-        """Every answer from the user: show ``question``, then read a line."""
+        """Every answer from the user: show ``question``, then read a line (or, when the input
+        suspends and has no answer left, stop the run with :class:`AnswerNeeded`)."""
         await self._write_output(frame, question)
-        return await self.io.read_line()
+        try:
+            return await self.io.read_line()
+        except ProgramInputError:
+            if self.io.suspend:
+                raise AnswerNeeded(question, frame.agent.name, frame.spec.name) from None
+            raise
 
     async def _save_mailbox(self) -> None:
         """With durability, store the unread messages and what each wait received (run-level state),
