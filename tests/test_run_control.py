@@ -72,6 +72,8 @@ def test_a_failed_run_resumes_calling_the_failed_call_again(tmp_path: Path, down
     assert "ConnectionError: the payment gateway is down" in record["error"]
     table = _playbooks("runs", cwd=tmp_path).stdout
     assert f"failed in Charge({down}): " in table
+    history = json.loads(_playbooks("checkpoints", "history", record["run_id"], "--json", cwd=tmp_path).stdout)
+    assert [row["calls"] for row in history if row["event"] == "raised"] == [[f"Charge({down})"]]
 
     again = _playbooks("run", "shop.pb", "--resume", cwd=tmp_path, down=down)  # not fixed yet
     assert again.returncode != 0 and f"failed in Charge({down}); resuming calls it again" in again.stderr
@@ -163,8 +165,15 @@ def test_fork_with_set_and_resume_with_arg_change_what_follows(tmp_path: Path) -
     assert with_arg.returncode == 0, with_arg.stderr
     assert "resuming with order_ids=['A100', 'A101']" in with_arg.stderr
     assert "together come to 60.50" in with_arg.stdout and "Main returned 2" in with_arg.stderr
-    history = json.loads(_playbooks("checkpoints", "list", plain_id, "--json", cwd=tmp_path).stdout)
-    assert any(row["kind"] == "state" and row["frame_id"].startswith("@override:") for row in history)
+    listed = json.loads(_playbooks("checkpoints", "list", plain_id, "--json", cwd=tmp_path).stdout)
+    assert any(row["kind"] == "state" and row["frame_id"].startswith("@override:") for row in listed)
+    history = json.loads(_playbooks("checkpoints", "history", plain_id, "--json", cwd=tmp_path).stdout)
+    assert [row["statement"] for row in history if row["event"] == "set"] == ["order_ids=['A100', 'A101']"]
+    assert history[-1]["event"] == "finished" and history[-1]["step"] == "05 of 05"
+    assert any("LookupOrder('A101')" in row["calls"] for row in history)
+    assert not any(row["event"] == "raised" for row in history)
+    table = _playbooks("checkpoints", "history", plain_id, cwd=tmp_path).stdout
+    assert "step 05 of 05" in table and "order_ids=['A100', 'A101']" in table
     bad = _playbooks("fork", original["run_id"], "--set", "not an assignment", cwd=tmp_path)
     assert bad.returncode == 2 and "--set expects NAME=VALUE" in bad.stderr
 

@@ -1,4 +1,4 @@
-"""``playbooks checkpoints list|show|prune|clear`` and ``playbooks runs``: look at and tidy stored runs.
+"""``playbooks checkpoints list|show|history|prune|clear`` and ``playbooks runs``: look at and tidy stored runs.
 
 Both read the storage of ``[durability]`` in ``playbooks.toml`` (``--config``). ``runs`` prints one line
 per run of ``playbooks run``: its id, status (running, crashed, failed, completed), progress and last
@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -60,11 +61,16 @@ def configure_checkpoints(parser: argparse.ArgumentParser) -> None:
         help="instead: delete every completed run that finished more than AGE ago (30d, 12h, 45m, 90s); "
         "failed and crashed runs are kept, they may still resume",
     )
+    history_ = actions.add_parser(
+        "history", help="a run's history: each checkpoint with the calls made since the last and the step reached"
+    )
+    history_.add_argument("run_id")
+    history_.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     clear = actions.add_parser("clear", help="delete every checkpoint of a run (or of all runs)")
     clear.add_argument("run_id", nargs="?")
     clear.add_argument("--all", action="store_true", help="every run (asks first, unless --yes)")
     clear.add_argument("--yes", "-y", action="store_true", help="with --all: do not ask")
-    for action in (listing, show, prune, clear):
+    for action in (listing, show, prune, history_, clear):
         action.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file")
     parser.set_defaults(handler=_checkpoints)
 
@@ -181,6 +187,8 @@ async def _checkpoint_action(args: argparse.Namespace, config: Config) -> int:
         return await _list(config, args.run_id, as_json=args.json)
     if args.action == "show":
         return await _show(config, args.checkpoint)
+    if args.action == "history":
+        return await _history(config, args.run_id, as_json=args.json)
     if args.action == "prune" and args.older_than is not None:
         if args.run_id is not None or args.keep is not None:
             _error("checkpoints", "prune --older-than applies to every completed run: give no run id or --keep")
@@ -232,6 +240,53 @@ async def _list(config: Config, run_id: str | None, *, as_json: bool = False) ->
         stamp = time.strftime("%H:%M:%S", time.localtime(record.timestamp))
         print(f"{run_id}_ckpt_{counter}  {stamp}  {record.kind:<8}  {record.frame_id:<24}  {what}")
     return EXIT_OK
+
+
+async def _history(config: Config, run_id: str, *, as_json: bool) -> int:
+    from playbooks.cli.history import history
+
+    manager = _manager(config, run_id)
+    records = await manager.load_records()
+    if not records:
+        _error("checkpoints", f"run {run_id!r} has no checkpoints")
+        return EXIT_USAGE
+    rows = history(records, _steps_of(RunStore(runs_folder(config)).get(run_id)))
+    if as_json:
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+        return EXIT_OK
+    for row in rows:
+        stamp = time.strftime("%H:%M:%S", time.localtime(row.time))
+        step = f"step {row.step}" if row.step else ""
+        made = ", ".join(row.calls[:4]) + (f" and {len(row.calls) - 4} more" if len(row.calls) > 4 else "")
+        if row.printed:
+            made += ("; " if made else "") + f"{row.printed} line{'' if row.printed == 1 else 's'} printed"
+        print(f"{row.counter:>6}  {stamp}  {row.event:<8}  {row.frame_id:<22}  {step:<14}  "
+              f"{first_line(row.statement, 40):<40}  {made}".rstrip())
+    return EXIT_OK
+
+
+def _steps_of(record: RunRecord | None) -> Callable[[str], int | None]:
+    """How many top-level steps the main playbook of a frame's agent has, from the run's program
+    (``None`` when the program cannot be read, or for frames of nested playbooks)."""
+    counts: dict[str, int] = {}
+    if record is not None:
+        try:
+            from playbooks.program import load_program
+
+            program = load_program(Path(record.program))
+            for agent in program.agents:
+                try:
+                    counts[agent.name] = len(agent.main_playbook().steps)
+                except PlaybooksError:
+                    continue
+        except (OSError, PlaybooksError):
+            pass
+
+    def known(frame_id: str) -> int | None:
+        parts = frame_id.split("/")
+        return counts.get(parts[0]) if len(parts) <= 2 else None
+
+    return known
 
 
 def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
