@@ -81,6 +81,14 @@ SCENARIOS: dict[str, str] = {
         "z = await Work(y)\n"
         "print('z', z)\n"
     ),
+    "bigvar": (
+        "rows = [{'id': i, 'name': 'customer %d' % i} for i in range(8000)]\n"
+        "pause = __import__('time').sleep(0.05)  # a slow step: the next await is snapshotted\n"
+        "first = await Work(len(rows))\n"
+        "rows.append({'id': -1, 'name': 'after ' + str(first)})\n"
+        "second = await Work(len(rows))\n"
+        "print('rows', len(rows), first, second)\n"
+    ),
     "cut": (
         "message = 'a long string literal that the stream cuts in the middle of, again and again'\n"
         "value = await Work(len(message))\n"

@@ -224,3 +224,64 @@ def test_head_roundtrip_and_damage() -> None:
     newer[4] = FORMAT_VERSION + 1
     with pytest.raises(CheckpointFormatError, match="version"):
         decode_head(bytes(newer))
+
+
+# --- compressed payloads ---------------------------------------------------------------------------
+
+
+def _sealed(payload: bytes, *, compress: bool, key: RecordKey = KEY) -> bytes:
+    from playbooks.checkpoints.codec import seal
+
+    place = _place()
+    return seal(
+        payload, key, place.execution_id.encode(), place.counter, place.lineage, place.prev_counter,
+        place.prev_digest, compress=compress,
+    )[0]
+
+
+@given(payload=st.binary(max_size=4096) | st.text(max_size=20000).map(str.encode))
+@settings(max_examples=80)
+def test_compressed_records_roundtrip_and_only_when_it_pays(payload: bytes) -> None:
+    import zlib
+
+    from playbooks.checkpoints.codec import FLAG_ZLIB
+
+    data = _sealed(payload, compress=True)
+    place, out = decode_record(data, key=KEY, execution_id="run-1", counter=7)
+    assert out == payload
+    pays = len(zlib.compress(payload, 1)) * 10 <= len(payload) * 9
+    assert place.compressed is pays and bool(data[5] & FLAG_ZLIB) is pays
+    assert len(data) <= len(_sealed(payload, compress=False))
+
+
+def test_a_compressed_record_is_verified_before_it_is_inflated() -> None:
+    payload = b"abc" * 50000
+    data = bytearray(_sealed(payload, compress=True))
+    assert len(data) < 10000
+    data[-5] ^= 0xFF  # damage inside the compressed bytes
+    with pytest.raises(CheckpointTamperedError):
+        _decode(bytes(data))
+    forged = bytearray(_sealed(b"x" * 100, compress=False))
+    forged[5] = 0x02  # a flag this version does not know
+    with pytest.raises(CheckpointCorruptError, match="unknown flags 0x02"):
+        _decode(bytes(forged))
+
+
+def test_a_signed_record_flagged_compressed_that_is_not_zlib_is_corrupt() -> None:
+    """Only a key holder can sign one; the reader still says what is wrong instead of crashing."""
+    import hashlib
+    import hmac as hmac_module
+
+    plain = bytearray(_sealed(b"not zlib at all" * 10, compress=False))
+    plain[5] = 0x01
+    with pytest.raises(CheckpointCorruptError, match="unknown flags 0x01"):  # a version-2 record has none
+        _decode(bytes(plain))
+    plain[4] = 3
+    eid_len = struct.unpack_from(">H", plain, 86)[0]
+    start = 88 + eid_len
+    mac = hmac_module.new(KEY.secret, digestmod=hashlib.sha256)
+    mac.update(bytes(plain[:start]))
+    mac.update(bytes(plain[start + 32 :]))
+    plain[start : start + 32] = mac.digest()
+    with pytest.raises(CheckpointCorruptError, match="cannot be inflated"):
+        _decode(bytes(plain))

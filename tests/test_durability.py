@@ -594,3 +594,34 @@ async def test_resume_on_every_builtin_provider(tmp_path: Path, kind: str) -> No
     await manager2.close()
     await manager2.provider.close()
     await manager.provider.close()
+
+
+@pytest.mark.parametrize("compress", [True, False])
+async def test_large_snapshots_are_stored_compressed_and_resume_exactly(tmp_path: Path, compress: bool) -> None:
+    """A snapshot of 64 KiB or more is stored zlib-compressed (the file is smaller than what it holds),
+    and a resume restores the same values; with compression off it is stored as is."""
+    from playbooks.checkpoints.codec import read_place
+
+    provider = FilesystemCheckpointProvider(tmp_path)
+    ledger = Ledger()
+    agent = Agent("zip", tools=ledger.tools())
+    manager = CheckpointManager(execution_id="zip", provider=provider, keep_last_n=None)
+    if not compress:
+        manager.compress_over = None
+    ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+    code = "rows = [{'id': i, 'name': f'customer {i}', 'tags': ['a', 'b']} for i in range(20000)]\nn = await Work(1)\n"
+    await ex.add_chunk(code)
+    await ex.finalize()
+    await manager.close()
+    files = sorted((tmp_path / "zip").glob("*.pkl"))
+    places = [read_place((f.read_bytes()))[0] for f in files]
+    big = [(f.stat().st_size, p) for f, p in zip(files, places) if f.stat().st_size > 20000 or p.compressed]
+    assert big and all(p.compressed is compress for _, p in big)
+    if compress:
+        assert all(size < 400_000 for size, _ in big)  # ~1 MB of pickled rows, compressed
+    manager = CheckpointManager(execution_id="zip", provider=provider)
+    checkpoint = await manager.get_latest_checkpoint()
+    assert checkpoint is not None
+    namespace = checkpoint["namespace"]
+    assert namespace["rows"][19999] == {"id": 19999, "name": "customer 19999", "tags": ["a", "b"]}
+    assert namespace["n"] == 10

@@ -152,8 +152,12 @@ def test_uncreatable_storage_path(provider: str, tmp_path: Path) -> None:
 def test_listing_runs_and_checkpoints_unpickles_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pickle
 
-    store = tmp_path / "store"
-    shutil.copytree(GOLDEN / f"v{FORMAT_VERSION}" / "nested", store)
+    stores = []
+    for version in _golden_versions():  # every version's stores, compressed records included
+        for scenario in ("nested", "bigvar"):
+            if (version / scenario).is_dir():
+                stores.append(tmp_path / f"{version.name}-{scenario}")
+                shutil.copytree(version / scenario, stores[-1])
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("listing unpickled something")
@@ -161,14 +165,17 @@ def test_listing_runs_and_checkpoints_unpickles_nothing(tmp_path: Path, monkeypa
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
+    statements = []
 
     async def main() -> None:
-        provider = FilesystemCheckpointProvider(store)
-        assert await provider.list_executions() == ["agent_1"]
-        manager = CheckpointManager("agent_1", provider, key=GOLDEN_KEY)
-        records = await manager.load_records()  # what `playbooks runs` and `checkpoints list` read
-        assert records and manager.last_statement()
-        assert {r.kind for r in records.values()} >= {"snapshot", "intent", "result"}
-        assert await manager.list_checkpoints()
+        for store in stores:
+            provider = FilesystemCheckpointProvider(store)
+            assert await provider.list_executions() == ["agent_1"]
+            manager = CheckpointManager("agent_1", provider, key=GOLDEN_KEY)
+            records = await manager.load_records()  # what `playbooks runs` and `checkpoints list` read
+            statements.append(manager.last_statement())
+            assert {r.kind for r in records.values()} >= {"snapshot", "intent"}
+            assert await manager.list_checkpoints()
 
     anyio.run(main)
+    assert any(statements)

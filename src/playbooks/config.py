@@ -203,6 +203,13 @@ class DurabilityConfig(_Validated):
             non_empty=True,
         ),
     )
+    compress_snapshots: bool = field(
+        default=True,
+        metadata=_meta(
+            "Store snapshots of 64 KiB or more zlib-compressed (level 1) when that saves a tenth or more; "
+            "the record is signed as stored, so it is verified before it is inflated.",
+        ),
+    )
     retry_max_attempts: int = field(
         default=1,
         metadata=_meta(

@@ -22,7 +22,7 @@ from pathlib import Path
 from playbooks.checkpoints.codec import FORMAT_VERSION, KEY_ENV_VAR
 
 GOLDEN_KEY = "golden-store-key: not a secret"
-SCENARIOS = ("loop", "helper", "nested", "gather")
+SCENARIOS = ("loop", "helper", "nested", "gather", "bigvar")  # bigvar: compressed snapshots (version 3)
 HERE = Path(__file__).resolve().parent
 WORKER = HERE.parent / "durable_worker.py"
 

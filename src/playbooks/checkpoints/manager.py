@@ -95,6 +95,8 @@ __all__ = ("CheckpointManager", "PreparedRecord")
 _logger = logging.getLogger("playbooks.checkpoints")
 
 UnpicklablePolicy = Literal["skip", "strict"]
+_COMPRESS_OVER = 64 * 1024
+"""Default size from which a snapshot is compressed (docs/benchmarks.md: what it costs and saves)."""
 _STATE_PREFIX = "@"
 _OVERRIDE_STATE = "override:"
 """Names of the ``state`` records that set variables at the next restore (see ``save_overrides``)."""
@@ -186,6 +188,9 @@ class CheckpointManager:
         if snapshot_sync_every is not None and snapshot_sync_every < 1:
             raise ValueError("snapshot_sync_every must be at least 1 (or None: only with the journal)")
         self.snapshot_sync_every = snapshot_sync_every
+        self.compress_over: int | None = _COMPRESS_OVER
+        """Snapshots whose record is at least this many bytes are stored zlib-compressed when that
+        saves a tenth or more (``None``: never)."""
         self._key = key if isinstance(key, RecordKey) else resolve_key(key, env_var=key_env)
         self._lineage: bytes | None = None
         self._tip: tuple[int, bytes] | None = None  # the record written last: (counter, digest)
@@ -245,7 +250,7 @@ class CheckpointManager:
                     raise UnknownProviderError(
                         f"durability.provider: {exc.args[0] if exc.args else exc}"
                     ) from exc
-        return cls(
+        manager = cls(
             execution_id,
             provider,
             keep_last_n=durability.keep_last_n,
@@ -253,6 +258,9 @@ class CheckpointManager:
             unpicklable=durability.unpicklable,
             key_env=durability.hmac_key_env,
         )
+        if not durability.compress_snapshots:
+            manager.compress_over = None
+        return manager
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.execution_id!r}, {self.provider!r})"
@@ -318,7 +326,7 @@ class CheckpointManager:
         effect fails, :meth:`discard` it.
         """
         before = self._tip
-        data = self._encode(record.counter, encode_record(record))
+        data = self._encode(record.counter, encode_record(record), compress=record.kind == "snapshot")
         prepared = PreparedRecord(record, data, before)
         if record.kind != "snapshot" and self.provider.completes_without_suspending:
             try:
@@ -377,12 +385,17 @@ class CheckpointManager:
         )
         await self._write_head(record.counter)
 
-    def _encode(self, counter: int, payload: bytes) -> bytes:
-        """Sign ``payload`` as record ``counter``, chained to the record encoded before it."""
+    def _encode(self, counter: int, payload: bytes, *, compress: bool = False) -> bytes:
+        """Sign ``payload`` as record ``counter``, chained to the record encoded before it; a
+        ``compress``-ible payload (a snapshot) of ``compress_over`` bytes or more is stored
+        zlib-compressed when that saves a tenth or more."""
         if self._lineage is None:
             raise RuntimeError("CheckpointManager.open() must be awaited before writing")
         prev_counter, prev_digest = self._tip if self._tip is not None else (0, bytes(32))
-        data, digest = seal(payload, self._key, self._eid, counter, self._lineage, prev_counter, prev_digest)
+        squeeze = compress and self.compress_over is not None and len(payload) >= self.compress_over
+        data, digest = seal(
+            payload, self._key, self._eid, counter, self._lineage, prev_counter, prev_digest, compress=squeeze
+        )
         self._tip = (counter, digest)
         self._written[counter] = digest
         return data
