@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         StreamingPythonExecutor as StreamingPythonExecutor,
     )
     from playbooks.execution.tool_calls import current_tool_call as current_tool_call
+    from playbooks.execution.tool_calls import cheap as cheap
     from playbooks.execution.tool_calls import durable_call as durable_call
     from playbooks.execution.tool_calls import resumed as resumed
     from playbooks.execution.retry import RetryPolicy as RetryPolicy
@@ -52,6 +53,7 @@ _WHERE = {
     "StreamingPythonExecutor": "playbooks.execution.streaming_python_executor",
     "UnrestoredValueError": "playbooks.errors",
     "current_tool_call": "playbooks.execution.tool_calls",
+    "cheap": "playbooks.execution.tool_calls",
     "durable_call": "playbooks.execution.tool_calls",
     "resumed": "playbooks.execution.tool_calls",
     "retry": "playbooks.execution.retry",

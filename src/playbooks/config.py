@@ -203,6 +203,24 @@ class DurabilityConfig(_Validated):
             non_empty=True,
         ),
     )
+    journal_sync_every: int = field(
+        default=1,
+        metadata=_meta(
+            "Fsync the journal before every n-th durable call (1: before every one). Records survive a "
+            "killed process either way; after a power loss, up to n-1 finished calls whose results were "
+            "not fsynced run again.",
+            minimum=1,
+        ),
+    )
+    journal_sync_interval: float | None = field(
+        default=None,
+        metadata=_meta(
+            "With journal_sync_every above 1: also fsync when this many seconds passed since the last "
+            "fsync, which bounds the work a power loss can undo. Unset: by count only.",
+            above=0,
+            example=1.0,
+        ),
+    )
     compress_snapshots: bool = field(
         default=True,
         metadata=_meta(

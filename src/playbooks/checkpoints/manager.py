@@ -188,6 +188,12 @@ class CheckpointManager:
         if snapshot_sync_every is not None and snapshot_sync_every < 1:
             raise ValueError("snapshot_sync_every must be at least 1 (or None: only with the journal)")
         self.snapshot_sync_every = snapshot_sync_every
+        self.journal_sync_every = 1
+        """Fsync the journal before every n-th durable call (1: every one). See :meth:`sync`."""
+        self.journal_sync_interval: float | None = None
+        """Also fsync when this many seconds passed since the last fsync (``None``: by count only)."""
+        self._calls_since_sync = 0
+        self._synced_at = time.monotonic()
         self.compress_over: int | None = _COMPRESS_OVER
         """Snapshots whose record is at least this many bytes are stored zlib-compressed when that
         saves a tenth or more (``None``: never)."""
@@ -260,6 +266,8 @@ class CheckpointManager:
         )
         if not durability.compress_snapshots:
             manager.compress_over = None
+        manager.journal_sync_every = durability.journal_sync_every
+        manager.journal_sync_interval = durability.journal_sync_interval
         return manager
 
     def __repr__(self) -> str:
@@ -410,10 +418,22 @@ class CheckpointManager:
         )
 
     async def sync(self) -> None:
-        """Make the journal durable (one fsync) before a new durable call starts."""
-        if self._unsynced:
-            await self.provider.sync_journal(self.execution_id)
-            self._unsynced = False
+        """Make the journal durable (one fsync) before a new durable call starts: before every one
+        (the default), or, with ``journal_sync_every = n`` / ``journal_sync_interval = t``, before
+        every n-th or when t seconds passed since the last fsync. Records survive a killed process
+        either way; after a power loss, calls whose results were not fsynced yet run again."""
+        if not self._unsynced:
+            return
+        self._calls_since_sync += 1
+        if self._calls_since_sync < self.journal_sync_every and (
+            self.journal_sync_interval is None
+            or time.monotonic() - self._synced_at < self.journal_sync_interval
+        ):
+            return
+        await self.provider.sync_journal(self.execution_id)
+        self._unsynced = False
+        self._calls_since_sync = 0
+        self._synced_at = time.monotonic()
 
     async def save_state(self, name: str, value: Any) -> None:
         """Store a value of the whole execution under ``name`` (unsynced, like a journal record: it
@@ -566,9 +586,10 @@ class CheckpointManager:
         """Forget how a failed execution failed, so that a resume calls the failing call again.
 
         The records from the failing call's result (:meth:`failure`) on, and the final snapshots of the
-        frames that call ran, are deleted (a tombstone lists them); the call's ``intent`` stays, so a resume finds it unfinished and runs it again with the
-        same idempotency key, after replaying everything before it. Returns that result record, or
-        ``None`` when the execution did not end with a failed call. Takes the execution's lock.
+        frames that call ran, are deleted (a tombstone lists them); the call's ``intent`` stays, so a
+        resume finds it unfinished and runs it again with the same idempotency key, after replaying
+        everything before it. Returns that result record, or ``None`` when the execution did not end
+        with a failed call. Takes the execution's lock.
         """
         await self.load_records()
         failing, tail = self._failure_tail()

@@ -50,7 +50,7 @@ from playbooks.execution.fingerprint import fingerprint
 from playbooks.execution.hash_seed import record_hash_seed, seed_mismatch
 from playbooks.execution.mutations import ArgumentWatch, apply_mutations
 from playbooks.execution.retry import RetryPolicy, policy_of
-from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, when_output_written
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, is_cheap, when_output_written
 
 if TYPE_CHECKING:
     from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
@@ -351,6 +351,17 @@ class DurableFrame:
             return None
         return entry
 
+    def forget(self, call_id: str) -> None:
+        """A cheap call (not journaled) runs again: drop what an earlier run may have recorded of it,
+        so it neither waits in the replay order nor holds snapshots back."""
+        if self.journal.pop(call_id, None) is not None and call_id in self._order:
+            front = self._order[0]
+            self._order.remove(call_id)
+            if self._order and self._order[0] != front:
+                event = self._waiting.pop(self._order[0], None)
+                if event is not None:
+                    event.set()
+
     def attempts_made(self, call_id: str) -> int:
         """How many attempts of an unfinished call the journal recorded before the crash (0: none)."""
         return self._attempts.pop(call_id, 0)
@@ -626,6 +637,9 @@ class DurableInterceptor(ToolCallInterceptor):
 
     async def call_async(self, call: ToolCall, fn: Callable[..., Awaitable[Any]]) -> Any:
         frame = self.frame
+        if is_cheap(fn):  # not journaled: runs again after a resume
+            frame.forget(call.call_id)
+            return await super().call_async(call, fn)
         entry = frame.replay(call)
         frame.awaited = True
         if entry is not None:
@@ -679,6 +693,9 @@ class DurableInterceptor(ToolCallInterceptor):
 
     def call_sync(self, call: ToolCall, fn: Callable[..., Any]) -> Any:
         frame = self.frame
+        if is_cheap(fn):
+            frame.forget(call.call_id)
+            return super().call_sync(call, fn)
         entry = frame.replay(call)
         if entry is not None:
             frame.release(entry)

@@ -31,8 +31,10 @@ __all__ = (
     "ToolCallInterceptor",
     "bind_tools",
     "calling_interceptor",
+    "cheap",
     "current_tool_call",
     "durable_call",
+    "is_cheap",
     "output_written",
     "resumed",
     "when_output_written",
@@ -251,6 +253,20 @@ def calling_interceptor() -> ToolCallInterceptor | None:
     if not isinstance(owner, ToolCallInterceptor) or _CURRENT.get() is not None:
         return None
     return owner
+
+
+def cheap(fn: _F) -> _F:
+    """Mark a tool as cheap: a durable executor runs its calls without journaling them (no records,
+    no fsync before them), and a resume calls them again instead of replaying them. For fast,
+    deterministic calls without side effects that matter (a lookup in memory, a pure computation):
+    a cheap call whose result differs after a resume makes the code diverge."""
+    fn.__playbooks_cheap__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_cheap(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` was marked with :func:`cheap`."""
+    return getattr(fn, "__playbooks_cheap__", False) is True
 
 
 @overload
