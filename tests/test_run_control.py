@@ -107,16 +107,20 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("example", ["orders", "nested"])
+@pytest.mark.parametrize("example", ["orders", "nested", "reporter", "two_agents"])
 def test_fork_at_every_snapshot_continues_and_leaves_the_original_unchanged(tmp_path: Path, example: str) -> None:
+    """Each example, forked at about six checkpoints, resumes to the original's result; the
+    original's files do not change. (An override changes the prompts that follow, which the
+    examples' cassettes would not match: overrides are tested on orders, where their effect shows.)"""
     import shutil
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     for suffix in (".pb", ".cassette.json"):
         shutil.copy(examples / f"{example}{suffix}", tmp_path)
+    (tmp_path / "playbooks.toml").write_text("[durability]\nkeep_history = true\n")  # every point forkable
     first = _playbooks("run", f"{example}.pb", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    returned = next(line for line in first.stderr.splitlines() if line.startswith("< ") and " returned " in line)
+    returned = next(line for line in first.stderr.splitlines() if line.startswith("done: "))
     (original,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
     listing = json.loads(_playbooks("checkpoints", "list", original["run_id"], "--json", cwd=tmp_path).stdout)
     snapshots = [row["counter"] for row in listing if row["kind"] == "snapshot"]
@@ -129,7 +133,9 @@ def test_fork_at_every_snapshot_continues_and_leaves_the_original_unchanged(tmp_
         fork_id = forked.stdout.split(" into ")[1].split(";")[0]
         resumed = _playbooks("run", f"{example}.pb", "--resume", fork_id, cwd=tmp_path)
         assert resumed.returncode == 0, (at, resumed.stderr)
-        assert returned in resumed.stderr, (at, resumed.stderr)
+        result = returned.split(" finished after ")[0]  # (a fork makes fewer LLM calls)
+        assert result in resumed.stderr, (at, resumed.stderr)
+        assert [ln for ln in first.stderr.splitlines() if " returned " in ln][-1] in resumed.stderr
         record = next(r for r in json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout) if r["run_id"] == fork_id)
         assert record["status"] == "completed" and record["forked_from"] == f"{original['run_id']} at checkpoint {at}"
     assert _tree(folder) == before  # the original run's files, byte for byte
@@ -137,6 +143,23 @@ def test_fork_at_every_snapshot_continues_and_leaves_the_original_unchanged(tmp_
     assert bad.returncode == 1 and "has no readable checkpoint 999999" in bad.stderr
     missing = _playbooks("fork", "no-such-run", cwd=tmp_path)
     assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
+
+
+def test_forking_where_pruning_removed_what_the_point_needs_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for suffix in (".pb", ".cassette.json"):
+        shutil.copy(examples / f"two_agents{suffix}", tmp_path)
+    assert _playbooks("run", "two_agents.pb", cwd=tmp_path).returncode == 0  # pruned as it ran
+    (original,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
+    listing = json.loads(_playbooks("checkpoints", "list", original["run_id"], "--json", cwd=tmp_path).stdout)
+    snapshots = [row["counter"] for row in listing if row["kind"] == "snapshot"]
+    refused = _playbooks("fork", original["run_id"], "--at", str(snapshots[1]), cwd=tmp_path)
+    assert refused.returncode == 1, refused.stdout
+    assert "is older than what the execution keeps" in refused.stderr and "keep_history" in refused.stderr
+    latest = _playbooks("fork", original["run_id"], cwd=tmp_path)  # the latest point is always whole
+    assert latest.returncode == 0, latest.stderr
 
 
 def test_fork_with_set_and_resume_with_arg_change_what_follows(tmp_path: Path) -> None:

@@ -179,6 +179,14 @@ class DurabilityConfig(_Validated):
             minimum=1,
         ),
     )
+    keep_history: bool = field(
+        default=False,
+        metadata=_meta(
+            "Keep every record of a run instead of pruning what later snapshots supersede, so that any "
+            "of its checkpoints can be forked exactly (playbooks fork RUN --at N); a run's storage then "
+            "grows with its length. keep_last_n is ignored.",
+        ),
+    )
     provider: str = field(
         default="filesystem",
         metadata=_meta(

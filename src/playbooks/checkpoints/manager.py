@@ -259,7 +259,7 @@ class CheckpointManager:
         manager = cls(
             execution_id,
             provider,
-            keep_last_n=durability.keep_last_n,
+            keep_last_n=None if durability.keep_history else durability.keep_last_n,
             max_checkpoint_size_mb=durability.max_checkpoint_size_mb,
             unpicklable=durability.unpicklable,
             key_env=durability.hmac_key_env,
@@ -682,6 +682,7 @@ class CheckpointManager:
             raise CheckpointCorruptError(
                 f"execution {self.execution_id!r} has no readable checkpoint {upto} (snapshots: {known})"
             )
+        self._check_forkable(upto)
         if await target._stored_counters():
             raise StoragePathError(
                 f"cannot fork into {target.execution_id!r}: that execution already has checkpoints"
@@ -693,6 +694,40 @@ class CheckpointManager:
             await target.write(dataclasses.replace(record, execution_id=target.execution_id), sync=False)
         await target.sync()
         return upto
+
+    def _check_forkable(self, upto: int) -> None:
+        """Refuse to fork at ``upto`` when pruning removed records the state at that point needs: a
+        call between a frame's snapshot and ``upto``, or the value a run-level state had then."""
+        pruned = [(lo, hi) for lo, hi in self._pruned.ranges() if lo <= upto]
+        if not pruned:
+            return
+        hint = (
+            f"checkpoint {upto} of execution {self.execution_id!r} is older than what the execution keeps "
+            "(pruning removed records it needs"
+        )
+        frames = {r.frame_id for c, r in self._records.items() if c <= upto and r.kind != "state"}
+        states = {frame_id: self.frame_state(frame_id, upto=upto) for frame_id in frames}
+        done = {frame_id for frame_id, state in states.items() if state is not None and state.done}
+        for frame_id, state in states.items():
+            parts = frame_id.split("/")
+            if any("/".join(parts[:n]) in done for n in range(1, len(parts) + 1)):
+                continue  # finished, or under a finished frame: a resume does not run it
+            base = state.snapshot_counter if state is not None else 0
+            if any(hi > base and lo <= upto for lo, hi in pruned):
+                raise CheckpointCorruptError(
+                    f"{hint}: frame {frame_id!r}'s calls after its snapshot {base}); fork at a later "
+                    "checkpoint, or set durability.keep_history = true in runs you mean to fork"
+                )
+        names = {
+            r.name for c, r in self._records.items()
+            if r.kind == "state" and c > upto and not r.name.startswith(_OVERRIDE_STATE)
+        }
+        kept = {r.name for c, r in self._records.items() if r.kind == "state" and c <= upto}
+        if names - kept:
+            raise CheckpointCorruptError(
+                f"{hint}: the run-level state {', '.join(sorted(names - kept))} as it was then); fork at a "
+                "later checkpoint, or set durability.keep_history = true in runs you mean to fork"
+            )
 
     async def close(self) -> None:
         """Drop pruned journal entries, flush everything to disk and release the execution's lock."""
