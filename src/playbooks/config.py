@@ -179,14 +179,6 @@ class DurabilityConfig(_Validated):
             minimum=1,
         ),
     )
-    keep_history: bool = field(
-        default=False,
-        metadata=_meta(
-            "Keep every record of a run instead of pruning what later snapshots supersede, so that any "
-            "of its checkpoints can be forked exactly (playbooks fork RUN --at N); a run's storage then "
-            "grows with its length. keep_last_n is ignored.",
-        ),
-    )
     provider: str = field(
         default="filesystem",
         metadata=_meta(
@@ -209,6 +201,24 @@ class DurabilityConfig(_Validated):
             "is set, a checkpoint whose signature does not match is never unpickled. The key itself "
             "never goes in this file.",
             non_empty=True,
+        ),
+    )
+    delete_completed_after_days: float | None = field(
+        default=None,
+        metadata=_meta(
+            "Delete the checkpoints and record of a completed run this many days after it finished "
+            "(checked when a run completes, and by playbooks checkpoints prune --older-than). Failed and "
+            "crashed runs are kept: they may still resume. Unset keeps every run.",
+            above=0,
+            example=30,
+        ),
+    )
+    keep_history: bool = field(
+        default=False,
+        metadata=_meta(
+            "Keep every record of a run instead of pruning what later snapshots supersede, so that any "
+            "of its checkpoints can be forked exactly (playbooks fork RUN --at N); a run's storage then "
+            "grows with its length. keep_last_n is ignored.",
         ),
     )
     journal_sync_every: int = field(
@@ -257,16 +267,6 @@ class DurabilityConfig(_Validated):
     retry_max_delay: float = field(
         default=30.0,
         metadata=_meta("Longest wait between two attempts, in seconds.", minimum=0),
-    )
-    delete_completed_after_days: float | None = field(
-        default=None,
-        metadata=_meta(
-            "Delete the checkpoints and record of a completed run this many days after it finished "
-            "(checked when a run completes, and by playbooks checkpoints prune --older-than). Failed and "
-            "crashed runs are kept: they may still resume. Unset keeps every run.",
-            above=0,
-            example=30,
-        ),
     )
 
 
