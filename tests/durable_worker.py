@@ -1,6 +1,6 @@
 """A durable run in its own process, for the crash tests: it can kill itself with SIGKILL mid-call.
 
-    python durable_worker.py SCENARIO STORE LEDGER OUT [--kill before:K|in:K] [--resume] [--delay S]
+    python durable_worker.py SCENARIO STORE LEDGER OUT [--kill before:K|in:K] [--resume] [--delay S] [--sync-every N]
 
 Runs the scenario's LLM response through a durable StreamingPythonExecutor fed in 5-character chunks
 (so the stream is cut mid-statement whenever a call runs), exactly as the documented contract does.
@@ -24,7 +24,7 @@ from typing import Any
 from playbooks import Agent
 from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider, RecoveryCoordinator
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
-from playbooks.execution.tool_calls import current_tool_call
+from playbooks.execution.tool_calls import cheap, current_tool_call
 
 SCENARIOS: dict[str, str] = {
     "flat": (
@@ -89,6 +89,12 @@ SCENARIOS: dict[str, str] = {
         "second = await Work(len(rows))\n"
         "print('rows', len(rows), first, second)\n"
     ),
+    "cheap": (
+        "total = 0\n"
+        "for i in range(4):\n"
+        "    total += await Rate(i) + await Work(i)\n"
+        "print('total', total)\n"
+    ),
     "cut": (
         "message = 'a long string literal that the stream cuts in the middle of, again and again'\n"
         "value = await Work(len(message))\n"
@@ -121,6 +127,7 @@ async def main() -> None:
     parser.add_argument("--kill")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--sync-every", type=int, default=1, help="fsync the journal every n-th durable call")
     options = parser.parse_args()
     kill = _Kill(options.kill)
     ledger = os.open(options.ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -145,8 +152,13 @@ async def main() -> None:
         assert result.success, result.error
         return result.namespace["out"]
 
-    agent = Agent("agent_1", tools={"Work": Work, "RunChild": RunChild})
+    @cheap
+    async def Rate(arg: int) -> int:  # cheap: not journaled, called again after a resume
+        return arg * 2
+
+    agent = Agent("agent_1", tools={"Work": Work, "RunChild": RunChild, "Rate": Rate})
     manager = CheckpointManager(execution_id=agent.id, provider=FilesystemCheckpointProvider(options.store))
+    manager.journal_sync_every = options.sync_every
     stream = SCENARIOS[options.scenario]
     in_flight: list[str] = []
     executor = None

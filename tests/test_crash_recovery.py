@@ -111,6 +111,22 @@ def test_kill_at_every_await_then_resume(scenario: str, tmp_path_factory: pytest
             assert resumed.in_flight, f"{scenario} {point}: the call in flight was not reported"
 
 
+@pytest.mark.parametrize("scenario", ["loop", "cheap", "nested"])
+def test_kill_at_every_await_with_a_journal_sync_cadence(scenario: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With the journal fsynced every third durable call (and cheap calls not journaled at all), a
+    killed process still resumes exactly: its records were in the page cache when written."""
+    reference, reference_args = _reference(tmp_path_factory, scenario)
+    for point in _kill_points(reference_args):
+        tmp = tmp_path_factory.mktemp(f"cadence-{scenario}-{point.replace(':', '-')}")
+        killed = _run(tmp, scenario, "--kill", point, "--sync-every", "3")
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr)
+        resumed = _run(tmp, scenario, "--resume", "--sync-every", "3")
+        try:
+            _check_resumed(tmp, reference, reference_args, killed, resumed)
+        except AssertionError as exc:
+            raise AssertionError(f"{scenario} killed at {point} (sync every 3): {exc}\n{resumed.stderr}") from exc
+
+
 def test_resume_of_a_finished_run_does_nothing(tmp_path: Path) -> None:
     first = _run(tmp_path, "flat")
     assert first.returncode == 0
