@@ -112,7 +112,9 @@ def test_kill_at_every_await_then_resume(scenario: str, tmp_path_factory: pytest
 
 
 @pytest.mark.parametrize("scenario", ["loop", "cheap", "nested"])
-def test_kill_at_every_await_with_a_journal_sync_cadence(scenario: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_kill_at_every_await_with_a_journal_sync_cadence(
+    scenario: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """With the journal fsynced every third durable call (and cheap calls not journaled at all), a
     killed process still resumes exactly: its records were in the page cache when written."""
     reference, reference_args = _reference(tmp_path_factory, scenario)
