@@ -136,7 +136,8 @@ def test_fork_at_every_snapshot_continues_and_leaves_the_original_unchanged(tmp_
         result = returned.split(" finished after ")[0]  # (a fork makes fewer LLM calls)
         assert result in resumed.stderr, (at, resumed.stderr)
         assert [ln for ln in first.stderr.splitlines() if " returned " in ln][-1] in resumed.stderr
-        record = next(r for r in json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout) if r["run_id"] == fork_id)
+        runs = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
+        record = next(r for r in runs if r["run_id"] == fork_id)
         assert record["status"] == "completed" and record["forked_from"] == f"{original['run_id']} at checkpoint {at}"
     assert _tree(folder) == before  # the original run's files, byte for byte
     bad = _playbooks("fork", original["run_id"], "--at", "999999", cwd=tmp_path)
