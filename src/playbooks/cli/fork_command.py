@@ -3,8 +3,9 @@
 The new run is a copy of the old one's records up to that checkpoint, as a process killed right after
 it would have left them, under a new run id (``CheckpointManager.fork_into``); ``playbooks run PROGRAM
 --resume NEW`` continues it from there, with its own idempotency keys, and may use another model
-(``--model``); ``--set`` changes variables at that point (``CheckpointManager.save_overrides``). The old
-run is not changed; the new run's record says where it came from.
+(``PLAYBOOKS_MODEL_NAME``, or another ``[model]``); ``--set`` changes variables at that point
+(``CheckpointManager.save_overrides``). The old run is not changed; the new run's record says where it
+came from.
 """
 
 from __future__ import annotations
