@@ -14,8 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from playbooks.cli.run_store import RunStore, runs_folder
-from playbooks.config import ConfigError, load_config
+from playbooks.cli.run_store import find_run
 
 __all__ = ("configure_answer",)
 
@@ -35,16 +34,11 @@ def _error(message: str) -> None:
 
 
 def _answer(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        _error(f"configuration error: {exc}")
+    found = find_run(args.config, args.run_id)
+    if isinstance(found, str):
+        _error(found)
         return EXIT_USAGE
-    store = RunStore(runs_folder(config))
-    record = store.get(args.run_id)
-    if record is None:
-        _error(f"no run {args.run_id!r} in {store.folder} (see: playbooks runs)")
-        return EXIT_USAGE
+    record = found[2]
     if record.status != "waiting":
         _error(f"run {record.run_id} is not waiting for an answer (it is {record.status})")
         return EXIT_USAGE

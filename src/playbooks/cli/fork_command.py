@@ -20,8 +20,8 @@ import anyio
 from playbooks.checkpoints import CheckpointManager
 from playbooks.checkpoints.provider import parse_checkpoint_id
 from playbooks.cli.assignments import parse_assignments
-from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
-from playbooks.config import Config, ConfigError, load_config
+from playbooks.cli.run_store import RunRecord, RunStore, find_run, run_status
+from playbooks.config import Config
 from playbooks.errors import PlaybooksError
 
 __all__ = ("configure_fork",)
@@ -64,16 +64,11 @@ def _counter(text: str | None, run_id: str) -> int | None:
 
 
 def _fork(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        _error(f"configuration error: {exc}")
+    found = find_run(args.config, args.run_id)
+    if isinstance(found, str):
+        _error(found)
         return EXIT_USAGE
-    store = RunStore(runs_folder(config))
-    source = store.get(args.run_id)
-    if source is None:
-        _error(f"no run {args.run_id!r} in {store.folder} (see: playbooks runs)")
-        return EXIT_USAGE
+    config, store, source = found
     try:
         upto = _counter(args.at, source.run_id)
         overrides = parse_assignments(args.set, "--set")
@@ -85,6 +80,9 @@ def _fork(args: argparse.Namespace) -> int:
     except PlaybooksError as exc:
         _error(str(exc))
         return EXIT_ERROR
+    except OSError as exc:  # the store cannot be read or written: say where, no traceback
+        _error(f"cannot fork in {config.durability.storage_path}: {exc.strerror or exc}")
+        return EXIT_USAGE
     print(f"forked run {source.run_id} at checkpoint {at} into {fork.run_id}; continue it with: "
           f"playbooks run {source.program} --resume {fork.run_id}")
     return EXIT_OK

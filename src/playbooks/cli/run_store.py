@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 from playbooks.checkpoints.provider import CheckpointProvider
-from playbooks.config import Config
+from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import CheckpointConfigError, ExecutionLockedError
 
-__all__ = ("RunRecord", "RunStore", "run_status", "runs_folder")
+__all__ = ("RunRecord", "RunStore", "find_run", "run_status", "runs_folder")
 
 Status = Literal["running", "crashed", "failed", "completed", "forked", "waiting"]
 
@@ -137,3 +137,17 @@ class RunStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def find_run(config_path: Path | None, run_id: str) -> tuple[Config, RunStore, RunRecord] | str:
+    """The configuration, run store and record of ``run_id`` for a command that acts on a recorded
+    run, or a message saying why there is none (an unreadable configuration, an unknown run)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return f"configuration error: {exc}"
+    store = RunStore(runs_folder(config))
+    record = store.get(run_id)
+    if record is None:
+        return f"no run {run_id!r} in {store.folder} (see: playbooks runs)"
+    return config, store, record

@@ -354,13 +354,8 @@ class DurableFrame:
     def forget(self, call_id: str) -> None:
         """A cheap call (not journaled) runs again: drop what an earlier run may have recorded of it,
         so it neither waits in the replay order nor holds snapshots back."""
-        if self.journal.pop(call_id, None) is not None and call_id in self._order:
-            front = self._order[0]
-            self._order.remove(call_id)
-            if self._order and self._order[0] != front:
-                event = self._waiting.pop(self._order[0], None)
-                if event is not None:
-                    event.set()
+        if self.journal.pop(call_id, None) is not None:
+            self._drop_from_order([call_id])
 
     def attempts_made(self, call_id: str) -> int:
         """How many attempts of an unfinished call the journal recorded before the crash (0: none)."""
@@ -398,7 +393,11 @@ class DurableFrame:
         made again and cannot be any more: a replayed call returns at once, so the replay can cancel a
         task before it reaches a call that the live run, slower, had made (and seen cancelled). They
         must not hold up the calls recorded after them."""
-        gone = [seq for seq in self._order if seq.rpartition(".")[0] == path]
+        self._drop_from_order([seq for seq in self._order if seq.rpartition(".")[0] == path])
+
+    def _drop_from_order(self, gone: list[str]) -> None:
+        """Take calls that will not be handed back out of the replay order; wake the new front."""
+        gone = [seq for seq in gone if seq in self._order]
         if not gone:
             return
         front = self._order[0]
