@@ -17,6 +17,7 @@ from playbooks.config import (
     ConfigWarning,
     DurabilityConfig,
     ModelConfig,
+    SandboxConfig,
     env_var_name,
     load_config,
     write_default_config,
@@ -449,10 +450,11 @@ def test_default_file_is_commented_and_names_env_vars(tmp_path: Path) -> None:
     write_default_config(path)
     text = path.read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    assert set(data) == {"durability", "model"}
+    assert set(data) == {"durability", "model", "sandbox"}
     assert "base_url" not in data["model"]  # None cannot be written: shown as a commented example
     assert '# base_url = "' in text
-    for table, section in (("durability", DurabilityConfig()), ("model", ModelConfig())):
+    assert "import_allow" not in data["sandbox"] and "# import_allow = [" in text
+    for table, section in (("durability", DurabilityConfig()), ("model", ModelConfig()), ("sandbox", SandboxConfig())):
         for key in section.__dataclass_fields__:
             assert f"# Environment variable: {env_var_name(table, key)}\n" in text
     lines = text.splitlines()
@@ -483,3 +485,19 @@ def test_repository_playbooks_toml_is_the_default_file(tmp_path: Path) -> None:
     repo_file = REPO_ROOT / CONFIG_FILENAME
     assert repo_file.read_text(encoding="utf-8") == path.read_text(encoding="utf-8")
     assert load_config(repo_file, env={}) == Config(source=repo_file)
+
+
+def test_sandbox_lists_from_file_and_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[sandbox]\nimport_deny = ["socket", "ctypes"]\nstatement_timeout = 0\n')
+    config = load_config(path, env={"PLAYBOOKS_SANDBOX_ENV": "TZ, LANGUAGE"})
+    assert config.sandbox.import_deny == ("socket", "ctypes")
+    assert config.sandbox.env == ("TZ", "LANGUAGE")
+    from playbooks.execution.sandbox import SandboxLimits
+
+    limits = SandboxLimits.from_config(config.sandbox)
+    assert limits.statement_timeout is None and limits.import_deny == ("socket", "ctypes")
+    assert limits.import_allow is None
+    with pytest.raises(ConfigError, match="list of"):
+        load_config(_write(tmp_path, "[sandbox]\nimport_deny = 'socket'\n"), env={})
+    with pytest.raises(ConfigError, match="list of non-empty strings"):
+        load_config(_write(tmp_path, "[sandbox]\nenv = ['A', 3]\n"), env={})

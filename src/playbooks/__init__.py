@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from playbooks.errors import NonDeterminismError as NonDeterminismError
     from playbooks.errors import PlaybooksError as PlaybooksError
     from playbooks.errors import UnrestoredValueError as UnrestoredValueError
+    from playbooks.execution.isolated_executor import IsolatedPythonExecutor as IsolatedPythonExecutor
+    from playbooks.execution.sandbox import SandboxLimits as SandboxLimits
     from playbooks.execution.streaming_python_executor import ExecutionResult as ExecutionResult
     from playbooks.execution.streaming_python_executor import (
         StreamingPythonExecutor as StreamingPythonExecutor,
@@ -46,10 +48,12 @@ _WHERE = {
     "ExecutionResult": "playbooks.execution.streaming_python_executor",
     "FilesystemCheckpointProvider": "playbooks.checkpoints.providers.filesystem",
     "InterpreterError": "playbooks.errors",
+    "IsolatedPythonExecutor": "playbooks.execution.isolated_executor",
     "LLMCodeError": "playbooks.errors",
     "NonDeterminismError": "playbooks.errors",
     "PlaybooksError": "playbooks.errors",
     "RecoveryCoordinator": "playbooks.checkpoints",
+    "SandboxLimits": "playbooks.execution.sandbox",
     "StreamingPythonExecutor": "playbooks.execution.streaming_python_executor",
     "UnrestoredValueError": "playbooks.errors",
     "current_tool_call": "playbooks.execution.tool_calls",

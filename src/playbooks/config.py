@@ -54,6 +54,7 @@ __all__ = (
     "ConfigWarning",
     "DurabilityConfig",
     "ModelConfig",
+    "SandboxConfig",
     "env_var_name",
     "load_config",
     "write_default_config",
@@ -358,11 +359,83 @@ class ModelConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class SandboxConfig(_Validated):
+    """The ``[sandbox]`` table: the limits of the worker process that runs LLM code in isolation
+    (:class:`~playbooks.execution.sandbox.SandboxLimits`; docs/isolation.md)."""
+
+    statement_timeout: float = field(
+        default=30.0,
+        metadata=_meta(
+            "Seconds one top-level statement of LLM code may run in its worker (time spent waiting for "
+            "tools, LLM calls and nested playbooks does not count); 0: no limit.",
+            minimum=0,
+        ),
+    )
+    response_timeout: float = field(
+        default=300.0,
+        metadata=_meta("The same for all the statements of one LLM response; 0: no limit.", minimum=0),
+    )
+    cpu_seconds: int = field(
+        default=600, metadata=_meta("CPU seconds one worker process may use; 0: no limit.", minimum=0)
+    )
+    memory_mb: int = field(
+        default=4096,
+        metadata=_meta("Address space of a worker process, in MB (RLIMIT_AS); 0: no limit.", minimum=0),
+    )
+    recursion_limit: int = field(
+        default=1000, metadata=_meta("Python's recursion limit in the worker.", minimum=50)
+    )
+    max_output_bytes: int = field(
+        default=1_000_000,
+        metadata=_meta("Bytes one response's code may print; 0: no limit.", minimum=0),
+    )
+    import_allow: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_meta(
+            "Only these top-level modules may be imported by LLM code (a guard against mistakes, not a "
+            "security boundary: the process and Landlock are); unset: any.",
+            example=["math", "json", "re", "datetime", "collections", "itertools", "statistics"],
+        ),
+    )
+    import_deny: tuple[str, ...] = field(
+        default=(), metadata=_meta("Top-level modules LLM code may not import.")
+    )
+    network: bool = field(
+        default=False,
+        metadata=_meta("Let the worker make TCP connections (blocked by Landlock where the kernel can)."),
+    )
+    read_paths: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("Folders the worker may read besides Python's own files (Landlock)."),
+    )
+    write_paths: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("Folders the worker may write besides its scratch folder (Landlock)."),
+    )
+    env: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "Names of environment variables passed to the worker; it gets no other (API keys stay in "
+            "the host)."
+        ),
+    )
+    max_restarts: int = field(
+        default=3,
+        metadata=_meta(
+            "How many times one response's worker is restarted after the LLM's code ended it, before "
+            "the run fails.",
+            minimum=0,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, and the file it was read from (``None`` when only defaults applied)."""
 
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     source: Path | None = None
 
     def resolve_path(self, value: str) -> Path:
@@ -377,9 +450,10 @@ class Config:
         return self.source.parent / path
 
 
-_TABLES: dict[str, type[DurabilityConfig] | type[ModelConfig]] = {
+_TABLES: dict[str, type[DurabilityConfig] | type[ModelConfig] | type[SandboxConfig]] = {
     "durability": DurabilityConfig,
     "model": ModelConfig,
+    "sandbox": SandboxConfig,
 }
 
 
@@ -486,6 +560,16 @@ def _check(hint: Any, metadata: Mapping[str, Any], value: object, *, from_text: 
             raise _Invalid(_with_range("a finite number", metadata))
         _check_range(number, "a number", metadata)
         return number
+    if typing.get_origin(hint) is tuple:
+        if from_text and isinstance(value, str):
+            items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise _Invalid("a list of strings")
+        if not all(isinstance(item, str) and item for item in items):
+            raise _Invalid("a list of non-empty strings")
+        return tuple(items)
     if hint is str:
         if not isinstance(value, str):
             raise _Invalid("a non-empty string" if metadata.get("non_empty") else "a string")
@@ -744,6 +828,7 @@ def load_config(
     config = Config(
         durability=DurabilityConfig(**values["durability"]),
         model=ModelConfig(**values["model"]),
+        sandbox=SandboxConfig(**values["sandbox"]),
         source=source,
     )
     _warn_unknown_env(environment, config)
@@ -761,6 +846,7 @@ _HEADER = """\
 _TABLE_HELP = {
     "durability": "Checkpoints: a killed run resumes from its last completed await.",
     "model": "The LLM that writes the code.",
+    "sandbox": "Isolation: limits of the worker process that runs LLM code (docs/isolation.md).",
 }
 
 
@@ -781,7 +867,8 @@ def _render_config(config: Config) -> str:
             parts.append("\n" + "".join(f"# {line}\n" for line in comment))
             value = getattr(section, spec.name)
             if value is None:
-                parts.append("# " + tomli_w.dumps({spec.name: spec.metadata["example"]}))
+                example = tomli_w.dumps({spec.name: spec.metadata["example"]})
+                parts.append("".join(f"# {line}\n" for line in example.splitlines()))
             else:
                 parts.append(tomli_w.dumps({spec.name: value}))
     return "".join(parts)

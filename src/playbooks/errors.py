@@ -166,3 +166,44 @@ class HostIOError(InterpreterError):
     """Raised when the host fails under a call of the LLM's code (standard output closed, a full disk):
     it ends the run and is never reported to the LLM or journaled as an error of its code, so a resumed
     run makes the call again."""
+
+
+class SandboxLimitError(CodeExecutionError):
+    """Raised when LLM code running in an isolated worker exceeds one of its limits
+    (:class:`~playbooks.execution.sandbox.SandboxLimits`); the message names the limit and the
+    statement, so the LLM can change its code. The run goes on."""
+
+
+class TimeLimitError(SandboxLimitError):
+    """A statement (or a whole response) of LLM code ran longer than its wall-time limit."""
+
+
+class MemoryLimitError(SandboxLimitError):
+    """LLM code asked for more memory than the worker's limit."""
+
+
+class CPULimitError(SandboxLimitError):
+    """LLM code used up the worker's CPU-time limit."""
+
+
+class OutputLimitError(SandboxLimitError):
+    """LLM code printed more than the output limit of one response."""
+
+
+class ImportBlockedError(SandboxLimitError):
+    """LLM code imported a module the sandbox's import policy refuses."""
+
+
+class WorkerDiedError(CodeExecutionError):
+    """LLM code ended the worker process that ran it (``sys.exit``, ``os._exit``, a crash, a signal);
+    the host restored the state before that statement in a fresh worker and the run goes on."""
+
+
+class SandboxError(InterpreterError):
+    """The isolated executor itself failed (its worker cannot start, broke the channel's protocol, or
+    died more often than allowed); an error of the host, never reported to the LLM."""
+
+
+class IsolatedRunError(CheckpointError):
+    """Raised when a process that is not an isolated worker would unpickle values of an execution
+    written by one: those bytes came from untrusted code, and are only ever unpickled in a worker."""

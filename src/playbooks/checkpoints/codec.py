@@ -72,6 +72,7 @@ __all__ = (
     "decode_head",
     "decode_record",
     "default_key_file",
+    "derive_run_key",
     "encode_head",
     "encode_record",
     "header_size",
@@ -232,6 +233,17 @@ def resolve_key(key: str | bytes | None = None, *, env_var: str = KEY_ENV_VAR) -
     if not raw:
         raise ValueError("checkpoint key must not be empty")
     return RecordKey(raw, "the key passed to CheckpointManager(key=...)")
+
+
+def derive_run_key(key: RecordKey, execution_id: str) -> RecordKey:
+    """The key an isolated worker signs the records of ``execution_id`` with, derived from ``key``.
+
+    A worker runs untrusted code, so it never holds ``key``: with the run key it can sign records of its
+    own execution only (the execution id is part of every signed header), and the host knows a record
+    so signed came from a worker (its key id differs), so it never unpickles it.
+    """
+    secret = hmac.new(key.secret, b"playbooks run key\0" + execution_id.encode("utf-8"), hashlib.sha256)
+    return RecordKey(secret.hexdigest().encode("ascii"), f"the run key of {execution_id!r}, from {key.source}")
 
 
 def _digest(header: bytes | memoryview, payload: bytes | memoryview, key: RecordKey) -> bytes:

@@ -53,6 +53,7 @@ from playbooks.checkpoints.codec import (
     RecordKey,
     decode_head,
     decode_record,
+    derive_run_key,
     encode_head,
     new_lineage,
     resolve_key,
@@ -198,6 +199,8 @@ class CheckpointManager:
         """Snapshots whose record is at least this many bytes are stored zlib-compressed when that
         saves a tenth or more (``None``: never)."""
         self._key = key if isinstance(key, RecordKey) else resolve_key(key, env_var=key_env)
+        self._run_key: RecordKey | None = None
+        self._isolated: set[int] = set()  # records signed by an isolated worker (never unpickled here)
         self._lineage: bytes | None = None
         self._tip: tuple[int, bytes] | None = None  # the record written last: (counter, digest)
         self._head_counter = 0
@@ -795,9 +798,7 @@ class CheckpointManager:
                 data = journal[counter] if counter in journal else await self.provider.load_checkpoint(cid)
                 if data is None:
                     continue
-                found[counter] = decode_record(
-                    data, key=self._key, execution_id=self.execution_id, counter=counter
-                )
+                found[counter] = self._decode(data, counter)
             except CheckpointKeyError as exc:
                 raise CheckpointKeyError(f"cannot read checkpoint {cid}: {exc}") from None
             except CheckpointFormatError as exc:
@@ -859,6 +860,27 @@ class CheckpointManager:
         if found or self._places or self._written:
             self._check_chain(head)  # (no record at all: the run was cleared or never wrote)
         return self._records
+
+    @property
+    def run_key(self) -> RecordKey:
+        """The key an isolated worker signs this execution's records with (derived from this
+        manager's key: see :func:`~playbooks.checkpoints.codec.derive_run_key`)."""
+        if self._run_key is None:
+            self._run_key = derive_run_key(self._key, self.execution_id)
+        return self._run_key
+
+    def _decode(self, data: bytes, counter: int) -> tuple[Place, bytes]:
+        """Verify a record with this manager's key, or else with the run key of an isolated worker
+        (such a record is then marked: its pickles are never opened in this process)."""
+        try:
+            return decode_record(data, key=self._key, execution_id=self.execution_id, counter=counter)
+        except CheckpointKeyError as exc:
+            try:
+                decoded = decode_record(data, key=self.run_key, execution_id=self.execution_id, counter=counter)
+            except CheckpointKeyError:
+                raise exc from None
+        self._isolated.add(counter)
+        return decoded
 
     async def _read_head(self) -> tuple[bytes, int, bytes] | None:
         """The head, ``(lineage, newest counter, its digest)``, or ``None`` (reported when it exists
@@ -1017,6 +1039,7 @@ class CheckpointManager:
             )
         last = own[-1]
         return FrameState(
+            isolated=any(r.counter in self._isolated for r in own),
             execution_id=self.execution_id,
             frame_id=frame_id,
             agent_id=last.agent_id,

@@ -176,6 +176,20 @@ class FrameState:
     journal: dict[str, JournalEntry]
     done: bool
     error: bytes | None
+    isolated: bool = False
+    """Whether an isolated worker wrote this frame: its values are then unpickled only in a worker."""
+
+    def check_openable(self) -> None:
+        """Raise :class:`~playbooks.errors.IsolatedRunError` if this process must not unpickle this
+        frame's values (an isolated worker wrote them; this is not one)."""
+        if self.isolated:
+            from playbooks.errors import IsolatedRunError
+
+            raise IsolatedRunError(
+                f"execution {self.execution_id!r} was written by an isolated worker: its values came from "
+                "untrusted code and are unpickled only inside a worker; resume it with "
+                "IsolatedPythonExecutor (playbooks exec/run without --in-process)"
+            )
 
     @property
     def in_flight(self) -> list[JournalEntry]:
@@ -213,6 +227,7 @@ class Checkpoint(Mapping[str, Any]):
 
     def _load_namespace(self) -> dict[str, Any]:
         if self._namespace is None:
+            self.state.check_openable()
             from playbooks.checkpoints.namespace import decode_namespace
 
             target: dict[str, Any] = {}

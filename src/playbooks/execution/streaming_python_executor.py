@@ -284,6 +284,7 @@ class StreamingPythonExecutor:
         from playbooks.checkpoints.namespace import decode_namespace
 
         assert self._frame is not None
+        state.check_openable()
         # A value that could not be saved, where the namespace already holds one under its name (a
         # notebook whose setup cell made a new connection), keeps that one instead of a placeholder.
         live = {name: self.namespace[name] for name, _, _ in state.skipped if name in self.namespace}
@@ -330,6 +331,7 @@ class StreamingPythonExecutor:
         on_statement: Callable[[Statement], None] | None = None,
         on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
         unsaved: Callable[[str], bool] | None = None,
+        upto: int | None = None,
     ) -> StreamingPythonExecutor:
         """Continue the execution ``checkpoint`` belongs to, in this process.
 
@@ -338,7 +340,8 @@ class StreamingPythonExecutor:
         return their recorded results; nested executors re-attach), and the executor is returned as
         if it had been fed the stored response: feed the rest of the stream, if any, from
         ``len(executor.response)``, then :meth:`finalize`. LLM code errors are kept for
-        :meth:`finalize`, as with :meth:`add_chunk`.
+        :meth:`finalize`, as with :meth:`add_chunk`. ``upto`` feeds the stored response only up to that
+        offset (where a statement starts that must not run again: the one whose worker died).
         """
         manager = checkpoint_manager
         await manager.load_records()
@@ -348,6 +351,7 @@ class StreamingPythonExecutor:
                 f"no readable checkpoint of frame {checkpoint.root_frame_id!r} in execution "
                 f"{manager.execution_id!r}"
             )
+        state.check_openable()
         if state.agent_id != agent.id:
             raise ExecutorStateError(
                 f"checkpoint {checkpoint.checkpoint_id} belongs to agent {state.agent_id!r}, not {agent.id!r}"
@@ -365,7 +369,7 @@ class StreamingPythonExecutor:
         if state.done:
             return executor
         try:
-            await executor.add_chunk(state.response)
+            await executor.add_chunk(state.response if upto is None else state.response[:upto])
         except LLMCodeError:
             pass
         return executor
@@ -553,6 +557,13 @@ class StreamingPythonExecutor:
             namespace=self.namespace,
         )
 
+    def report_failure(self, error: LLMCodeError) -> None:
+        """Stop this stream with ``error``, raised outside the statements (a limit of the isolated
+        worker that ran them, a statement that ended it): nothing more runs, as after a failing
+        statement, and :meth:`finalize` reports it. Ignored if the stream already failed."""
+        if self._error is None:
+            self._fail(error)
+
     def get_executed_code(self) -> str:
         """The response up to the end of the last statement that ran."""
         return self.response[: self._executed_offset]
@@ -640,8 +651,10 @@ class StreamingPythonExecutor:
                 lineno = frame.tb_lineno
             frame = frame.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb))
-        return CodeExecutionError(
-            f"{type(exc).__name__}: {exc}",
+        # An exception that stands for a limit of the sandbox names its own error class and message.
+        kind: type[CodeExecutionError] = getattr(type(exc), "__playbooks_error__", CodeExecutionError)
+        return kind(
+            str(exc) if kind is not CodeExecutionError else f"{type(exc).__name__}: {exc}",
             statement=statement.source,
             lineno=lineno,
             col_offset=statement.col_offset if lineno == statement.lineno else None,

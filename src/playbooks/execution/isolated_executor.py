@@ -1,0 +1,824 @@
+"""Run LLM code in a limited worker process: the host keeps the tools, the storage and the keys.
+
+:class:`IsolatedPythonExecutor` has the contract of
+:class:`~playbooks.execution.streaming_python_executor.StreamingPythonExecutor` (``add_chunk``,
+``finalize``, ``resume_from_checkpoint``, errors with the response's line numbers) but the statements
+run in a worker process (:mod:`playbooks.execution.isolated_worker`) that holds the namespace:
+
+* **Tools stay in the host.** The worker's namespace has stubs; a call travels over the channel with
+  its arguments as plain data (:mod:`playbooks.execution.plain_data`), the host runs the tool with the
+  call's idempotency key in :func:`~playbooks.execution.tool_calls.current_tool_call`, and sends back
+  the result (a pickle made by the host, unpickled by the worker).
+* **The host owns storage and keys.** The worker's checkpoint manager journals and snapshots as usual,
+  but its records go over the channel to the host's provider, signed with a run key the host derived
+  for this execution (:func:`~playbooks.checkpoints.codec.derive_run_key`). The host verifies and
+  stores them and reads their metadata, but never unpickles them: only a worker does. The worker gets
+  a scrubbed environment, a scratch folder and, on Linux, a Landlock sandbox that hides the storage and
+  the key file from it.
+* **Limits** (:class:`~playbooks.execution.sandbox.SandboxLimits`) raise typed
+  :class:`~playbooks.errors.SandboxLimitError` subclasses into the response like any failing
+  statement.
+* **Death is survivable.** When the LLM's code ends its worker (``sys.exit`` in a thread,
+  ``os._exit``, a segfault, an OOM kill, a hang the host kills), the host starts a fresh worker that
+  resumes the frame from its checkpoints up to the statement that killed the old one, and reports
+  :class:`~playbooks.errors.WorkerDiedError` (or the limit's error) for that statement: the namespace
+  is what it was before it, and no finished call runs again. An executor without a checkpoint manager
+  journals into memory for this.
+
+What is blocked, limited and allowed, with the tests behind each line: docs/isolation.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import mmap
+import os
+import pickle
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import cloudpickle
+
+import playbooks
+from playbooks import errors
+from playbooks.agent import AgentLike
+from playbooks.errors import (
+    CPULimitError,
+    ExecutorStateError,
+    InterpreterError,
+    LLMCodeError,
+    SandboxError,
+    TimeLimitError,
+    WorkerDiedError,
+)
+from playbooks.execution.channel import ChannelClosed, HostChannel, ProtocolError
+from playbooks.execution.isolated_worker import STATUS
+from playbooks.execution.plain_data import PlainDataError, decode_plain
+from playbooks.execution.retry import RetryPolicy, policy_of
+from playbooks.execution.sandbox import SandboxLimits
+from playbooks.execution.statement_splitter import Statement
+from playbooks.execution.streaming_python_executor import ExecutionResult
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, _is_async, is_cheap
+
+if TYPE_CHECKING:
+    from playbooks.checkpoints.manager import CheckpointManager
+    from playbooks.checkpoints.model import Checkpoint
+
+__all__ = ("IsolatedPythonExecutor", "OpaqueValue")
+
+_POLL = 0.25  # s between two looks of the watchdog at a busy worker
+_SCRUBBED_PATH = "/usr/local/bin:/usr/bin:/bin"
+_SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys")
+
+
+@dataclass(frozen=True, slots=True)
+class OpaqueValue:
+    """A variable of the worker that is not plain data: the host sees its type and a short repr only
+    (unpickling it in the host would run code the LLM chose)."""
+
+    type: str
+    repr: str
+
+    def __str__(self) -> str:
+        return self.repr
+
+
+def _shown_value(data: Any) -> Any:
+    if isinstance(data, dict) and "plain" in data:
+        try:
+            return decode_plain(data["plain"])
+        except PlainDataError:
+            pass
+    if isinstance(data, dict):
+        return OpaqueValue(str(data.get("type", "?")), str(data.get("repr", "?")))
+    return OpaqueValue("?", "?")
+
+
+def _hash_seed(execution_id: str) -> int:
+    """The worker's ``PYTHONHASHSEED``: fixed per execution, so a resumed worker iterates sets alike."""
+    return int.from_bytes(hashlib.sha256(execution_id.encode("utf-8")).digest()[:4], "big")
+
+
+def _beneath(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _Worker:
+    """One worker process, its channel, status page and scratch folder."""
+
+    def __init__(self, process: subprocess.Popen[bytes], channel: HostChannel, status: mmap.mmap, scratch: str) -> None:
+        self.process = process
+        self.channel = channel
+        self.status = status
+        self.scratch = scratch
+        self.killed_for: str | None = None
+        self.cpu_time = 0.0
+        self._finalizer = weakref.finalize(self, _reap, process, scratch)
+
+    def statement(self) -> tuple[int, int, int, int]:
+        number, lineno, start, end = STATUS.unpack_from(self.status, 0)
+        return int(number), int(lineno), int(start), int(end)
+
+    def kill(self, reason: str) -> None:
+        if self.killed_for is None:
+            self.killed_for = reason
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def _wait(self) -> None:
+        """Reap the process, keeping the CPU time it used (tells a CPU limit from other kills)."""
+        if self.process.returncode is not None:
+            return
+        try:
+            _, status, usage = os.wait4(self.process.pid, 0)
+        except ChildProcessError:
+            self.process.wait()
+            return
+        self.cpu_time = usage.ru_utime + usage.ru_stime
+        self.process.returncode = os.waitstatus_to_exitcode(status)
+
+    async def wait(self) -> None:
+        await anyio.to_thread.run_sync(self._wait)
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(Exception):
+                await self.channel.send({"op": "close"})
+        self.kill("closed")
+        self.channel.close()
+        await self.wait()
+        self._finalizer()
+
+
+def _reap(process: subprocess.Popen[bytes], scratch: str) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        process.wait(5)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+class IsolatedPythonExecutor:
+    """Execute an LLM response statement by statement in a limited worker process.
+
+    The arguments are those of :class:`StreamingPythonExecutor`, plus ``limits`` (default
+    :class:`SandboxLimits()`) and ``output``, called with ``(stream, text)`` for what the code prints
+    (default: the host's ``sys.stdout`` / ``sys.stderr``). ``namespace`` gives the worker its first
+    variables (pickled to it); afterwards :attr:`namespace` is the host's *view* of the worker's
+    variables, refreshed by :meth:`finalize`: plain data as values, anything else as an
+    :class:`OpaqueValue`. Use it as an async context manager (or call :meth:`aclose`) to end the
+    worker; it also ends with the executor or the host.
+    """
+
+    def __init__(
+        self,
+        agent: AgentLike,
+        *,
+        namespace: Mapping[str, Any] | None = None,
+        on_statement: Callable[[Statement], None] | None = None,
+        on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+        checkpoint_manager: CheckpointManager | None = None,
+        frame_id: str | None = None,
+        retry: RetryPolicy | None = None,
+        limits: SandboxLimits | None = None,
+        output: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.limits = limits or SandboxLimits()
+        self._initial = dict(namespace or {})
+        self.namespace: dict[str, Any] = dict(self._initial)
+        self._on_statement = on_statement
+        self._on_call = on_call
+        self._output = output or _print_to_host
+        self._retry = retry
+        if checkpoint_manager is None:
+            from playbooks.checkpoints.manager import CheckpointManager
+            from playbooks.checkpoints.providers.memory import MemoryCheckpointProvider
+
+            checkpoint_manager = CheckpointManager(
+                f"isolated-{secrets.token_hex(6)}", MemoryCheckpointProvider(), key=secrets.token_bytes(32),
+                keep_last_n=2,
+            )
+            self._own_manager = True
+        else:
+            self._own_manager = False
+        self.manager = checkpoint_manager
+        self._frame_id = frame_id or f"{agent.id}-{secrets.token_hex(4)}"
+        self._tools = dict(agent.tools)
+        self._host_calls = ToolCallInterceptor(run_id=checkpoint_manager.execution_id, frame_id=self._frame_id)
+        self._worker: _Worker | None = None
+        self._resume: dict[str, Any] | None = None
+        self._chunks: list[str] = []
+        self._response = ""
+        self._error: LLMCodeError | None = None
+        self._fatal: InterpreterError | None = None
+        self._host_failure: BaseException | None = None
+        self._finalized = False
+        self._restored = False
+        self._restarts = 0
+        self._outstanding = 0
+        self._printed = 0
+        self._executed_offset = 0
+        self._statements = 0
+        self.sandbox_report = ""
+        """What the worker enforces, in words (filesystem, TCP, signals, memory, CPU, user)."""
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def resume_from_checkpoint(
+        cls,
+        agent: AgentLike,
+        checkpoint: Checkpoint,
+        *,
+        checkpoint_manager: CheckpointManager,
+        namespace: Mapping[str, Any] | None = None,
+        on_statement: Callable[[Statement], None] | None = None,
+        on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+        limits: SandboxLimits | None = None,
+        output: Callable[[str, str], None] | None = None,
+    ) -> IsolatedPythonExecutor:
+        """Continue the execution ``checkpoint`` belongs to, in a fresh worker (see
+        :meth:`StreamingPythonExecutor.resume_from_checkpoint`): its code after the executed offset
+        runs, journaled calls return their recorded results, and the executor is returned as if it had
+        been fed the stored response."""
+        executor = cls(
+            agent, namespace=namespace, on_statement=on_statement, on_call=on_call,
+            checkpoint_manager=checkpoint_manager, frame_id=checkpoint.root_frame_id, limits=limits, output=output,
+        )
+        executor._resume = {"counter": checkpoint.counter, "upto": None, "failure": None}
+        executor._response = checkpoint.state.response
+        executor._restored = True
+        try:
+            await executor._ensure_worker()
+        except LLMCodeError:
+            pass
+        return executor
+
+    async def __aenter__(self) -> IsolatedPythonExecutor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """End the worker and remove its scratch folder; idempotent."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            with anyio.CancelScope(shield=True):
+                await worker.close()
+        if self._own_manager:
+            await self.manager.close()
+
+    async def _ensure_worker(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._worker is None:
+            await self._spawn(self._resume)
+            self._resume = None
+
+    def _settings(self, resume: dict[str, Any] | None) -> dict[str, Any]:
+        manager = self.manager
+        storage = [p for p in (getattr(manager.provider, "base_path", None), getattr(manager.provider, "path", None)) if p]
+        from playbooks.checkpoints.codec import default_key_file
+
+        hidden = [os.fspath(p) for p in storage] + [default_key_file()]
+        path = [
+            p for p in sys.path
+            if p and os.path.exists(p) and os.path.realpath(p) != os.path.realpath(os.getcwd())
+            and not any(_beneath(h, p) for h in hidden)
+        ]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(playbooks.__file__)))
+        read = [*path, root, sys.prefix, sys.base_prefix, sys.exec_prefix, *_SYSTEM_READ, *self.limits.read_paths]
+        read = [p for p in dict.fromkeys(read) if not any(_beneath(h, p) for h in hidden)]
+        tools = {}
+        for name, fn in self._tools.items():
+            if not callable(fn):
+                raise TypeError(f"tool {name!r} is not callable: {fn!r}")
+            tools[name] = {"async": _is_async(fn), "retry": policy_of(fn, None), "cheap": is_cheap(fn),
+                           "doc": getattr(fn, "__doc__", None)}
+        try:
+            initial = cloudpickle.dumps(self._initial)
+        except Exception as exc:
+            raise SandboxError(f"the namespace given to the isolated executor cannot be sent to its worker: {exc}") from exc
+        return {
+            "agent_id": self.agent.id, "tools": tools, "namespace": initial, "frame_id": self._frame_id,
+            "retry": self._retry, "limits": self.limits, "report_statements": self._on_statement is not None,
+            "backend": _backend(), "sys_path": [root, *path], "read_paths": read,
+            "write_paths": list(self.limits.write_paths), "drop_root": True, "resume": resume,
+            "store": {
+                "execution_id": manager.execution_id, "run_key": manager.run_key.secret,
+                "journal_drop_batch": manager.provider.journal_drop_batch, "keep_last_n": manager.keep_last_n,
+                "max_checkpoint_size_mb": manager.max_checkpoint_size_mb, "unpicklable": manager.unpicklable,
+                "snapshot_sync_every": manager.snapshot_sync_every, "compress_over": manager.compress_over,
+                "journal_sync_every": manager.journal_sync_every,
+                "journal_sync_interval": manager.journal_sync_interval,
+            },
+        }
+
+    async def _spawn(self, resume: dict[str, Any] | None) -> None:
+        await self.manager.open()  # the host holds the execution's lock for its worker
+        settings = self._settings(resume)
+        host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (host_end, worker_end):
+            with contextlib.suppress(OSError):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        status_fd = os.memfd_create("playbooks-worker-status", 0)
+        scratch = tempfile.mkdtemp(prefix="playbooks-worker-")
+        try:
+            os.ftruncate(status_fd, STATUS.size)
+            status = mmap.mmap(status_fd, STATUS.size)
+            settings["write_paths"] = [scratch, *settings["write_paths"]]
+            env = {
+                "PATH": _SCRUBBED_PATH, "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch,
+                "PYTHONHASHSEED": str(_hash_seed(self.manager.execution_id)), "PYTHONDONTWRITEBYTECODE": "1",
+            }
+            env.update({name: os.environ[name] for name in self.limits.env if name in os.environ})
+            bootstrap = (
+                f"import sys; sys.path.insert(0, {settings['sys_path'][0]!r}); "
+                "from playbooks.execution.isolated_worker import main; main()"
+            )
+            with open(os.path.join(scratch, "worker.stderr"), "wb") as stderr:
+                process = subprocess.Popen(
+                    [sys.executable, "-s", "-c", bootstrap, str(worker_end.fileno()), str(status_fd)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                    pass_fds=(worker_end.fileno(), status_fd), cwd=scratch, env=env, start_new_session=True,
+                )
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            host_end.close()
+            raise
+        finally:
+            worker_end.close()
+            os.close(status_fd)
+        max_frame = int(self.manager.max_checkpoint_size_mb * 1024 * 1024 * 2) + (16 << 20)
+        worker = _Worker(process, HostChannel(host_end, max_frame=max_frame), status, scratch)
+        self._worker = worker
+        reply = await self._command({"op": "init"}, (pickle.dumps(settings),), spawning=True)
+        if reply.get("op") == "done":
+            self._restored = self._restored or bool(reply.get("restored"))
+            response = self._response
+            if int(reply.get("response", 0)) < len(response):  # the rest of what the LLM sent
+                await self._command({"op": "chunk", "text": response[int(reply["response"]):]})
+
+    # ----------------------------------------------------------------- the pump
+
+    async def _command(self, header: dict[str, Any], blobs: tuple[bytes, ...] = (), *, spawning: bool = False) -> dict[str, Any]:
+        """Send a command and serve the worker (calls, storage, output) until it answers; a worker
+        that dies meanwhile is replaced and its statement reported as failed."""
+        worker = self._worker
+        assert worker is not None
+        try:
+            await worker.channel.send(header, blobs)
+            reply = await self._serve(worker)
+        except (ChannelClosed, ProtocolError) as exc:
+            if isinstance(exc, ProtocolError):
+                worker.kill(f"it broke the channel's protocol ({exc})")
+            return await self._died(worker)
+        return self._answer(reply)
+
+    async def _serve(self, worker: _Worker) -> dict[str, Any]:
+        clock = _Watchdog(self.limits, worker)
+        broken: ChannelClosed | ProtocolError | None = None
+        async with anyio.create_task_group() as group:
+            while True:
+                try:
+                    with anyio.move_on_after(_POLL):
+                        header, blobs = await worker.channel.receive()
+                        op = header["op"]
+                        if op in ("done", "error", "fatal"):
+                            return header
+                        await self._handle(worker, group, header, blobs)
+                        continue
+                except (ChannelClosed, ProtocolError) as exc:
+                    broken = exc
+                    break
+                reason = clock.tick(self._outstanding)
+                if reason is not None:
+                    worker.kill(reason)
+        assert broken is not None
+        raise broken
+
+    async def _handle(self, worker: _Worker, group: Any, header: dict[str, Any], blobs: list[bytes]) -> None:
+        op = header["op"]
+        if op == "store":
+            await self._store(worker, header, blobs)
+        elif op == "call":
+            self._outstanding += 1
+            group.start_soon(self._call, worker, header)
+        elif op == "out":
+            self._out(worker, str(header.get("stream")), str(header.get("text", "")))
+        elif op == "statement" and self._on_statement is not None:
+            self._on_statement(_statement(header))
+        elif op == "replayed" and self._on_call is not None:
+            call = self._tool_call(header, (), {})
+            error = header.get("error")
+            self._on_call(call, _shown_value(header.get("value")), None if error is None else _Replayed(str(error)))
+        elif op not in ("statement", "replayed"):
+            raise ProtocolError(f"unknown message {op!r}")
+
+    def _out(self, worker: _Worker, stream: str, text: str) -> None:
+        limit = self.limits.max_output_bytes
+        self._printed += len(text)
+        if limit is not None and self._printed > 2 * limit + 65536:
+            raise ProtocolError("it printed far beyond the output limit")
+        self._output("stderr" if stream == "stderr" else "stdout", text)
+
+    def _tool_call(self, header: Mapping[str, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ToolCall:
+        return ToolCall(
+            str(header.get("name")), args, dict(kwargs), int(header.get("seq") or 0), str(header.get("key") or ""),
+            str(header.get("call_id") or ""), attempt=int(header.get("attempt") or 1),
+            resumed=bool(header.get("resumed")),
+        )
+
+    async def _call(self, worker: _Worker, header: dict[str, Any]) -> None:
+        """Run a tool the worker's code called, and answer with its result or exception."""
+        reply: dict[str, Any] = {"op": "reply", "id": header.get("id")}
+        try:
+            try:
+                args = decode_plain(header.get("args"))
+                kwargs = decode_plain(header.get("kwargs"))
+                if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                    raise PlainDataError("arguments must be a list and keyword arguments a dict of str")
+            except PlainDataError as exc:
+                raise ProtocolError(str(exc)) from None
+            name = str(header.get("name"))
+            fn = self._tools.get(name)
+            call = self._tool_call(header, tuple(args), kwargs)
+            if self._host_failure is not None:
+                await self._reply_host_error(worker, reply, self._host_failure)
+                return
+            if fn is None:
+                outcome: tuple[bool, Any] = (False, NameError(f"no tool {name!r} in the host"))
+            else:
+                try:
+                    if _is_async(fn):
+                        value = await self._host_calls.attempt_async(call, fn)
+                    else:
+                        value = self._host_calls.call_sync(call, fn)
+                    outcome = (True, value)
+                except InterpreterError as exc:  # the host failed under the call (HostIOError, storage)
+                    self._host_failure = exc
+                    await self._reply_host_error(worker, reply, exc)
+                    return
+                except Exception as exc:
+                    outcome = (False, exc)
+                if self._on_call is not None:
+                    self._on_call(call, outcome[1] if outcome[0] else None, None if outcome[0] else outcome[1])
+            try:
+                data = cloudpickle.dumps(outcome[1])
+            except Exception as exc:
+                if outcome[0]:
+                    failure = SandboxError(
+                        f"tool {name!r} returned a {type(outcome[1]).__name__}, which cannot be sent to the "
+                        f"isolated worker ({type(exc).__name__}: {exc}); return plain or picklable data"
+                    )
+                    self._host_failure = failure
+                    await self._reply_host_error(worker, reply, failure)
+                    return
+                data = cloudpickle.dumps(RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}"))
+            with contextlib.suppress(ChannelClosed):
+                await worker.channel.send({**reply, "ok": outcome[0]}, (data,))
+        except ProtocolError as exc:
+            worker.kill(f"it broke the channel's protocol ({exc})")
+        finally:
+            self._outstanding -= 1
+
+    async def _reply_host_error(self, worker: _Worker, reply: dict[str, Any], exc: BaseException) -> None:
+        with contextlib.suppress(ChannelClosed):
+            await worker.channel.send({**reply, "host_error": True, "type": type(exc).__name__, "message": str(exc)})
+
+    async def _store(self, worker: _Worker, header: dict[str, Any], blobs: list[bytes]) -> None:
+        """Serve a storage request of the worker's manager, confined to this execution."""
+        from playbooks.checkpoints.provider import parse_checkpoint_id
+
+        provider = self.manager.provider
+        eid = self.manager.execution_id
+        method = str(header.get("method"))
+        answer: dict[str, Any] = {"op": "reply", "id": header.get("id"), "ok": True}
+        data: tuple[bytes, ...] = ()
+        try:
+            if "cid" in header and parse_checkpoint_id(str(header["cid"]))[0] != eid:
+                raise ProtocolError(f"a {method} of another execution's record")
+            if "eid" in header and header["eid"] != eid:
+                raise ProtocolError(f"a {method} of another execution")
+            if self._host_failure is not None and "id" in header:
+                raise self._host_failure
+            if method == "append_journal":
+                await provider.append_journal(eid, int(header["counter"]), blobs[0])
+            elif method == "write_head":
+                await provider.write_head(eid, blobs[0])
+            elif method == "save_checkpoint":
+                await provider.save_checkpoint(str(header["cid"]), blobs[0], sync=bool(header.get("sync")))
+            elif method in ("sync", "sync_journal"):
+                await getattr(provider, method)(eid)
+            elif method == "load_checkpoint":
+                found = await provider.load_checkpoint(str(header["cid"]))
+                data = () if found is None else (found,)
+            elif method == "list_checkpoints":
+                answer["value"] = await provider.list_checkpoints(eid)
+            elif method == "delete_checkpoint":
+                answer["value"] = await provider.delete_checkpoint(str(header["cid"]))
+            elif method == "list_executions":
+                answer["value"] = [e for e in await provider.list_executions() if e == eid]
+            elif method == "read_journal":
+                journal = await provider.read_journal(eid)
+                answer["value"] = [counter for counter, _ in journal]
+                data = tuple(entry for _, entry in journal)
+            elif method == "drop_journal":
+                await provider.drop_journal(eid, [int(c) for c in header.get("counters", [])])
+            elif method == "read_head":
+                head = await provider.read_head(eid)
+                data = () if head is None else (head,)
+            else:
+                raise ProtocolError(f"unknown storage method {method!r}")
+        except ProtocolError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ProtocolError(f"a malformed {method}: {exc}") from None
+        except Exception as exc:
+            if self._host_failure is None:
+                self._host_failure = exc
+            answer = {"op": "reply", "id": header.get("id"), "ok": False, "type": type(exc).__name__, "message": str(exc)}
+        if "id" in header:
+            await worker.channel.send(answer, data)
+
+    def _answer(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """The worker's answer to a command: raise what it reports."""
+        if self._host_failure is not None:
+            failure = self._host_failure
+            self._fatal = failure if isinstance(failure, InterpreterError) else SandboxError(str(failure))
+            raise failure
+        op = reply["op"]
+        if op == "fatal":
+            self._fatal = _host_error(reply)
+            raise self._fatal
+        if op == "error":
+            error = _code_error(reply, self.response)
+            if self._error is None:
+                self._error = error
+            raise error
+        return reply
+
+    async def _died(self, worker: _Worker) -> dict[str, Any]:
+        """The worker died under a command: say why, then resume the frame in a fresh worker up to
+        the statement it died in, which fails with that reason."""
+        worker.channel.close()
+        await worker.wait()
+        number, lineno, start, end = worker.statement()
+        reason = _death(worker, self.limits)
+        tail = _stderr_tail(worker.scratch)
+        await worker.close()
+        self._worker = None
+        if self._host_failure is not None:
+            return self._answer({"op": "done"})
+        if not number:
+            raise SandboxError(f"the isolated worker died before running any code: {reason[1]}" + (f"\n{tail}" if tail else ""))
+        response = self.response
+        error = reason[0](reason[1].format(line=lineno), statement=response[start:end], lineno=lineno)
+        error.executed_code = response[:start]
+        self._restarts += 1
+        if self._restarts > self.limits.max_restarts:
+            self._fatal = SandboxError(
+                f"the LLM's code ended its isolated worker {self._restarts} times (max_restarts = "
+                f"{self.limits.max_restarts}); the last time: {error}"
+            )
+            raise self._fatal
+        await self._spawn({"counter": None, "upto": start, "failure": pickle.dumps(error)})
+        self._error = self._error or error
+        raise error
+
+    # ----------------------------------------------------------------- the contract
+
+    @property
+    def response(self) -> str:
+        """The whole response received so far."""
+        if self._chunks:
+            self._response += "".join(self._chunks)
+            self._chunks.clear()
+        return self._response
+
+    @property
+    def error(self) -> LLMCodeError | None:
+        """The first failure of this stream, if any."""
+        return self._error
+
+    @property
+    def restored(self) -> bool:
+        """Whether this executor continues a frame from its checkpoints."""
+        return self._restored
+
+    @property
+    def finished(self) -> bool:
+        return self._finalized
+
+    @property
+    def frame_id(self) -> str:
+        return self._frame_id
+
+    @property
+    def executed_offset(self) -> int:
+        """Length of the executed prefix of the response (as of the last :meth:`finalize`)."""
+        return self._executed_offset
+
+    @property
+    def statements_executed(self) -> int:
+        return self._statements
+
+    def get_executed_code(self) -> str:
+        return self.response[: self._executed_offset]
+
+    async def start(self) -> None:
+        """Start the worker and its durable frame now instead of at the first chunk."""
+        await self._ensure_worker()
+        await self._command({"op": "start"})
+
+    async def checkpoint(self) -> None:
+        """Take a snapshot now."""
+        await self._ensure_worker()
+        await self._command({"op": "checkpoint"})
+
+    async def add_chunk(self, text: str) -> None:
+        """Feed the next chunk; the statements it completes run in the worker (see
+        :meth:`StreamingPythonExecutor.add_chunk`). Raises the first failing statement's
+        :class:`~playbooks.errors.LLMCodeError` (limits and a worker's death included) and the host's
+        :class:`~playbooks.errors.InterpreterError`."""
+        if self._fatal is not None:
+            raise self._fatal
+        if self._finalized:
+            raise ExecutorStateError("add_chunk() after finalize()")
+        if not text:
+            return
+        await self._ensure_worker()
+        self._chunks.append(text)
+        await self._command({"op": "chunk", "text": text})
+
+    async def finalize(self) -> ExecutionResult:
+        """End the stream and report, as :meth:`StreamingPythonExecutor.finalize` does; refreshes
+        :attr:`namespace`."""
+        if self._fatal is not None:
+            raise self._fatal
+        if not self._finalized:
+            await self._ensure_worker()
+            try:
+                reply = await self._command({"op": "finalize"})
+            except LLMCodeError:  # the worker died in the trailing statement; the new one finalizes
+                reply = await self._command({"op": "finalize"})
+            self._finalized = True
+            if isinstance(reply.get("error"), dict) and self._error is None:
+                with contextlib.suppress(LLMCodeError):
+                    self._answer(reply["error"])
+            self._executed_offset = int(reply.get("executed_offset", 0))
+            self._statements = int(reply.get("statements", 0))
+            variables = reply.get("variables") or {}
+            self.namespace = {str(name): _shown_value(value) for name, value in variables.items()}
+        return ExecutionResult(
+            success=self._error is None, error=self._error, executed_code=self.get_executed_code(),
+            executed_offset=self._executed_offset, statements_executed=self._statements,
+            response=self.response, namespace=self.namespace,
+        )
+
+
+class _Replayed(Exception):
+    """The exception a replayed call had raised, as the host sees it (type and message)."""
+
+
+class _Watchdog:
+    """Kills a worker that runs a statement (or a response) past its limit plus ``kill_grace``: one the
+    worker's own timer could not stop (a C loop, code that catches the exception)."""
+
+    def __init__(self, limits: SandboxLimits, worker: _Worker) -> None:
+        self.limits = limits
+        self.worker = worker
+        self.number = -1
+        self.statement = 0.0
+        self.response = 0.0
+        self.last = anyio.current_time()
+
+    def tick(self, outstanding: int) -> str | None:
+        now = anyio.current_time()
+        elapsed, self.last = now - self.last, now
+        number, lineno, _, _ = self.worker.statement()
+        if number != self.number:
+            self.number, self.statement = number, 0.0
+        if outstanding or not number:
+            return None
+        self.statement += elapsed
+        self.response += elapsed
+        grace = self.limits.kill_grace
+        if self.limits.statement_timeout is not None and self.statement > self.limits.statement_timeout + grace:
+            return "statement"
+        if self.limits.response_timeout is not None and self.response > self.limits.response_timeout + grace:
+            return "response"
+        return None
+
+
+def _host_error(reply: Mapping[str, Any]) -> InterpreterError:
+    """The host-side error a worker's ``fatal`` reply names (a storage failure, a divergent replay)."""
+    kind = getattr(errors, str(reply.get("type")), None)
+    if not (isinstance(kind, type) and issubclass(kind, InterpreterError)):
+        kind = SandboxError
+    error: InterpreterError = kind.__new__(kind)
+    Exception.__init__(error, str(reply.get("message", "")))
+    return error
+
+
+def _code_error(reply: Mapping[str, Any], response: str) -> LLMCodeError:
+    """The error of the LLM's code a worker's ``error`` reply describes (plain fields, no pickle)."""
+    kind = getattr(errors, str(reply.get("type")), None)
+    if not (isinstance(kind, type) and issubclass(kind, LLMCodeError)):
+        kind = errors.CodeExecutionError
+    lineno, col, executed = reply.get("lineno"), reply.get("col_offset"), reply.get("executed_code")
+    error: LLMCodeError = kind(
+        str(reply.get("message", "")), statement=str(reply.get("statement", "")),
+        lineno=lineno if isinstance(lineno, int) else None, col_offset=col if isinstance(col, int) else None,
+        traceback_text=str(reply.get("traceback", "")),
+    )
+    error.executed_code = response[:executed] if isinstance(executed, int) else ""
+    return error
+
+
+def _death(worker: _Worker, limits: SandboxLimits) -> tuple[type[LLMCodeError], str]:
+    """Why the worker died: the error class for its statement, and a message with ``{line}``."""
+    code = worker.process.returncode
+    killed = worker.killed_for
+    if killed == "statement":
+        return TimeLimitError, f"statement at line {{line}} ran longer than {limits.statement_timeout:g} s (statement_timeout); its worker was killed"
+    if killed == "response":
+        return TimeLimitError, f"the response's code ran longer than {limits.response_timeout:g} s (response_timeout); its worker was killed"
+    if killed is not None and killed != "closed":
+        return WorkerDiedError, f"the worker of the statement at line {{line}} was killed: {killed}"
+    if code is not None and code < 0:
+        sig = -code
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        cpu_out = limits.cpu_seconds is not None and worker.cpu_time >= limits.cpu_seconds
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_out):
+            return CPULimitError, (
+                f"the statement at line {{line}} used up the worker's {limits.cpu_seconds} s of CPU time "
+                "(cpu_seconds)"
+            )
+        if sig == signal.SIGKILL:
+            return WorkerDiedError, (
+                "the worker of the statement at line {line} was killed (SIGKILL): the system ran out of "
+                "memory, or something outside killed it"
+            )
+        return WorkerDiedError, f"the statement at line {{line}} crashed its worker process ({name})"
+    return WorkerDiedError, (
+        f"the statement at line {{line}} ended its worker process (exit code {code}: sys.exit in a thread, "
+        "os._exit or similar); LLM code may not end its process"
+    )
+
+
+def _stderr_tail(scratch: str) -> str:
+    try:
+        with open(os.path.join(scratch, "worker.stderr"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 4000))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _statement(header: Mapping[str, Any]) -> Statement:
+    source = str(header.get("source", ""))
+    lineno = int(header.get("lineno", 1))
+    try:
+        node = ast.parse(source).body[0]
+        ast.increment_lineno(node, lineno - 1)
+    except (SyntaxError, IndexError, ValueError):
+        node = ast.Pass(lineno=lineno, col_offset=0)
+    return Statement(
+        source, node, int(header.get("start", 0)), int(header.get("end", 0)), lineno,
+        int(header.get("col_offset", 0)), int(header.get("end_lineno", lineno)), int(header.get("end_col_offset", 0)),
+    )
+
+
+def _print_to_host(stream: str, text: str) -> None:
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.write(text)
+    target.flush()
+
+
+def _backend() -> str:
+    import sniffio
+
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return "asyncio"
+

@@ -1,0 +1,403 @@
+"""Careless and hostile LLM code in an isolated worker: each snippet is contained, reported with a
+clear, typed error, and the host (this test process) goes on; the run goes on too.
+
+The table in docs/isolation.md is this file: each row names its test.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import socket
+
+import anyio
+import pytest
+
+from playbooks.agent import Agent
+from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider
+from playbooks.errors import (
+    CodeExecutionError,
+    CPULimitError,
+    ImportBlockedError,
+    IsolatedRunError,
+    LLMCodeError,
+    MemoryLimitError,
+    OutputLimitError,
+    TimeLimitError,
+    WorkerDiedError,
+)
+from playbooks.execution.isolated_executor import IsolatedPythonExecutor, OpaqueValue
+from playbooks.execution.landlock import abi_version
+from playbooks.execution.sandbox import SandboxLimits
+from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+CANARY = "sk-canary-7f3a9c1e5b"
+FAST = SandboxLimits(statement_timeout=1.0, kill_grace=1.0)
+landlock = pytest.mark.skipif(abi_version() < 1, reason="this kernel has no Landlock")
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+async def _work(i: int) -> int:
+    return i * 10
+
+
+class Outcome:
+    def __init__(self, executor: IsolatedPythonExecutor, error: LLMCodeError | None, printed: list[str]):
+        self.executor = executor
+        self.error = error
+        self.printed = "".join(printed)
+        self.namespace = executor.namespace
+
+
+async def _run(code: str, *, limits: SandboxLimits = FAST, then: str = "after = 1\n", tools=None, **kwargs) -> Outcome:
+    """Run ``code`` then ``then`` in one response (chunk by chunk as an LLM would send them), and the
+    namespace afterwards; ``then`` must not run after a failure."""
+    printed: list[str] = []
+    executor = IsolatedPythonExecutor(
+        Agent("hostile", tools={"Work": _work, **(tools or {})}), limits=limits,
+        output=lambda stream, text: printed.append(text), **kwargs,
+    )
+    async with executor:
+        error = None
+        for chunk in (code, then):
+            try:
+                await executor.add_chunk(chunk)
+            except LLMCodeError as exc:
+                error = error or exc
+        result = await executor.finalize()
+        if error is None:
+            error = result.error
+        assert (error is None) == result.success
+        # The worker holds its namespace after a failure: it can still answer.
+        return Outcome(executor, error, printed)
+
+
+def _assert_contained(outcome: Outcome, kind: type[LLMCodeError], line: int, *words: str) -> None:
+    assert isinstance(outcome.error, kind), outcome.error
+    assert outcome.error.lineno == line, outcome.error
+    for word in words:
+        assert word in str(outcome.error), str(outcome.error)
+    assert "after" not in outcome.namespace  # nothing ran after the failing statement
+
+
+# ----------------------------------------------------------------- ending the process
+
+
+async def test_sys_exit_is_an_error_of_its_statement():
+    out = await _run("x = 1\nimport sys\nsys.exit()\n")
+    _assert_contained(out, WorkerDiedError, 3, "SystemExit", "may not end its process")
+    assert out.namespace["x"] == 1
+
+
+async def test_raise_system_exit():
+    _assert_contained(await _run("raise SystemExit(3)\n"), WorkerDiedError, 1, "SystemExit: 3")
+
+
+async def test_raise_keyboard_interrupt():
+    _assert_contained(await _run("raise KeyboardInterrupt\n"), WorkerDiedError, 1, "KeyboardInterrupt")
+
+
+async def test_os_exit_ends_only_the_worker_and_the_run_goes_on():
+    out = await _run("total = await Work(2)\nimport os\nos._exit(1)\n")
+    _assert_contained(out, WorkerDiedError, 3, "exit code 1")
+    # A fresh worker resumed the frame up to the statement that killed the old one.
+    assert out.namespace["total"] == 20
+    assert isinstance(out.namespace["os"], OpaqueValue)
+
+
+async def test_exit_from_a_thread():
+    code = "import os, threading, time\nthreading.Thread(target=lambda: os._exit(4)).start(); time.sleep(5)\n"
+    _assert_contained(await _run(code), WorkerDiedError, 2, "exit code 4")
+
+
+async def test_segfault_through_ctypes():
+    out = await _run("y = 2\nimport ctypes\nctypes.string_at(0)\n")
+    _assert_contained(out, WorkerDiedError, 3, "SIGSEGV")
+    assert out.namespace["y"] == 2
+
+
+async def test_deep_recursion_with_a_raised_limit():
+    code = "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1)\n\nf(0)\n"
+    out = await _run(code)
+    assert isinstance(out.error, (WorkerDiedError, CodeExecutionError)), out.error
+    assert out.error.lineno in (4, 6)
+
+
+async def test_kill_the_host_is_refused():
+    out = await _run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n")
+    assert isinstance(out.error, CodeExecutionError) and "PermissionError" in str(out.error)
+
+
+# ----------------------------------------------------------------- the host's objects and builtins
+
+
+async def test_builtins_changed_in_the_worker_only():
+    out = await _run("import builtins\nbuiltins.len = lambda x: 42\nn = len([1])\n", then="")
+    assert out.error is None
+    assert out.namespace["n"] == 42
+    assert builtins.len([1]) == 1  # the host's builtins are untouched
+
+
+async def test_gc_and_frames_find_no_host_objects(tmp_path):
+    code = (
+        "import gc, sys\n"
+        "kinds = sorted({type(o).__name__ for o in gc.get_objects() if type(o).__name__ in "
+        "('FilesystemCheckpointProvider', 'RecordKey', 'SQLiteCheckpointProvider', 'IsolatedPythonExecutor')})\n"
+        "depth = 0\nf = sys._getframe()\nwhile f is not None:\n    depth += 1\n    f = f.f_back\n\n"
+    )
+    manager = CheckpointManager("gc-run", FilesystemCheckpointProvider(tmp_path / "store"))
+    out = await _run(code, then="", checkpoint_manager=manager)
+    assert out.error is None
+    # The worker's own record key (the run key) is there; the host's provider and key are not.
+    assert out.namespace["kinds"] == ["RecordKey"]
+    assert manager.run_key.secret != manager._key.secret
+
+
+async def test_forged_record_never_runs_in_the_host(tmp_path):
+    """The attack that worked in-process: find the checkpoint manager, write a signed record whose
+    pickle runs code in the next process that loads the run. The worker can sign only with its run
+    key, and the host refuses to unpickle anything so signed."""
+    marker = tmp_path / "pwned"
+    code = (
+        "import gc, pickle, os\n"
+        "from playbooks.checkpoints.manager import CheckpointManager\n"
+        "m = [o for o in gc.get_objects() if isinstance(o, CheckpointManager)][0]\n"
+        "class Evil:\n"
+        f"    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n\n"
+        "from playbooks.checkpoints.model import Record, StoredVar\n"
+        "import hashlib, time\n"
+        "data = pickle.dumps(Evil())\n"
+        "r = Record('snapshot', m.execution_id, m.allocate_counter(), time.time(), 'x', 'hostile', (), 0, '', "
+        "variables={'evil': StoredVar(hashlib.sha256(data).hexdigest(), len(data), data, None)})\n"
+        "await m.write(r, sync=True)\n"
+    )
+    manager = CheckpointManager("forged", FilesystemCheckpointProvider(tmp_path / "store"))
+    await _run(code, then="", checkpoint_manager=manager)
+    await manager.close()
+    host = CheckpointManager("forged", FilesystemCheckpointProvider(tmp_path / "store"))
+    checkpoint = await host.get_latest_checkpoint()
+    assert checkpoint is not None and checkpoint.state.isolated
+    with pytest.raises(IsolatedRunError, match="isolated worker"):
+        checkpoint["namespace"]
+    with pytest.raises(IsolatedRunError):
+        await StreamingPythonExecutor.resume_from_checkpoint(
+            Agent(checkpoint.state.agent_id), checkpoint, checkpoint_manager=host
+        )
+    await host.close()
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------- time, memory, CPU, output
+
+
+async def test_busy_loop_times_out_and_the_namespace_survives():
+    out = await _run("a = 5\nwhile True:\n    pass\n")
+    _assert_contained(out, TimeLimitError, 2, "ran longer than 1 s", "statement_timeout")
+    assert out.namespace["a"] == 5
+
+
+async def test_busy_loop_that_catches_the_timeout_is_killed():
+    code = "while True:\n    try:\n        while True:\n            pass\n    except BaseException:\n        pass\n"
+    out = await _run(code)
+    _assert_contained(out, TimeLimitError, 1, "killed")
+
+
+async def test_long_c_call_is_killed():
+    out = await _run("import time\nx = 1\nsum(range(10**12))\n")
+    _assert_contained(out, TimeLimitError, 3)
+    assert out.namespace["x"] == 1
+
+
+async def test_long_await_is_cancelled():
+    out = await _run("import anyio\nawait anyio.sleep(100)\n")
+    _assert_contained(out, TimeLimitError, 2, "ran longer than 1 s")
+
+
+async def test_time_waiting_for_tools_does_not_count():
+    async def slow(x):
+        await anyio.sleep(1.5)
+        return x
+
+    out = await _run("v = await Slow(7)\n", tools={"Slow": slow})
+    assert out.error is None
+    assert out.namespace["v"] == 7
+
+
+async def test_response_timeout():
+    limits = SandboxLimits(statement_timeout=5, response_timeout=1.0, kill_grace=1.0)
+    out = await _run("import time\nfor i in range(3):\n    time.sleep(0.45)\n\nn = 1\n", limits=limits)
+    _assert_contained(out, TimeLimitError, 3, "response_timeout")
+
+
+async def test_huge_allocation():
+    out = await _run("b = 1\nx = bytearray(20 * 10**9)\n", limits=FAST.replace(memory_mb=1024))
+    _assert_contained(out, MemoryLimitError, 2, "1024 MB")
+    assert out.namespace["b"] == 1
+
+
+async def test_cpu_limit():
+    limits = SandboxLimits(statement_timeout=30, cpu_seconds=1)
+    out = await _run("while True:\n    pass\n", limits=limits)
+    _assert_contained(out, CPULimitError, 1, "CPU")
+
+
+async def test_output_limit():
+    out = await _run("print('x' * 100)\nprint('y' * 5000)\n", limits=FAST.replace(max_output_bytes=1000))
+    _assert_contained(out, OutputLimitError, 2, "1000 bytes")
+    assert out.printed == "x" * 100 + "\n"
+
+
+async def test_import_policy():
+    out = await _run("import math\nimport socket\n", limits=FAST.replace(import_deny=("socket",)))
+    _assert_contained(out, ImportBlockedError, 2, "'socket'")
+    out = await _run("import json\nimport os\n", limits=FAST.replace(import_allow=("json",)))
+    _assert_contained(out, ImportBlockedError, 2, "'os'")
+
+
+# ----------------------------------------------------------------- secrets, files, network
+
+
+async def test_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    monkeypatch.setenv("PLAYBOOKS_CHECKPOINT_KEY", CANARY + "-key")
+    out = await _run("import os\nenv = dict(os.environ)\n", then="")
+    assert CANARY not in repr(out.namespace["env"])
+    assert set(out.namespace["env"]) <= {"PATH", "LANG", "HOME", "TMPDIR", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE"}
+    monkeypatch.setenv("PASSED_IN", "yes")
+    out = await _run("import os\nv = os.environ.get('PASSED_IN')\n", then="", limits=FAST.replace(env=("PASSED_IN",)))
+    assert out.namespace["v"] == "yes"
+
+
+async def test_secrets_never_reach_a_checkpoint(tmp_path, monkeypatch):
+    """The key variables hold never reach a stored byte: grep every file of the store for the canary."""
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+    monkeypatch.setenv("PLAYBOOKS_CHECKPOINT_KEY", CANARY + "-hmac")
+
+    async def fetch(name):
+        return f"value of {name}"
+
+    manager = CheckpointManager("secrets", FilesystemCheckpointProvider(tmp_path / "store"))
+    code = "import os\nk = os.environ.get('OPENAI_API_KEY')\nv = await Fetch('x')\nprint(k, v)\n"
+    out = await _run(code, then="", tools={"Fetch": fetch}, checkpoint_manager=manager)
+    assert out.error is None and out.namespace["k"] is None
+    await manager.close()
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert stored and CANARY.encode() not in stored
+
+
+@landlock
+async def test_checkpoint_folder_cannot_be_read_deleted_or_overwritten(tmp_path):
+    store = tmp_path / "store"
+    manager = CheckpointManager("victim", FilesystemCheckpointProvider(store))
+    await _run("a = await Work(1)\n", then="", checkpoint_manager=manager)
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    for code in (
+        f"import shutil\nshutil.rmtree({str(store)!r})\n",
+        f"import os\nnames = os.listdir({str(store)!r})\n",
+        f"open({str(store / 'victim' / 'x.pkl')!r}, 'wb').write(b'x')\n",
+    ):
+        out = await _run(code, then="")
+        assert isinstance(out.error, CodeExecutionError) and "PermissionError" in str(out.error), out.error
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    await manager.close()
+
+
+@landlock
+async def test_key_file_cannot_be_read(tmp_path, monkeypatch):
+    key_file = tmp_path / "config" / "checkpoint.key"
+    key_file.parent.mkdir()
+    key_file.write_text(CANARY)
+    monkeypatch.setenv("PLAYBOOKS_CHECKPOINT_KEY_FILE", str(key_file))
+    out = await _run(f"data = open({str(key_file)!r}).read()\n")
+    assert isinstance(out.error, CodeExecutionError) and "PermissionError" in str(out.error)
+
+
+@landlock
+async def test_files_outside_the_scratch_folder_cannot_be_written(tmp_path):
+    out = await _run(f"open({str(tmp_path / 'x')!r}, 'w').write('x')\n")
+    assert isinstance(out.error, CodeExecutionError) and "PermissionError" in str(out.error)
+    assert not (tmp_path / "x").exists()
+    out = await _run("open('scratch.txt', 'w').write('ok')\nt = open('scratch.txt').read()\n", then="")
+    assert out.namespace["t"] == "ok"
+
+
+@pytest.mark.skipif(abi_version() < 4, reason="this kernel's Landlock cannot confine TCP")
+async def test_no_network():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        out = await _run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n")
+        assert isinstance(out.error, CodeExecutionError) and "PermissionError" in str(out.error), out.error
+        out = await _run(
+            f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nok = 1\n", then="",
+            limits=FAST.replace(network=True),
+        )
+        assert out.error is None
+    finally:
+        server.close()
+
+
+async def test_subprocesses_inherit_the_confinement(tmp_path):
+    target = tmp_path / "from_child"
+    out = await _run(f"import os\nstatus = os.system('touch {target}')\n", then="")
+    assert out.error is None
+    if abi_version() >= 1:
+        assert not target.exists() and out.namespace["status"] != 0
+
+
+# ----------------------------------------------------------------- the channel
+
+
+async def test_garbage_on_the_channel_kills_only_the_worker():
+    code = (
+        "import gc, socket\n"
+        "s = [o for o in gc.get_objects() if isinstance(o, socket.socket)][0]\n"
+        "s.sendall(b'\\xff' * 64)\nimport time\ntime.sleep(3)\n"
+    )
+    _assert_contained(await _run(code), WorkerDiedError, 3, "protocol")
+
+
+async def test_storage_of_another_execution_is_refused(tmp_path):
+    code = (
+        "import gc\nfrom playbooks.execution.isolated_worker import _Channel\n"
+        "c = [o for o in gc.get_objects() if isinstance(o, _Channel)][0]\n"
+        "c.send({'op': 'store', 'method': 'write_head', 'eid': 'someone-else'}, (b'x',))\nimport time\ntime.sleep(3)\n"
+    )
+    manager = CheckpointManager("mine", FilesystemCheckpointProvider(tmp_path / "store"))
+    out = await _run(code, checkpoint_manager=manager)
+    _assert_contained(out, WorkerDiedError, 4, "protocol")
+    assert not (tmp_path / "store" / "someone-else").exists()
+    await manager.close()
+
+
+async def test_arguments_must_be_plain_data():
+    out = await _run("class Thing:\n    pass\n\nv = await Work(Thing())\n")
+    assert isinstance(out.error, CodeExecutionError) and "cannot cross to the host" in str(out.error)
+
+
+async def test_tool_exceptions_reach_the_code():
+    def fail(x):
+        raise ValueError(f"bad {x}")
+
+    out = await _run("try:\n    Fail(1)\nexcept ValueError as e:\n    msg = str(e)\n\n", then="", tools={"Fail": fail})
+    assert out.error is None and out.namespace["msg"] == "bad 1"
+
+
+async def test_restarts_are_bounded():
+    limits = FAST.replace(max_restarts=1)
+    printed: list[str] = []
+    from playbooks.errors import SandboxError
+
+    async with IsolatedPythonExecutor(Agent("r"), limits=limits, output=lambda s, t: printed.append(t)) as ex:
+        with pytest.raises(WorkerDiedError):
+            await ex.add_chunk("import os\nos._exit(1)\n")
+    async with IsolatedPythonExecutor(Agent("r"), limits=limits.replace(max_restarts=0)) as ex:
+        with pytest.raises(SandboxError, match="max_restarts"):
+            await ex.add_chunk("import os\nos._exit(1)\n")
+
