@@ -401,3 +401,61 @@ async def test_restarts_are_bounded():
         with pytest.raises(SandboxError, match="max_restarts"):
             await ex.add_chunk("import os\nos._exit(1)\n")
 
+
+
+# ----------------------------------------------------------------- the contract
+
+
+async def test_evaluate_reads_the_workers_state():
+    async with IsolatedPythonExecutor(Agent("e", tools={"Work": _work})) as ex:
+        await ex.add_chunk("report = {'total': await Work(3), 'items': (1, 2)}\nobj = object()\n")
+        await ex.finalize()
+        assert await ex.evaluate("report") == {"total": 30, "items": (1, 2)}
+        assert isinstance(ex.namespace["obj"], OpaqueValue)
+        with pytest.raises(KeyError):
+            await ex.evaluate("report['missing']")
+        from playbooks.execution.plain_data import PlainDataError
+
+        with pytest.raises(PlainDataError, match="cannot cross"):
+            await ex.evaluate("obj")
+
+
+async def test_tools_that_change_their_arguments():
+    def tag(items, label):
+        items.append(label)
+        return len(items)
+
+    def note(d, key):
+        d[key] = len(d)
+
+    out = await _run("xs = [1]\nd = {}\nn = Tag(xs, 'a')\nNote(d, 'k')\nNote(d=d, key='j')\n", then="",
+                     tools={"Tag": tag, "Note": note})
+    assert out.error is None
+    assert out.namespace["xs"] == [1, "a"] and out.namespace["n"] == 2
+    assert out.namespace["d"] == {"k": 0, "j": 1}
+
+
+async def test_a_worker_killed_from_outside_is_resumed_transparently(tmp_path):
+    """SIGKILL from outside (an operator, the OOM killer) is a crash, not the code's doing: the frame
+    resumes in a fresh worker, replaying finished calls, and the statement goes on."""
+    import signal as signals
+
+    calls: list[int] = []
+
+    async def step(i):
+        calls.append(i)
+        if calls == [0, 1, 2]:
+            os.killpg(executor._worker.process.pid, signals.SIGKILL)
+            await anyio.sleep(0.2)
+        return i
+
+    manager = CheckpointManager("outside", FilesystemCheckpointProvider(tmp_path / "store"))
+    executor = IsolatedPythonExecutor(Agent("o", tools={"Step": step}), checkpoint_manager=manager)
+    async with executor:
+        await executor.add_chunk("total = 0\nfor i in range(4):\n    total += await Step(i)\n\ndone = True\n")
+        result = await executor.finalize()
+    await manager.close()
+    assert result.success, result.error
+    assert executor.namespace["total"] == 6
+    # Calls 0 and 1 had finished: replayed. Call 2 was in flight at the kill: it ran again.
+    assert calls == [0, 1, 2, 2, 3]

@@ -31,6 +31,7 @@ What is blocked, limited and allowed, with the tests behind each line: docs/isol
 from __future__ import annotations
 
 import ast
+import builtins
 import contextlib
 import hashlib
 import mmap
@@ -229,6 +230,7 @@ class IsolatedPythonExecutor:
         self._finalized = False
         self._restored = False
         self._restarts = 0
+        self._killed_at: tuple[int, int] | None = None  # (statement number, start) of the last outside kill
         self._outstanding = 0
         self._printed = 0
         self._executed_offset = 0
@@ -368,7 +370,7 @@ class IsolatedPythonExecutor:
         max_frame = int(self.manager.max_checkpoint_size_mb * 1024 * 1024 * 2) + (16 << 20)
         worker = _Worker(process, HostChannel(host_end, max_frame=max_frame), status, scratch)
         self._worker = worker
-        reply = await self._command({"op": "init"}, (pickle.dumps(settings),), spawning=True)
+        reply = await self._command({"op": "init"}, (pickle.dumps(settings),))
         if reply.get("op") == "done":
             self._restored = self._restored or bool(reply.get("restored"))
             response = self._response
@@ -377,7 +379,7 @@ class IsolatedPythonExecutor:
 
     # ----------------------------------------------------------------- the pump
 
-    async def _command(self, header: dict[str, Any], blobs: tuple[bytes, ...] = (), *, spawning: bool = False) -> dict[str, Any]:
+    async def _command(self, header: dict[str, Any], blobs: tuple[bytes, ...] = ()) -> dict[str, Any]:
         """Send a command and serve the worker (calls, storage, output) until it answers; a worker
         that dies meanwhile is replaced and its statement reported as failed."""
         worker = self._worker
@@ -388,7 +390,7 @@ class IsolatedPythonExecutor:
         except (ChannelClosed, ProtocolError) as exc:
             if isinstance(exc, ProtocolError):
                 worker.kill(f"it broke the channel's protocol ({exc})")
-            return await self._died(worker)
+            return await self._died(worker, header)
         return self._answer(reply)
 
     async def _serve(self, worker: _Worker) -> dict[str, Any]:
@@ -479,6 +481,11 @@ class IsolatedPythonExecutor:
                     outcome = (False, exc)
                 if self._on_call is not None:
                     self._on_call(call, outcome[1] if outcome[0] else None, None if outcome[0] else outcome[1])
+            changed: tuple[bytes, ...] = ()
+            after = [*args, *kwargs.values()]
+            if after != [*decode_plain(header["args"]), *decode_plain(header["kwargs"]).values()]:
+                reply["args"] = True  # the tool changed an argument: the worker's copy follows
+                changed = (pickle.dumps(after),)
             try:
                 data = cloudpickle.dumps(outcome[1])
             except Exception as exc:
@@ -492,7 +499,7 @@ class IsolatedPythonExecutor:
                     return
                 data = cloudpickle.dumps(RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}"))
             with contextlib.suppress(ChannelClosed):
-                await worker.channel.send({**reply, "ok": outcome[0]}, (data,))
+                await worker.channel.send({**reply, "ok": outcome[0]}, (data, *changed))
         except ProtocolError as exc:
             worker.kill(f"it broke the channel's protocol ({exc})")
         finally:
@@ -574,28 +581,42 @@ class IsolatedPythonExecutor:
             raise error
         return reply
 
-    async def _died(self, worker: _Worker) -> dict[str, Any]:
-        """The worker died under a command: say why, then resume the frame in a fresh worker up to
-        the statement it died in, which fails with that reason."""
+    async def _died(self, worker: _Worker, header: dict[str, Any]) -> dict[str, Any]:
+        """The worker died under a command ``header``. Killed from outside (a SIGKILL the host did
+        not send: an operator, the OOM killer), it is replaced by one that resumes the frame as a new
+        process would after a crash, and the command goes on. Ended by the LLM's code (an exit, a
+        crash, a limit), or killed from outside twice in one statement, the new worker resumes up to
+        that statement, which fails with the reason."""
         worker.channel.close()
         await worker.wait()
         number, lineno, start, end = worker.statement()
         reason = _death(worker, self.limits)
+        outside = worker.process.returncode == -signal.SIGKILL and worker.killed_for is None
         tail = _stderr_tail(worker.scratch)
         await worker.close()
         self._worker = None
         if self._host_failure is not None:
             return self._answer({"op": "done"})
-        if not number:
-            raise SandboxError(f"the isolated worker died before running any code: {reason[1]}" + (f"\n{tail}" if tail else ""))
+        self._restarts += 1
         response = self.response
         error = reason[0](reason[1].format(line=lineno), statement=response[start:end], lineno=lineno)
         error.executed_code = response[:start]
-        self._restarts += 1
         if self._restarts > self.limits.max_restarts:
             self._fatal = SandboxError(
-                f"the LLM's code ended its isolated worker {self._restarts} times (max_restarts = "
-                f"{self.limits.max_restarts}); the last time: {error}"
+                f"the isolated worker died {self._restarts} times (max_restarts = {self.limits.max_restarts}); "
+                f"the last time: {error}" + (f"\n{tail}" if tail else "")
+            )
+            raise self._fatal
+        place = (number, start)
+        if outside and place != self._killed_at:
+            self._killed_at = place
+            await self._spawn({"counter": None, "upto": None, "failure": None})
+            if header["op"] in ("finalize", "start", "checkpoint"):
+                return await self._command(header)
+            return {"op": "spawned"}  # a chunk: the new worker was fed it; init: it is up
+        if not number:
+            self._fatal = SandboxError(
+                f"the isolated worker died before running any code: {reason[1]}" + (f"\n{tail}" if tail else "")
             )
             raise self._fatal
         await self._spawn({"counter": None, "upto": start, "failure": pickle.dumps(error)})
@@ -651,6 +672,21 @@ class IsolatedPythonExecutor:
         """Take a snapshot now."""
         await self._ensure_worker()
         await self._command({"op": "checkpoint"})
+
+    async def evaluate(self, expression: str) -> Any:
+        """The value of ``expression`` in the worker's namespace, as plain data (for a host that
+        reads a result: ``await executor.evaluate("report['total']")``). Nothing is journaled or
+        checkpointed; a value that is not plain data raises
+        :class:`~playbooks.execution.plain_data.PlainDataError`, an exception of the expression is
+        raised as its builtin type (``KeyError``, ``NameError``, ...) or ``RuntimeError``."""
+        await self._ensure_worker()
+        reply = await self._command({"op": "evaluate", "expression": expression})
+        if "failed" in reply:
+            kind = PlainDataError if reply["failed"] == "PlainDataError" else getattr(builtins, str(reply["failed"]), None)
+            if not (isinstance(kind, type) and issubclass(kind, Exception)):
+                kind = RuntimeError
+            raise kind(str(reply.get("message", "")))
+        return decode_plain(reply.get("value"))
 
     async def add_chunk(self, text: str) -> None:
         """Feed the next chunk; the statements it completes run in the worker (see

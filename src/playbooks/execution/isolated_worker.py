@@ -502,10 +502,12 @@ class _Worker:
                 live.add(f"{call.idempotency_key}#{call.attempt}")
             return fields
 
-        def answer(reply: tuple[dict[str, Any], list[bytes]]) -> Any:
+        def answer(reply: tuple[dict[str, Any], list[bytes]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             header, blobs = reply
             if header.get("host_error"):
                 raise _host_error(header)
+            if "args" in header:  # the tool changed its arguments (appended to a list): so do we
+                _update_in_place([*args, *kwargs.values()], pickle.loads(blobs[1]))
             value = pickle.loads(blobs[0])
             if header.get("ok"):
                 return value
@@ -514,13 +516,13 @@ class _Worker:
         if spec["async"]:
 
             async def async_stub(*args: Any, **kwargs: Any) -> Any:
-                return answer(await channel.request(message(args, kwargs)))
+                return answer(await channel.request(message(args, kwargs)), args, kwargs)
 
             stub: Callable[..., Any] = async_stub
         else:
 
             def sync_stub(*args: Any, **kwargs: Any) -> Any:
-                return answer(channel.request_sync(message(args, kwargs)))
+                return answer(channel.request_sync(message(args, kwargs)), args, kwargs)
 
             stub = sync_stub
         stub.__name__ = stub.__qualname__ = name
@@ -583,20 +585,20 @@ class _Worker:
         manager.journal_sync_interval = store["journal_sync_interval"]
         resume = settings["resume"]
         hooks: dict[str, Any] = {"on_statement": self._on_statement, "on_call": self._observe}
-        if resume is None:
+        checkpoint = None
+        if resume is not None:
+            await manager.load_records()
+            if resume["counter"] is not None:
+                checkpoint = await manager.load_checkpoint(resume["counter"])
+            else:  # a restart after the old worker died: from the newest, if it wrote any
+                checkpoint = await manager.get_latest_checkpoint()
+        if checkpoint is None:
             self.executor = StreamingPythonExecutor(
                 agent, namespace=namespace, checkpoint_manager=manager, frame_id=settings["frame_id"],
                 retry=settings["retry"], **hooks,
             )
             self.clock.filename = self.executor.filename
             return
-        await manager.load_records()
-        if resume["counter"] is None:  # the newest: a restart after the old worker died
-            checkpoint = await manager.get_latest_checkpoint()
-            if checkpoint is None:
-                raise RuntimeError("no checkpoint to restart the frame from")
-        else:
-            checkpoint = await manager.load_checkpoint(resume["counter"])
         scope_ = anyio.CancelScope()
         self.clock.command(scope_)
         try:
@@ -638,6 +640,8 @@ class _Worker:
                     reply = await self._step(self.executor.start())
                 elif op == "checkpoint":
                     reply = await self._step(self.executor.checkpoint())
+                elif op == "evaluate":
+                    reply = self._evaluate(str(header.get("expression", "")))
                 else:
                     reply = {"op": "fatal", "type": "SandboxError", "message": f"unknown command {op!r}"}
                 self.channel.send(reply)
@@ -669,6 +673,15 @@ class _Worker:
         if scope.cancelled_caught:
             return self._stopped(_limit("TimeLimitError")(self.clock.message()))
         return {"op": "done"}
+
+    def _evaluate(self, expression: str) -> dict[str, Any]:
+        """The value of a host's expression in the LLM's namespace, as plain data (nothing is
+        journaled: a host reads the worker's state with it)."""
+        try:
+            value = eval(compile(expression, "<host expression>", "eval"), self.executor.namespace)
+            return {"op": "done", "value": encode_plain(value, f"the value of {expression!r}")}
+        except Exception as exc:
+            return {"op": "done", "failed": type(exc).__name__, "message": str(exc)}
 
     def _stopped(self, exc: BaseException, *, ended: bool = False) -> dict[str, Any]:
         """A statement stopped by a limit outside its frame, or by a ``SystemExit`` it raised: the
@@ -719,6 +732,18 @@ class _Worker:
             "response": len(executor.response), "variables": shown,
             "error": None if error is None else self._error_reply(error),
         }
+
+
+def _update_in_place(originals: list[Any], changed: list[Any]) -> None:
+    """Give each mutable argument the contents the host's tool left in its copy of it."""
+    for original, new in zip(originals, changed):
+        if type(original) is not type(new) or original == new:
+            continue
+        if isinstance(original, (list, bytearray)):
+            original[:] = new
+        elif isinstance(original, (dict, set)):
+            original.clear()
+            original.update(new)
 
 
 def _shown(value: Any) -> Any:
