@@ -26,6 +26,7 @@ Reproduce a trial::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -54,6 +55,9 @@ EXECUTION_ID = "fuzz"
 CHILD_AGENT_ID = "fuzz_child"
 MAX_CHUNK = 48
 PROCESS_TIMEOUT = 45.0
+ISOLATED_ENV = "PLAYBOOKS_FUZZ_ISOLATED"
+"""Set (to anything) to run the programs in ``IsolatedPythonExecutor``: the controller's processes
+inherit it, and a trial then also kills the isolated worker alone (see ``run_trial``)."""
 """Seconds a single worker process may run before the controller kills it as stuck."""
 
 OUTCOMES = (
@@ -372,7 +376,23 @@ async def _run_worker(options: argparse.Namespace) -> int:
     from playbooks.errors import LLMCodeError
     from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
+    isolated = bool(os.environ.get(ISOLATED_ENV))
+    executor_class: Any = StreamingPythonExecutor
+    if isolated:  # the LLM code runs in an isolated worker process (issue 11)
+        from playbooks.execution.isolated_executor import IsolatedPythonExecutor
+
+        executor_class = IsolatedPythonExecutor
     program = Path(options.program).read_text()
+    isolation: dict[str, Any] = {}
+    if isolated:
+
+        def in_flight(restart: Any) -> None:  # a worker killed alone: the host resumed it at once
+            with open(options.inflight, "a") as f:
+                f.write("".join(key + "\n" for key in restart.in_flight))
+                f.flush()
+                os.fsync(f.fileno())
+
+        isolation["on_restart"] = in_flight
     ledger = _Ledger(options.ledger)
     tools, _ = _make_tools(ledger, options.chunk_seed)
     agent = Agent(EXECUTION_ID, tools=tools)
@@ -402,11 +422,11 @@ async def _run_worker(options: argparse.Namespace) -> int:
                 else:
                     report["finished_before"] = True
                 report["recovered"] = True
-                executor = await StreamingPythonExecutor.resume_from_checkpoint(
-                    agent, checkpoint, checkpoint_manager=manager
+                executor = await executor_class.resume_from_checkpoint(
+                    agent, checkpoint, checkpoint_manager=manager, **isolation
                 )
         if executor is None:
-            executor = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+            executor = executor_class(agent, checkpoint_manager=manager, **isolation)
         mode = "fresh" if not report["recovered"] else "finished" if report["finished_before"] else "resumed"
         Path(options.ready + ".mode").write_text(mode)
         rng = random.Random(options.chunk_seed)
@@ -423,7 +443,14 @@ async def _run_worker(options: argparse.Namespace) -> int:
         if not result.success:
             assert result.error is not None
             report["error"] = _error_text(result.error)
-        report["namespace"] = canonicalize(result.namespace, skip=set(tools) | {"print"})
+        skip = sorted(set(tools) | {"print"})
+        if isolated:  # canonicalized where the namespace lives, read back as plain data
+            report["namespace"] = await executor.evaluate(
+                f"__import__('fuzz_worker').canonicalize(globals(), skip={skip!r})"
+            )
+            await executor.aclose()
+        else:
+            report["namespace"] = canonicalize(result.namespace, skip=skip)
     except BaseException as exc:  # noqa: BLE001 - every failure is a result to report
         report["error"] = _error_text(exc) + "\n" + "\n".join(traceback.format_exc().splitlines()[-16:])
     report["ended"] = time.time()
@@ -478,6 +505,7 @@ class Proc:
     pid: int
     mode: str  # "fresh", "resumed" or "finished" (resumed a run that had finished), "" if unknown
     stuck: bool = False
+    worker_killed_at: float | None = None  # time.time() of our SIGKILL of its isolated worker only
 
     @property
     def error(self) -> str | None:
@@ -515,6 +543,8 @@ class TrialResult:
     error_kind: str = ""
     recipe: str = ""
     reference_duration: float = 0.0
+    targets: list[str] = field(default_factory=list)
+    """What each kill hit, with an isolated executor: the ``host``, its ``worker`` alone, or ``both``."""
     flags: list[str] = field(default_factory=list)
     """The trial options that changed from the defaults (``--pin-hash-seed``, ``--no-hash-seed-api``)."""
 
@@ -543,8 +573,13 @@ def _spawn(
     kill_after: float | None,
     index: int,
     hash_seed_api: bool = True,
+    target: str = "host",
 ) -> Proc:
-    """Run one worker; SIGKILL it ``kill_after`` seconds after its ready mark (if still running)."""
+    """Run one worker; SIGKILL it ``kill_after`` seconds after its ready mark (if still running).
+
+    With an isolated executor, ``target`` says what is killed: ``"host"`` (this process; its
+    isolated worker dies with it), ``"worker"`` (the isolated worker alone: the host resumes the frame
+    in a new one and runs on) or ``"both"`` (the worker, then the host a moment later)."""
     ready = tmp / f"ready.{index}"
     mode_path = tmp / f"ready.{index}.mode"
     out = tmp / f"out.{index}.json"
@@ -571,6 +606,7 @@ def _spawn(
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=env, cwd=str(tmp))
         killed_at: float | None = None
+        worker_killed_at: float | None = None
         stuck = False
         ready_at: float | None = None
         deadline = started + PROCESS_TIMEOUT
@@ -586,8 +622,16 @@ def _spawn(
                 try:
                     proc.wait(timeout=max(0.0, ready_at + kill_after - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    killed_at = time.time()
-                    proc.send_signal(signal.SIGKILL)
+                    if target in ("worker", "both"):
+                        for child in _children(proc.pid):
+                            worker_killed_at = time.time()
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(child, signal.SIGKILL)
+                        if target == "both":
+                            time.sleep(random.Random(kill_after).uniform(0.0, 0.02))
+                    if target != "worker":
+                        killed_at = time.time()
+                        proc.send_signal(signal.SIGKILL)
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -622,7 +666,24 @@ def _spawn(
         proc.pid,
         mode_path.read_text() if mode_path.exists() else "",
         stuck,
+        worker_killed_at,
     )
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (an isolated executor's worker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def _write_program(tmp: Path, program: Program) -> Path:
@@ -734,7 +795,7 @@ def compare(reference: Reference, procs: list[Proc], ledger: list[list[str]], in
     ends: dict[str, list[list[str]]] = {}
     for f in ledger:
         (starts if f[0] == "start" else ends).setdefault(f[1], []).append(f)
-    killed_at = {str(p.pid): p.killed_at for p in procs if p.killed_at is not None}
+    killed_at = {str(p.pid): p.killed_at or p.worker_killed_at for p in procs if (p.killed_at or p.worker_killed_at)}
     for key, lines in starts.items():
         if len({(f[2], f[3]) for f in lines}) > 1:
             problems.append(("diverged-ledger", f"key {key} ran with different calls: {[(f[2], f[3]) for f in lines]}"))
@@ -822,6 +883,7 @@ def run_trial(
             kills.append(rng.uniform(0.0, max(0.05, reference.duration - kills[0]) + 0.05))
         if kill_fractions is not None:
             kills = [max(0.0, f) * reference.duration for f in kill_fractions]
+        targets = [rng.choice(("host", "worker", "both")) if os.environ.get(ISOLATED_ENV) else "host" for _ in kills]
         procs: list[Proc] = []
         for index in range(len(kills) + 1):
             kill_after = kills[index] if index < len(kills) else None
@@ -835,6 +897,7 @@ def run_trial(
                 kill_after=kill_after,
                 index=index,
                 hash_seed_api=hash_seed_api,
+                target=targets[index] if index < len(targets) else "host",
             )
             procs.append(proc)
             if proc.killed_at is None:
@@ -851,7 +914,7 @@ def run_trial(
             and not any(f[-1] == str(first.pid) for f in ledger)
         ):
             outcome = "killed-before-start"
-        if outcome == "exact" and first.killed_at is None:
+        if outcome == "exact" and first.killed_at is None and first.worker_killed_at is None:
             outcome = "finished-before-kill"
         kinds = {p.split(":", 1)[0] for p in problems}
         detail = "\n".join(problems)
@@ -864,7 +927,8 @@ def run_trial(
             outcome,
             detail,
             features,
-            kills=[round(k, 4) for k, p in zip(kills, procs) if p.killed_at is not None],
+            kills=[round(k, 4) for k, p in zip(kills, procs) if p.killed_at is not None or p.worker_killed_at is not None],
+            targets=[t for t, p in zip(targets, procs) if p.killed_at is not None or p.worker_killed_at is not None],
             hash_seeds=[p.hash_seed for p in procs],
             problems=sorted(kinds),
             error_kind=_error_kind(error_text) if outcome in ("resume-error", "stuck") else "",
@@ -1009,7 +1073,7 @@ def cli_main(argv: list[str]) -> int:
     for seed in range(options.trial_seed, options.trial_seed + options.trials):
         result = run_trial(reference, seed, pin_hash_seed=options.pin_hash_seed,
                            hash_seed_api=not options.no_hash_seed_api, keep=options.keep)
-        print(f"trial {seed}: {result.signature} kills={result.kills}")
+        print(f"trial {seed}: {result.signature} kills={result.kills} {result.targets or ''}")
         if result.outcome in FAILING:
             failures += 1
             first_failure = first_failure or result

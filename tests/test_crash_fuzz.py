@@ -112,3 +112,41 @@ def test_hypothesis_strategy_makes_programs() -> None:
         assert program.features <= set(features_for("trio"))
 
     check()
+
+
+ISOLATED_TRIALS = int(os.environ.get("PLAYBOOKS_FUZZ_ISOLATED_TRIALS", "12"))
+ISOLATED_FEATURES = ("nested_executor",)
+"""Left out of isolated trials: a tool that runs a child executor in the host is not a child frame of
+the worker's call (docs/isolation.md, "What isolation does not cover")."""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crash_trials_isolated(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same trials with ``IsolatedPythonExecutor``: each kill hits the host (its worker dies
+    with it), the isolated worker alone (the host resumes the frame in a new worker) or both."""
+    monkeypatch.setenv(fuzz_worker.ISOLATED_ENV, "1")
+    features = tuple(f for f in features_for(backend) if f not in ISOLATED_FEATURES)
+    outcomes: Counter[str] = Counter()
+    targets: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    trial = 0
+    program_seed = SEED
+    while trial < ISOLATED_TRIALS:
+        program = generate(program_seed, backend, features=features)
+        reference = fuzz_worker.run_reference(program, seed=program_seed, workdir=tmp_path)
+        for _ in range(TRIALS_PER_PROGRAM):
+            if trial >= ISOLATED_TRIALS:
+                break
+            result = fuzz_worker.run_trial(reference, SEED * 1000 + trial, workdir=tmp_path)
+            outcomes[result.signature] += 1
+            targets.update(result.targets)
+            if result.outcome in fuzz_worker.FAILING and result.signature not in examples:
+                examples[result.signature] = fuzz_worker.describe(result, program, reference)
+            trial += 1
+        program_seed += 1
+    summary = ", ".join(f"{k}: {n}" for k, n in sorted(outcomes.items()))
+    print(f"{backend} isolated: {trial} trials: {summary}; kills: {dict(targets)}")
+    if examples:
+        text = "\n\n".join(f"=== {kind} ===\n{example}" for kind, example in sorted(examples.items()))
+        pytest.fail(f"{backend} isolated: {trial} trials: {summary}\n\n{text}", pytrace=False)

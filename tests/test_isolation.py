@@ -459,3 +459,5 @@ async def test_a_worker_killed_from_outside_is_resumed_transparently(tmp_path):
     assert executor.namespace["total"] == 6
     # Calls 0 and 1 had finished: replayed. Call 2 was in flight at the kill: it ran again.
     assert calls == [0, 1, 2, 2, 3]
+    (restart,) = executor.restarts
+    assert restart.resumed and restart.lineno == 3 and restart.in_flight == (f"outside:{executor.frame_id}:2",)

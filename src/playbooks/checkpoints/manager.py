@@ -284,8 +284,7 @@ class CheckpointManager:
         Raises :class:`~playbooks.errors.ExecutionLockedError` when another live process (or another
         manager in this one) holds the execution.
         """
-        if self._lock is None:
-            self._lock = await self.provider.acquire_lock(self.execution_id)
+        await self.lock()
         if self._next_counter is None:
             counters = await self._stored_counters()
             if counters and not self._checked:
@@ -309,6 +308,13 @@ class CheckpointManager:
                     "numbering continues at %d",
                     self.execution_id, len(self._stale), self._next_counter,
                 )
+
+    async def lock(self) -> None:
+        """Take the execution's lock (idempotent) without starting to write: for a host whose worker
+        process writes the records (an isolated executor), so the host reads them but never picks
+        where their chain continues."""
+        if self._lock is None:
+            self._lock = await self.provider.acquire_lock(self.execution_id)
 
     def allocate_counter(self) -> int:
         """Reserve the next counter (call :meth:`open` first)."""

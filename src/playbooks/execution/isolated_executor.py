@@ -33,6 +33,7 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import dataclasses
 import hashlib
 import mmap
 import os
@@ -77,7 +78,7 @@ if TYPE_CHECKING:
     from playbooks.checkpoints.manager import CheckpointManager
     from playbooks.checkpoints.model import Checkpoint
 
-__all__ = ("IsolatedPythonExecutor", "OpaqueValue")
+__all__ = ("IsolatedPythonExecutor", "OpaqueValue", "WorkerRestart")
 
 _POLL = 0.25  # s between two looks of the watchdog at a busy worker
 _SCRUBBED_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -115,6 +116,21 @@ def _hash_seed(execution_id: str) -> int:
 def _beneath(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRestart:
+    """A worker that died and was replaced: why, in which statement, and the calls that were in flight
+    (they may have run, and run again with the same idempotency key when ``resumed``; a statement
+    the LLM's code ended does not run again, nor do its calls)."""
+
+    reason: str
+    lineno: int | None
+    resumed: bool
+    """True: killed from outside, the frame resumed with the statement (as after a crash); False: the
+    statement failed with :attr:`reason`."""
+    in_flight: tuple[str, ...]
+    """Idempotency keys of the calls that had started but not finished."""
 
 
 class _Worker:
@@ -196,8 +212,12 @@ class IsolatedPythonExecutor:
         retry: RetryPolicy | None = None,
         limits: SandboxLimits | None = None,
         output: Callable[[str, str], None] | None = None,
+        on_restart: Callable[[WorkerRestart], None] | None = None,
     ) -> None:
         self.agent = agent
+        self.restarts: list[WorkerRestart] = []
+        """Every worker that died under this executor and was replaced, oldest first."""
+        self._on_restart = on_restart
         self.limits = limits or SandboxLimits()
         self._initial = dict(namespace or {})
         self.namespace: dict[str, Any] = dict(self._initial)
@@ -229,7 +249,6 @@ class IsolatedPythonExecutor:
         self._host_failure: BaseException | None = None
         self._finalized = False
         self._restored = False
-        self._restarts = 0
         self._killed_at: tuple[int, int] | None = None  # (statement number, start) of the last outside kill
         self._outstanding = 0
         self._printed = 0
@@ -252,6 +271,7 @@ class IsolatedPythonExecutor:
         on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
         limits: SandboxLimits | None = None,
         output: Callable[[str, str], None] | None = None,
+        on_restart: Callable[[WorkerRestart], None] | None = None,
     ) -> IsolatedPythonExecutor:
         """Continue the execution ``checkpoint`` belongs to, in a fresh worker (see
         :meth:`StreamingPythonExecutor.resume_from_checkpoint`): its code after the executed offset
@@ -260,6 +280,7 @@ class IsolatedPythonExecutor:
         executor = cls(
             agent, namespace=namespace, on_statement=on_statement, on_call=on_call,
             checkpoint_manager=checkpoint_manager, frame_id=checkpoint.root_frame_id, limits=limits, output=output,
+            on_restart=on_restart,
         )
         executor._resume = {"counter": checkpoint.counter, "upto": None, "failure": None}
         executor._response = checkpoint.state.response
@@ -332,7 +353,7 @@ class IsolatedPythonExecutor:
         }
 
     async def _spawn(self, resume: dict[str, Any] | None) -> None:
-        await self.manager.open()  # the host holds the execution's lock for its worker
+        await self.manager.lock()  # the host holds the execution's lock for its worker
         settings = self._settings(resume)
         host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for end in (host_end, worker_end):
@@ -597,21 +618,22 @@ class IsolatedPythonExecutor:
         self._worker = None
         if self._host_failure is not None:
             return self._answer({"op": "done"})
-        self._restarts += 1
         response = self.response
         error = reason[0](reason[1].format(line=lineno), statement=response[start:end], lineno=lineno)
         error.executed_code = response[:start]
-        if self._restarts > self.limits.max_restarts:
+        place = (number, start)
+        resumed = outside and place != self._killed_at
+        await self._restarted(WorkerRestart(str(error), lineno if number else None, resumed, ()))
+        if len(self.restarts) > self.limits.max_restarts:
             self._fatal = SandboxError(
-                f"the isolated worker died {self._restarts} times (max_restarts = {self.limits.max_restarts}); "
+                f"the isolated worker died {len(self.restarts)} times (max_restarts = {self.limits.max_restarts}); "
                 f"the last time: {error}" + (f"\n{tail}" if tail else "")
             )
             raise self._fatal
-        place = (number, start)
-        if outside and place != self._killed_at:
+        if resumed:
             self._killed_at = place
             await self._spawn({"counter": None, "upto": None, "failure": None})
-            if header["op"] in ("finalize", "start", "checkpoint"):
+            if header["op"] not in ("chunk", "init"):
                 return await self._command(header)
             return {"op": "spawned"}  # a chunk: the new worker was fed it; init: it is up
         if not number:
@@ -622,6 +644,17 @@ class IsolatedPythonExecutor:
         await self._spawn({"counter": None, "upto": start, "failure": pickle.dumps(error)})
         self._error = self._error or error
         raise error
+
+    async def _restarted(self, restart: WorkerRestart) -> None:
+        """Record a restart, with the calls its frame had in flight (read from the records' metadata:
+        nothing is unpickled), and tell ``on_restart``."""
+        await self.manager.load_records()
+        state = self.manager.frame_state(self._frame_id)
+        in_flight = tuple(entry.key for entry in state.in_flight) if state is not None else ()
+        restart = dataclasses.replace(restart, in_flight=in_flight)
+        self.restarts.append(restart)
+        if self._on_restart is not None:
+            self._on_restart(restart)
 
     # ----------------------------------------------------------------- the contract
 
