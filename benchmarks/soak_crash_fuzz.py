@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/soak_crash_fuzz.py 10000                  # the issue's soak
     .venv/bin/python benchmarks/soak_crash_fuzz.py 200 --per-feature      # one feature per program (twice)
     .venv/bin/python benchmarks/soak_crash_fuzz.py 200 --shrink 600       # + a shrunk example per failure
+    .venv/bin/python benchmarks/soak_crash_fuzz.py 1000 --isolated        # IsolatedPythonExecutor (issue 11)
 
 Each program (``tests/fuzz_programs.py``) runs once uninterrupted, then ``--trials-per-program`` times
 killed with SIGKILL at a random instant (sometimes twice) and resumed (``tests/fuzz_worker.py``), on
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -37,12 +39,13 @@ def run_program(
     backend: str, program_seed: int, trials: int, per_feature: bool, pin_hash_seed: bool, hash_seed_api: bool
 ) -> list[dict[str, Any]]:
     """One program: its reference and ``trials`` crash trials, as JSON-able dicts (in a pool worker)."""
+    isolated = bool(os.environ.get(fuzz_worker.ISOLATED_ENV))
+    features = tuple(f for f in features_for(backend) if not (isolated and f == "nested_executor"))
     if per_feature:
-        features = features_for(backend)
         feature = features[program_seed % len(features)]
         program = generate(program_seed, backend, features=(feature,), min_features=2, max_features=2)
     else:
-        program = generate(program_seed, backend)
+        program = generate(program_seed, backend, features=features)
     reference = fuzz_worker.run_reference(program, seed=program_seed)
     out = []
     for k in range(trials):
@@ -83,10 +86,14 @@ def main() -> int:
     parser.add_argument("--pin-hash-seed", action="store_true", help="one PYTHONHASHSEED per trial")
     parser.add_argument("--no-hash-seed-api", action="store_true",
                         help="resume without playbooks.execution.hash_seed.resume_hash_seed")
+    parser.add_argument("--isolated", action="store_true",
+                        help="run the programs in IsolatedPythonExecutor; kills hit the host, its worker or both")
     parser.add_argument("--jsonl", help="append every trial to this file")
     parser.add_argument("--shrink", type=float, default=0.0, metavar="SECONDS",
                         help="then shrink one failing program per (backend, feature, outcome) within this budget")
     options = parser.parse_args()
+    if options.isolated:
+        os.environ[fuzz_worker.ISOLATED_ENV] = "1"  # inherited by the pool and its trial processes
     backends = [b for b in options.backends.split(",") if b]
     per_program = max(1, options.trials_per_program)
     programs_per_backend = -(-options.trials // (len(backends) * per_program))
@@ -149,6 +156,12 @@ def main() -> int:
     for r in results:
         by_backend[r["backend"]][r["outcome"]] += 1
     print(_table("backend", by_backend, outcomes))
+    if options.isolated:
+        by_target: dict[str, Counter[str]] = defaultdict(Counter)
+        for r in results:
+            by_target["+".join(r.get("targets") or []) or "(no kill)"][r["outcome"]] += 1
+        print()
+        print(_table("killed", by_target, outcomes))
     for backend in backends:
         by_feature: dict[str, Counter[str]] = defaultdict(Counter)
         for r in results:

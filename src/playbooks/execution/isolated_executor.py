@@ -65,6 +65,7 @@ from playbooks.errors import (
     TimeLimitError,
     WorkerDiedError,
 )
+from playbooks.checkpoints.outcome import dump_outcome
 from playbooks.execution.channel import ChannelClosed, HostChannel, ProtocolError
 from playbooks.execution.isolated_worker import STATUS
 from playbooks.execution.plain_data import PlainDataError, decode_plain
@@ -507,18 +508,17 @@ class IsolatedPythonExecutor:
             if after != [*decode_plain(header["args"]), *decode_plain(header["kwargs"]).values()]:
                 reply["args"] = True  # the tool changed an argument: the worker's copy follows
                 changed = (pickle.dumps(after),)
-            try:
-                data = cloudpickle.dumps(outcome[1])
-            except Exception as exc:
-                if outcome[0]:
-                    failure = SandboxError(
-                        f"tool {name!r} returned a {type(outcome[1]).__name__}, which cannot be sent to the "
-                        f"isolated worker ({type(exc).__name__}: {exc}); return plain or picklable data"
-                    )
-                    self._host_failure = failure
-                    await self._reply_host_error(worker, reply, failure)
-                    return
-                data = cloudpickle.dumps(RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}"))
+            # As a journal stores it: an exception keeps its class, attributes and chain even when its
+            # __init__ takes other arguments than its args (a faithful stand-in at worst).
+            data = dump_outcome(outcome[1], what=f"tool {name!r}")
+            if data is None:
+                failure = SandboxError(
+                    f"tool {name!r} returned a {type(outcome[1]).__name__}, which cannot be sent to the "
+                    "isolated worker (it cannot be pickled); return plain or picklable data"
+                )
+                self._host_failure = failure
+                await self._reply_host_error(worker, reply, failure)
+                return
             with contextlib.suppress(ChannelClosed):
                 await worker.channel.send({**reply, "ok": outcome[0]}, (data, *changed))
         except ProtocolError as exc:
@@ -884,10 +884,13 @@ def _print_to_host(stream: str, text: str) -> None:
 
 
 def _backend() -> str:
-    import sniffio
-
-    try:
-        return sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return "asyncio"
-
+    """The event loop the host runs on (the worker runs the same one, so code behaves alike)."""
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            return "trio"
+    return "asyncio"

@@ -446,7 +446,8 @@ class _Output:
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         left = self.budget[0]
         if left is not None:
-            size = len(text.encode("utf-8", "replace"))
+            # A str has at most as many characters as its UTF-8 bytes: a huge one is refused unencoded.
+            size = len(text) if len(text) > left else len(text.encode("utf-8", "replace"))
             if size > left:
                 raise self._exceeded(
                     f"the code printed more than {self.budget[1]} bytes in one response (max_output_bytes)"
