@@ -31,10 +31,10 @@ What is blocked, limited and allowed, with the tests behind each line: docs/isol
 from __future__ import annotations
 
 import ast
+import atexit
 import builtins
 import contextlib
 import dataclasses
-import hashlib
 import mmap
 import os
 import pickle
@@ -109,11 +109,6 @@ def _shown_value(data: Any) -> Any:
     return OpaqueValue("?", "?")
 
 
-def _hash_seed(execution_id: str) -> int:
-    """The worker's ``PYTHONHASHSEED``: fixed per execution, so a resumed worker iterates sets alike."""
-    return int.from_bytes(hashlib.sha256(execution_id.encode("utf-8")).digest()[:4], "big")
-
-
 def _beneath(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -181,6 +176,78 @@ class _Worker:
         self._finalizer()
 
 
+@dataclass
+class _Launched:
+    """A worker process just started: it boots and waits for its ``init`` message."""
+
+    process: subprocess.Popen[bytes]
+    host_end: socket.socket
+    status: mmap.mmap
+    scratch: str
+    root: str
+
+
+_SPARES: list[_Launched] = []
+"""Workers started ahead (one per host by default), so an executor's worker is already booted."""
+
+
+def _launch(root: str) -> _Launched:
+    """Start a worker process (``root``: the folder holding this ``playbooks``) with a scrubbed
+    environment in a fresh scratch folder; it confines itself when its ``init`` arrives."""
+    host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for end in (host_end, worker_end):
+        with contextlib.suppress(OSError):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    status_fd = os.memfd_create("playbooks-worker-status", 0)
+    scratch = tempfile.mkdtemp(prefix="playbooks-worker-")
+    try:
+        os.ftruncate(status_fd, STATUS.size)
+        status = mmap.mmap(status_fd, STATUS.size)
+        # The hash seed is the same in every worker, so a resumed worker iterates sets alike.
+        env = {
+            "PATH": _SCRUBBED_PATH, "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        bootstrap = (
+            f"import sys; sys.path.insert(0, {root!r}); "
+            "from playbooks.execution.isolated_worker import main; main()"
+        )
+        with open(os.path.join(scratch, "worker.stderr"), "wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-s", "-c", bootstrap, str(worker_end.fileno()), str(status_fd)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                pass_fds=(worker_end.fileno(), status_fd), cwd=scratch, env=env, start_new_session=True,
+            )
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        host_end.close()
+        raise
+    finally:
+        worker_end.close()
+        os.close(status_fd)
+    return _Launched(process, host_end, status, scratch, root)
+
+
+@atexit.register
+def _reap_spares() -> None:
+    """End the workers started ahead when the host exits (they would die with it anyway)."""
+    while _SPARES:
+        spare = _SPARES.pop()
+        _reap(spare.process, spare.scratch)
+
+
+def _take_spare(root: str) -> _Launched | None:
+    """A worker started ahead that is still alive (and runs this ``playbooks``), if any."""
+    while _SPARES:
+        spare = _SPARES.pop()
+        if spare.process.poll() is None and spare.root == root:
+            return spare
+        _reap(spare.process, spare.scratch)
+        spare.host_end.close()
+    return None
+
+
 def _reap(process: subprocess.Popen[bytes], scratch: str) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
@@ -214,8 +281,11 @@ class IsolatedPythonExecutor:
         limits: SandboxLimits | None = None,
         output: Callable[[str, str], None] | None = None,
         on_restart: Callable[[WorkerRestart], None] | None = None,
+        prestart: bool = True,
     ) -> None:
         self.agent = agent
+        self.prestart = prestart
+        """Keep one worker process started ahead for the next executor (a warm start)."""
         self.restarts: list[WorkerRestart] = []
         """Every worker that died under this executor and was replaced, oldest first."""
         self._on_restart = on_restart
@@ -356,45 +426,21 @@ class IsolatedPythonExecutor:
     async def _spawn(self, resume: dict[str, Any] | None) -> None:
         await self.manager.lock()  # the host holds the execution's lock for its worker
         settings = self._settings(resume)
-        host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for end in (host_end, worker_end):
-            with contextlib.suppress(OSError):
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        status_fd = os.memfd_create("playbooks-worker-status", 0)
-        scratch = tempfile.mkdtemp(prefix="playbooks-worker-")
-        try:
-            os.ftruncate(status_fd, STATUS.size)
-            status = mmap.mmap(status_fd, STATUS.size)
-            settings["write_paths"] = [scratch, *settings["write_paths"]]
-            env = {
-                "PATH": _SCRUBBED_PATH, "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch,
-                "PYTHONHASHSEED": str(_hash_seed(self.manager.execution_id)), "PYTHONDONTWRITEBYTECODE": "1",
-            }
-            env.update({name: os.environ[name] for name in self.limits.env if name in os.environ})
-            bootstrap = (
-                f"import sys; sys.path.insert(0, {settings['sys_path'][0]!r}); "
-                "from playbooks.execution.isolated_worker import main; main()"
-            )
-            with open(os.path.join(scratch, "worker.stderr"), "wb") as stderr:
-                process = subprocess.Popen(
-                    [sys.executable, "-s", "-c", bootstrap, str(worker_end.fileno()), str(status_fd)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                    pass_fds=(worker_end.fileno(), status_fd), cwd=scratch, env=env, start_new_session=True,
-                )
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            host_end.close()
-            raise
-        finally:
-            worker_end.close()
-            os.close(status_fd)
+        root = settings["sys_path"][0]
+        process = _take_spare(root) if self.prestart else None
+        if process is None:
+            process = _launch(root)
+        if self.prestart:
+            _SPARES.append(_launch(root))  # boots while this one works: the next executor starts warm
+        settings["write_paths"] = [process.scratch, *settings["write_paths"]]
+        settings["env"] = {name: os.environ[name] for name in self.limits.env if name in os.environ}
         max_frame = int(self.manager.max_checkpoint_size_mb * 1024 * 1024 * 2) + (16 << 20)
-        worker = _Worker(process, HostChannel(host_end, max_frame=max_frame), status, scratch)
+        worker = _Worker(process.process, HostChannel(process.host_end, max_frame=max_frame), process.status, process.scratch)
         self._worker = worker
         reply = await self._command({"op": "init"}, (pickle.dumps(settings),))
         if reply.get("op") == "done":
             self._restored = self._restored or bool(reply.get("restored"))
+            self.sandbox_report = str(reply.get("report", ""))
             response = self._response
             if int(reply.get("response", 0)) < len(response):  # the rest of what the LLM sent
                 await self._command({"op": "chunk", "text": response[int(reply["response"]):]})
@@ -641,7 +687,7 @@ class IsolatedPythonExecutor:
                 f"the isolated worker died before running any code: {reason[1]}" + (f"\n{tail}" if tail else "")
             )
             raise self._fatal
-        await self._spawn({"counter": None, "upto": start, "failure": pickle.dumps(error)})
+        await self._spawn({"counter": None, "upto": start, "failure": pickle.dumps(error), "text": response[:start]})
         self._error = self._error or error
         raise error
 

@@ -561,6 +561,7 @@ class _Worker:
         from playbooks.agent import Agent
         from playbooks.checkpoints.codec import RecordKey
         from playbooks.checkpoints.manager import CheckpointManager
+        from playbooks.errors import LLMCodeError
         from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
         settings = self.settings
@@ -599,18 +600,15 @@ class _Worker:
                 retry=settings["retry"], **hooks,
             )
             self.clock.filename = self.executor.filename
-            return
-        scope_ = anyio.CancelScope()
-        self.clock.command(scope_)
-        try:
-            with scope_:
-                self.executor = await StreamingPythonExecutor.resume_from_checkpoint(
-                    agent, checkpoint, checkpoint_manager=manager, namespace=namespace, upto=resume["upto"], **hooks,
-                )
-        finally:
-            self.clock.command(None)
+            if resume is not None and resume["failure"] is not None:  # it died before any record
+                with contextlib.suppress(LLMCodeError):
+                    await self.executor.add_chunk(resume["text"])
+        else:  # (the replayed statements run under this command's clock, as live ones)
+            self.executor = await StreamingPythonExecutor.resume_from_checkpoint(
+                agent, checkpoint, checkpoint_manager=manager, namespace=namespace, upto=resume["upto"], **hooks,
+            )
         self.clock.filename = self.executor.filename
-        if resume["failure"] is not None:
+        if resume is not None and resume["failure"] is not None:
             self.executor.report_failure(pickle.loads(resume["failure"]))
 
     async def serve(self) -> None:
@@ -620,7 +618,7 @@ class _Worker:
             reply = await self._step(self._build())
             if reply["op"] == "done":
                 executor = self.executor
-                reply.update(response=len(executor.response), restored=executor.restored)
+                reply.update(response=len(executor.response), restored=executor.restored, report=self.settings["report"])
             self.channel.send(reply)
             while True:
                 while not self.channel.commands:
@@ -768,14 +766,25 @@ def _running_statement(executor: Any, clock: _Clock) -> tuple[str, int | None]:
     return executor.response[start:end], lineno
 
 
+def _preload() -> None:
+    """Import what running code needs while waiting for ``init`` (a worker started ahead is warm)."""
+    import playbooks.agent  # noqa: F401
+    import playbooks.checkpoints.manager  # noqa: F401
+    import playbooks.execution.durable  # noqa: F401
+    import playbooks.execution.landlock  # noqa: F401
+    import playbooks.execution.streaming_python_executor  # noqa: F401
+
+
 def main() -> None:
     _die_with_host()
     channel = _Channel(socket.socket(fileno=int(sys.argv[1])))
     status_fd = int(sys.argv[2])
     status = mmap.mmap(status_fd, STATUS.size)
+    _preload()
     header, blobs = channel.receive_blocking()
     settings = pickle.loads(blobs[0])
     sys.path[:] = settings["sys_path"]
+    os.environ.update(settings["env"])
     settings["report"] = _confine(settings)
     worker = _Worker(channel, settings, status)
     anyio.run(worker.serve, backend=settings["backend"])
