@@ -461,3 +461,25 @@ async def test_a_worker_killed_from_outside_is_resumed_transparently(tmp_path):
     assert calls == [0, 1, 2, 2, 3]
     (restart,) = executor.restarts
     assert restart.resumed and restart.lineno == 2 and restart.in_flight == (f"outside:{executor.frame_id}:2",)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_background_task_calls_on_between_chunks(anyio_backend):
+    """A task the code leaves running makes its calls while the host waits for the next chunk, as
+    in-process: its tool call does not hold up the chunk that started it (the crash trials found a
+    cancel that came too late because it did)."""
+    import time
+
+    async def slow(x):
+        await anyio.sleep(2.0)
+        return x
+
+    async with IsolatedPythonExecutor(Agent("bg", tools={"Slow": slow, "Work": _work})) as ex:
+        began = time.monotonic()
+        await ex.add_chunk("import asyncio\nt = asyncio.create_task(Slow(1))\nq = await Work(1)\n")
+        assert time.monotonic() - began < 1.5
+        await ex.add_chunk(
+            "t.cancel()\ntry:\n    await t\n    cancelled = False\nexcept asyncio.CancelledError:\n    cancelled = True\n\n"
+        )
+        await ex.finalize()
+        assert ex.namespace["cancelled"] is True

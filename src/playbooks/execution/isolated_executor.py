@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +139,13 @@ class _Worker:
         self.scratch = scratch
         self.killed_for: str | None = None
         self.cpu_time = 0.0
+        self.reply: dict[str, Any] | None = None
+        self.answered = anyio.Event()
+        self.ended = anyio.Event()
+        self.busy = False
+        self.dead = False
+        self.broken: BaseException | None = None
+        self.scope: anyio.CancelScope | None = None
         self._finalizer = weakref.finalize(self, _reap, process, scratch)
 
     def statement(self) -> tuple[int, int, int, int]:
@@ -167,6 +174,8 @@ class _Worker:
         await anyio.to_thread.run_sync(self._wait)
 
     async def close(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
         if self.process.returncode is None:
             with contextlib.suppress(Exception):
                 await self.channel.send({"op": "close"})
@@ -437,6 +446,7 @@ class IsolatedPythonExecutor:
         max_frame = int(self.manager.max_checkpoint_size_mb * 1024 * 1024 * 2) + (16 << 20)
         worker = _Worker(process.process, HostChannel(process.host_end, max_frame=max_frame), process.status, process.scratch)
         self._worker = worker
+        _start_detached(lambda: self._pump(worker))
         reply = await self._command({"op": "init"}, (pickle.dumps(settings),))
         if reply.get("op") == "done":
             self._restored = self._restored or bool(reply.get("restored"))
@@ -448,40 +458,64 @@ class IsolatedPythonExecutor:
     # ----------------------------------------------------------------- the pump
 
     async def _command(self, header: dict[str, Any], blobs: tuple[bytes, ...] = ()) -> dict[str, Any]:
-        """Send a command and serve the worker (calls, storage, output) until it answers; a worker
-        that dies meanwhile is replaced and its statement reported as failed."""
+        """Send a command and wait for the worker's answer (its pump serves the worker meanwhile); a
+        worker that dies meanwhile is replaced (see :meth:`_died`)."""
         worker = self._worker
         assert worker is not None
-        try:
-            await worker.channel.send(header, blobs)
-            reply = await self._serve(worker)
-        except (ChannelClosed, ProtocolError) as exc:
-            if isinstance(exc, ProtocolError):
-                worker.kill(f"it broke the channel's protocol ({exc})")
+        if not worker.dead:
+            worker.answered = anyio.Event()
+            worker.busy = True
+            try:
+                await worker.channel.send(header, blobs)
+                await worker.answered.wait()
+            except ChannelClosed:
+                await worker.ended.wait()  # its pump is about to see the end of the stream
+            finally:
+                worker.busy = False
+        if worker.broken is not None:
+            self._fatal = SandboxError(f"the isolated executor failed: {type(worker.broken).__name__}: {worker.broken}")
+            raise self._fatal from worker.broken
+        if worker.dead:
             return await self._died(worker, header)
-        return self._answer(reply)
+        assert worker.reply is not None
+        return self._answer(worker.reply)
 
-    async def _serve(self, worker: _Worker) -> dict[str, Any]:
+    async def _pump(self, worker: _Worker) -> None:
+        """Serve one worker for its whole life, between commands too: its tool calls (a task the
+        LLM's code left running calls on while the host waits for the next chunk), its storage,
+        its output, and the answers to commands; kill it when it overstays a limit."""
         clock = _Watchdog(self.limits, worker)
-        broken: ChannelClosed | ProtocolError | None = None
-        async with anyio.create_task_group() as group:
-            while True:
-                try:
-                    with anyio.move_on_after(_POLL):
-                        header, blobs = await worker.channel.receive()
-                        op = header["op"]
-                        if op in ("done", "error", "fatal"):
-                            return header
-                        await self._handle(worker, group, header, blobs)
-                        continue
-                except (ChannelClosed, ProtocolError) as exc:
-                    broken = exc
-                    break
-                reason = clock.tick(self._outstanding)
-                if reason is not None:
-                    worker.kill(reason)
-        assert broken is not None
-        raise broken
+        try:
+            with anyio.CancelScope() as scope:
+                worker.scope = scope
+                async with anyio.create_task_group() as group:
+                    while True:
+                        try:
+                            with anyio.move_on_after(_POLL):
+                                header, blobs = await worker.channel.receive()
+                                if header["op"] in ("done", "error", "fatal"):
+                                    worker.reply = header
+                                    worker.answered.set()
+                                else:
+                                    await self._handle(worker, group, header, blobs)
+                                continue
+                        except ProtocolError as exc:
+                            worker.kill(f"it broke the channel's protocol ({exc})")
+                            break
+                        except ChannelClosed:
+                            break
+                        reason = clock.tick(self._outstanding if worker.busy else -1)
+                        if reason is not None:
+                            worker.kill(reason)
+                    group.cancel_scope.cancel()  # its calls cannot answer a dead worker
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            worker.broken = exc  # a bug of the host side: the waiting command raises it
+        finally:
+            worker.dead = True
+            worker.answered.set()
+            worker.ended.set()
 
     async def _handle(self, worker: _Worker, group: Any, header: dict[str, Any], blobs: list[bytes]) -> None:
         op = header["op"]
@@ -825,6 +859,8 @@ class _Watchdog:
         self.last = anyio.current_time()
 
     def tick(self, outstanding: int) -> str | None:
+        """Account the time since the last tick; ``outstanding``: the host's calls running for the
+        worker (its time does not count), ``-1`` when no command runs (the worker is idle)."""
         now = anyio.current_time()
         elapsed, self.last = now - self.last, now
         number, lineno, _, _ = self.worker.statement()
@@ -840,6 +876,24 @@ class _Watchdog:
         if self.limits.response_timeout is not None and self.response > self.limits.response_timeout + grace:
             return "response"
         return None
+
+
+_DETACHED: set[Any] = set()  # asyncio tasks of the pumps (the loop keeps only weak references)
+
+
+def _start_detached(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a worker's pump beside the caller's tasks, for as long as the worker lives: a task group
+    would end with the call that starts it (anyio has no detached tasks; each backend has its own)."""
+    if _backend() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(run)
+    else:
+        import asyncio
+
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(run())
+        _DETACHED.add(task)
+        task.add_done_callback(_DETACHED.discard)
 
 
 def _host_error(reply: Mapping[str, Any]) -> InterpreterError:
