@@ -376,6 +376,10 @@ async def _run_worker(options: argparse.Namespace) -> int:
     from playbooks.errors import LLMCodeError
     from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
+    if options.backend == "asyncio":
+        import asyncio
+
+        _RUNNING.append(asyncio.get_running_loop())
     isolated = bool(os.environ.get(ISOLATED_ENV))
     executor_class: Any = StreamingPythonExecutor
     if isolated:  # the LLM code runs in an isolated worker process (issue 11)
@@ -458,6 +462,31 @@ async def _run_worker(options: argparse.Namespace) -> int:
     return 0 if report["error"] is None else 3
 
 
+_RUNNING: list[Any] = []  # the asyncio loop of this process, for _dump_when_stuck
+
+
+def _dump_when_stuck(after: float) -> None:
+    """Shortly before the controller kills a stuck process, print where it is (threads, and the
+    stacks of its asyncio tasks) to stderr, which a ``stuck`` outcome shows."""
+    import faulthandler
+    import threading
+
+    faulthandler.dump_traceback_later(after, exit=False)
+
+    def tasks() -> None:
+        import asyncio
+
+        try:
+            for task in asyncio.all_tasks(_RUNNING[0]) if _RUNNING else ():
+                task.print_stack(limit=12, file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic only
+            print(f"(no asyncio tasks: {exc!r})", file=sys.stderr)
+
+    timer = threading.Timer(after + 0.5, tasks)
+    timer.daemon = True
+    timer.start()
+
+
 def worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fuzz_worker.py run")
     parser.add_argument("program")
@@ -478,6 +507,7 @@ def worker_main(argv: list[str]) -> int:
     import warnings
 
     warnings.simplefilter("ignore")
+    _dump_when_stuck(PROCESS_TIMEOUT - 5)
     if options.backend == "trio":
         import trio
 

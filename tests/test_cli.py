@@ -74,3 +74,20 @@ def test_the_command_line_loads_only_the_invoked_command(argv: list[str], loaded
     assert commands == loaded, done.stderr
     if not loaded:
         assert not {m for m in modules if m.split(".")[1] in ("program", "llm", "checkpoints", "execution")}
+
+
+@pytest.mark.integration
+def test_exec_runs_the_code_isolated_by_default(tmp_path: Path) -> None:
+    response = tmp_path / "hostile.md"
+    response.write_text("```python\nx = 1\nimport os\nos._exit(3)\nz = 3\n```\n", encoding="utf-8")
+    proc = _run("exec", str(response))
+    assert proc.returncode == 1
+    assert "WorkerDiedError" not in proc.stderr or "line 4" in proc.stderr
+    assert "ended its worker process" in proc.stderr and "Traceback" not in proc.stderr
+    assert "ran 2 statements" in proc.stdout
+    (tmp_path / "playbooks.toml").write_text("[sandbox]\nstatement_timeout = 0.5\n", encoding="utf-8")
+    response.write_text("```python\nwhile True:\n    pass\n```\n", encoding="utf-8")
+    proc = _run("--config", str(tmp_path / "playbooks.toml"), "exec", str(response))
+    assert proc.returncode == 1 and "ran longer than 0.5 s" in proc.stderr
+    proc = _run("exec", "--in-process", "examples/order_totals.md", "--tools", "examples/order_tools.py")
+    assert proc.returncode == 0 and "ran 6 statements" in proc.stdout

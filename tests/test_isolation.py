@@ -483,3 +483,41 @@ async def test_a_background_task_calls_on_between_chunks(anyio_backend):
         )
         await ex.finalize()
         assert ex.namespace["cancelled"] is True
+
+
+async def test_death_after_small_chunks_keeps_what_ran_before():
+    """The stored response can stop short of the statement that ended the worker (nothing was
+    snapshotted since): the new worker is fed the rest of the text before it."""
+    code = "x = 1\ny = [x, 2]\nimport os\nos._exit(3)\nz = 3\n"
+    async with IsolatedPythonExecutor(Agent("chunks")) as ex:
+        with pytest.raises(WorkerDiedError):
+            for char in code:
+                await ex.add_chunk(char)
+        result = await ex.finalize()
+    assert result.statements_executed == 3 and result.executed_code == "x = 1\ny = [x, 2]\nimport os"
+    assert ex.namespace["y"] == [1, 2] and "z" not in ex.namespace
+
+
+async def test_slow_storage_is_never_cut_off():
+    """A storage write slower than the host's watchdog poll used to be cancelled half-way, and the
+    worker then waited for its answer for ever (the soak found it on a loaded machine)."""
+    from playbooks.checkpoints.providers.memory import MemoryCheckpointProvider
+
+    class SlowStore(MemoryCheckpointProvider):
+        completes_without_suspending = False
+
+        async def append_journal(self, execution_id, counter, data):
+            await anyio.sleep(0.3)
+            await super().append_journal(execution_id, counter, data)
+
+        async def sync_journal(self, execution_id):
+            await anyio.sleep(0.4)
+            await super().sync_journal(execution_id)
+
+    manager = CheckpointManager("slow", SlowStore(), key=b"k")
+    try:
+        with anyio.fail_after(60):
+            out = await _run("a = await Work(1)\nb = await Work(2)\n", then="", checkpoint_manager=manager)
+    finally:
+        await manager.close()
+    assert out.error is None and out.namespace["b"] == 20

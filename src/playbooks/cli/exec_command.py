@@ -2,7 +2,9 @@
 
 The response is fed in small chunks, as an LLM would stream it; each statement is printed when it
 starts running, so one can watch code run while the rest of the response is still "arriving".
-Tools come from a Python file that defines a ``TOOLS`` mapping of name to callable.
+Tools come from a Python file that defines a ``TOOLS`` mapping of name to callable. The code runs in an
+isolated worker process under the ``[sandbox]`` limits of ``playbooks.toml`` (docs/isolation.md);
+``--in-process`` runs it in this process instead, for trusted code.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import anyio
 
 from playbooks.agent import Agent
-from playbooks.errors import LLMCodeError
+from playbooks.errors import InterpreterError, LLMCodeError
 from playbooks.execution.statement_splitter import Statement
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
@@ -33,6 +35,10 @@ def configure_exec(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=6, help="largest chunk, in characters")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait between chunks")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random chunking")
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="run the code in this process, without the isolated worker (trusted code only)",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -68,7 +74,17 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(tools, str):
         print(f"playbooks exec: {tools}", file=sys.stderr)
         return 2
-    return anyio.run(_stream, Agent(args.agent_id, tools=tools), text, args)
+    limits = None
+    if not args.in_process:
+        from playbooks.config import ConfigError, load_config
+        from playbooks.execution.sandbox import SandboxLimits
+
+        try:
+            limits = SandboxLimits.from_config(load_config(getattr(args, "config", None)).sandbox)
+        except ConfigError as exc:
+            print(f"playbooks exec: {exc}", file=sys.stderr)
+            return 2
+    return anyio.run(_stream, Agent(args.agent_id, tools=tools), text, args, limits)
 
 
 def _show(statement: Statement) -> None:
@@ -77,8 +93,24 @@ def _show(statement: Statement) -> None:
     print(f"  \u25b6 line {statement.lineno:>3}: {first}{more}", flush=True)
 
 
-async def _stream(agent: Agent, text: str, args: argparse.Namespace) -> int:
-    executor = StreamingPythonExecutor(agent, on_statement=_show)
+async def _stream(agent: Agent, text: str, args: argparse.Namespace, limits: Any) -> int:
+    if limits is None:
+        executor: Any = StreamingPythonExecutor(agent, on_statement=_show)
+    else:
+        from playbooks.execution.isolated_executor import IsolatedPythonExecutor
+
+        executor = IsolatedPythonExecutor(agent, on_statement=_show, limits=limits, prestart=False)
+    try:
+        return await _feed(executor, text, args)
+    except InterpreterError as exc:  # the executor failed, not the LLM's code: no traceback
+        print(f"playbooks exec: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if limits is not None:
+            await executor.aclose()
+
+
+async def _feed(executor: Any, text: str, args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     position = 0
     try:

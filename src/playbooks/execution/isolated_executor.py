@@ -490,23 +490,29 @@ class IsolatedPythonExecutor:
                 worker.scope = scope
                 async with anyio.create_task_group() as group:
                     while True:
+                        frame = None
                         try:
+                            # Only the wait is bounded: a message being served (a storage write) is
+                            # never cut off by the watchdog's poll.
                             with anyio.move_on_after(_POLL):
-                                header, blobs = await worker.channel.receive()
-                                if header["op"] in ("done", "error", "fatal"):
-                                    worker.reply = header
-                                    worker.answered.set()
-                                else:
-                                    await self._handle(worker, group, header, blobs)
+                                frame = await worker.channel.receive()
+                            if anyio.current_time() - clock.last >= _POLL:
+                                reason = clock.tick(self._outstanding if worker.busy else -1)
+                                if reason is not None:
+                                    worker.kill(reason)
+                            if frame is None:
                                 continue
+                            header, blobs = frame
+                            if header["op"] in ("done", "error", "fatal"):
+                                worker.reply = header
+                                worker.answered.set()
+                            else:
+                                await self._handle(worker, group, header, blobs)
                         except ProtocolError as exc:
                             worker.kill(f"it broke the channel's protocol ({exc})")
                             break
                         except ChannelClosed:
                             break
-                        reason = clock.tick(self._outstanding if worker.busy else -1)
-                        if reason is not None:
-                            worker.kill(reason)
                     group.cancel_scope.cancel()  # its calls cannot answer a dead worker
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -702,7 +708,8 @@ class IsolatedPythonExecutor:
         error = reason[0](reason[1].format(line=lineno), statement=response[start:end], lineno=lineno)
         error.executed_code = response[:start]
         place = (number, start)
-        resumed = outside and place != self._killed_at
+        # (A worker killed before it ran any code is started again however often: nothing can repeat.)
+        resumed = outside and (place != self._killed_at or not number)
         await self._restarted(WorkerRestart(str(error), lineno if number else None, resumed, ()))
         if len(self.restarts) > self.limits.max_restarts:
             self._fatal = SandboxError(
@@ -718,7 +725,7 @@ class IsolatedPythonExecutor:
             return {"op": "spawned"}  # a chunk: the new worker was fed it; init: it is up
         if not number:
             self._fatal = SandboxError(
-                f"the isolated worker died before running any code: {reason[1]}" + (f"\n{tail}" if tail else "")
+                f"the isolated worker died before running any code: {error.message}" + (f"\n{tail}" if tail else "")
             )
             raise self._fatal
         await self._spawn({"counter": None, "upto": start, "failure": pickle.dumps(error), "text": response[:start]})

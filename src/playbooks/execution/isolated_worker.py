@@ -21,6 +21,7 @@ import ast
 import builtins
 import contextlib
 import ctypes
+import faulthandler
 import itertools
 import math
 import mmap
@@ -599,16 +600,17 @@ class _Worker:
                 agent, namespace=namespace, checkpoint_manager=manager, frame_id=settings["frame_id"],
                 retry=settings["retry"], **hooks,
             )
-            self.clock.filename = self.executor.filename
-            if resume is not None and resume["failure"] is not None:  # it died before any record
-                with contextlib.suppress(LLMCodeError):
-                    await self.executor.add_chunk(resume["text"])
         else:  # (the replayed statements run under this command's clock, as live ones)
             self.executor = await StreamingPythonExecutor.resume_from_checkpoint(
                 agent, checkpoint, checkpoint_manager=manager, namespace=namespace, upto=resume["upto"], **hooks,
             )
         self.clock.filename = self.executor.filename
         if resume is not None and resume["failure"] is not None:
+            # Up to the statement that ended the old worker: the stored response may stop short of it.
+            text = resume["text"]
+            if len(self.executor.response) < len(text):
+                with contextlib.suppress(LLMCodeError):
+                    await self.executor.add_chunk(text[len(self.executor.response) :])
             self.executor.report_failure(pickle.loads(resume["failure"]))
 
     async def serve(self) -> None:
@@ -777,6 +779,8 @@ def _preload() -> None:
 
 def main() -> None:
     _die_with_host()
+    # ``kill -USR1 PID`` writes the worker's stacks to worker.stderr in its scratch folder.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     channel = _Channel(socket.socket(fileno=int(sys.argv[1])))
     status_fd = int(sys.argv[2])
     status = mmap.mmap(status_fd, STATUS.size)
