@@ -8,6 +8,7 @@ Measured in one run, each figure the median of ``--repeats``:
   its executor (``await executor.start()``), and the same for a warm start from the pre-started pool;
 * **per statement**: ``--statements`` simple statements fed as one response, isolated vs in-process
   (both durable, with a memory store: an isolated executor always journals, to survive its worker);
+* **round trip**: ``--calls`` awaited calls of a ``@cheap`` tool (not journaled: the channel alone);
 * **per tool call**: ``--calls`` awaited calls of a trivial async tool in a ``for`` loop, isolated vs
   in-process (durable, memory store), and the isolated executor's durable call over a filesystem
   store (one fsync per await, as in production) next to the in-process one.
@@ -18,6 +19,7 @@ Targets (issue 11): a tool round trip well under a millisecond, a worker start u
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -28,7 +30,7 @@ from typing import Any
 
 import anyio
 
-from playbooks import Agent
+from playbooks import Agent, cheap
 from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider
 from playbooks.checkpoints.providers.memory import MemoryCheckpointProvider
 from playbooks.execution.isolated_executor import IsolatedPythonExecutor
@@ -39,13 +41,21 @@ async def _work(x: int) -> int:
     return x
 
 
+@cheap
+async def _echo(x: int) -> int:
+    return x
+
+
 def _agent() -> Agent:
-    return Agent("bench", tools={"Work": _work})
+    return Agent("bench", tools={"Work": _work, "Echo": _echo})
+
+
+_IDS = itertools.count()
 
 
 def _manager(store: str | None, name: str) -> CheckpointManager:
     provider: Any = MemoryCheckpointProvider() if store is None else FilesystemCheckpointProvider(store)
-    return CheckpointManager(name, provider, key=b"bench-key", keep_last_n=None)
+    return CheckpointManager(f"{name}-{next(_IDS)}", provider, key=b"bench-key", keep_last_n=None)
 
 
 async def _timed(step: Callable[[], Awaitable[Any]]) -> float:
@@ -55,16 +65,19 @@ async def _timed(step: Callable[[], Awaitable[Any]]) -> float:
 
 
 async def _start(pooled: bool) -> float:
-    executor = IsolatedPythonExecutor(_agent(), checkpoint_manager=_manager(None, "start"), prestart=pooled)
+    manager = _manager(None, "start")
+    executor = IsolatedPythonExecutor(_agent(), checkpoint_manager=manager, prestart=pooled)
     seconds = await _timed(executor.start)
     await executor.aclose()
+    await manager.close()
     return seconds
 
 
 async def _statements(isolated: bool, n: int) -> float:
     code = "".join(f"x{i % 50} = {i} + 1\n" for i in range(n))
     cls: Any = IsolatedPythonExecutor if isolated else StreamingPythonExecutor
-    executor = cls(_agent(), checkpoint_manager=_manager(None, f"st{isolated}"))
+    manager = _manager(None, "statements")
+    executor = cls(_agent(), checkpoint_manager=manager)
     await executor.start()
 
     async def run() -> None:
@@ -74,21 +87,24 @@ async def _statements(isolated: bool, n: int) -> float:
     seconds = await _timed(run)
     if isolated:
         await executor.aclose()
+    await manager.close()
     return seconds / n
 
 
-async def _calls(isolated: bool, n: int, store: str | None) -> float:
+async def _calls(isolated: bool, n: int, store: str | None, tool: str = "Work") -> float:
     cls: Any = IsolatedPythonExecutor if isolated else StreamingPythonExecutor
-    executor = cls(_agent(), checkpoint_manager=_manager(store, f"c{isolated}{time.perf_counter_ns()}"))
+    manager = _manager(store, "calls")
+    executor = cls(_agent(), checkpoint_manager=manager)
     await executor.start()
 
     async def run() -> None:
-        await executor.add_chunk(f"t = 0\nfor i in range({n}):\n    t += await Work(i)\n\n")
+        await executor.add_chunk(f"t = 0\nfor i in range({n}):\n    t += await {tool}(i)\n\n")
         await executor.finalize()
 
     seconds = await _timed(run)
     if isolated:
         await executor.aclose()
+    await manager.close()
     return seconds / n
 
 
@@ -112,6 +128,10 @@ async def main(options: argparse.Namespace) -> None:
     iso = await median(lambda: _statements(True, options.statements))
     rows.append(("per statement, in-process (us)", inproc * 1e6, None))
     rows.append(("per statement, isolated (us)", iso * 1e6, iso / inproc))
+    inproc = await median(lambda: _calls(False, options.calls, None, "Echo"))
+    iso = await median(lambda: _calls(True, options.calls, None, "Echo"))
+    rows.append(("round trip of a @cheap tool (not journaled), in-process (us)", inproc * 1e6, None))
+    rows.append(("round trip of a @cheap tool (not journaled), isolated (us)", iso * 1e6, iso / inproc))
     inproc = await median(lambda: _calls(False, options.calls, None))
     iso = await median(lambda: _calls(True, options.calls, None))
     rows.append(("per tool call, memory store, in-process (us)", inproc * 1e6, None))
@@ -124,7 +144,7 @@ async def main(options: argparse.Namespace) -> None:
     print(f"bench_isolation: python {sys.version.split()[0]}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
           f"store {folder}, median of {repeats}")
     for name, value, ratio in rows:
-        print(f"  {name:52} {value:10.1f}" + (f"   {ratio:5.2f}x in-process" if ratio is not None else ""))
+        print(f"  {name:62} {value:10.1f}" + (f"   {ratio:5.2f}x in-process" if ratio is not None else ""))
 
 
 if __name__ == "__main__":

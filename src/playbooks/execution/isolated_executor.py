@@ -489,20 +489,10 @@ class IsolatedPythonExecutor:
             with anyio.CancelScope() as scope:
                 worker.scope = scope
                 async with anyio.create_task_group() as group:
+                    group.start_soon(self._watch, worker, clock)
                     while True:
-                        frame = None
                         try:
-                            # Only the wait is bounded: a message being served (a storage write) is
-                            # never cut off by the watchdog's poll.
-                            with anyio.move_on_after(_POLL):
-                                frame = await worker.channel.receive()
-                            if anyio.current_time() - clock.last >= _POLL:
-                                reason = clock.tick(self._outstanding if worker.busy else -1)
-                                if reason is not None:
-                                    worker.kill(reason)
-                            if frame is None:
-                                continue
-                            header, blobs = frame
+                            header, blobs = await worker.channel.receive()
                             if header["op"] in ("done", "error", "fatal"):
                                 worker.reply = header
                                 worker.answered.set()
@@ -522,6 +512,14 @@ class IsolatedPythonExecutor:
             worker.dead = True
             worker.answered.set()
             worker.ended.set()
+
+    async def _watch(self, worker: _Worker, clock: _Watchdog) -> None:
+        """Every poll, account the worker's busy time; kill it when it overstays a limit."""
+        while True:
+            await anyio.sleep(_POLL)
+            reason = clock.tick(self._outstanding if worker.busy else -1)
+            if reason is not None:
+                worker.kill(reason)
 
     async def _handle(self, worker: _Worker, group: Any, header: dict[str, Any], blobs: list[bytes]) -> None:
         op = header["op"]

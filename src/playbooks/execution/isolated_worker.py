@@ -156,10 +156,28 @@ class _Channel:
         self.commands: deque[tuple[dict[str, Any], list[bytes]]] = deque()
         self.command_ready: anyio.Event | None = None
         self.on_request: Callable[[bool], None] | None = None  # pause (True) / resume the clock
+        self.outbox: list[bytes] = []
+        self.printed = False  # output waits in the outbox
 
     def send(self, header: dict[str, Any], blobs: tuple[bytes, ...] = ()) -> None:
+        """Send a message now, after the ones told before it."""
+        self.tell(header, blobs)
+        self.flush()
+
+    def tell(self, header: dict[str, Any], blobs: tuple[bytes, ...] = ()) -> None:
+        """Queue a message that needs no answer (a write, output): it leaves with the next message
+        sent, or at the next :meth:`flush`. Order is kept, so the host still serves a write before
+        the call that follows it; one system call carries them all."""
+        self.outbox.extend(encode_frame(header, blobs))
+        if len(self.outbox) > 256:
+            self.flush()
+
+    def flush(self) -> None:
+        parts, self.outbox = self.outbox, []
         try:
-            self.sock.sendmsg(encode_frame(header, blobs))
+            while parts:  # (sendmsg takes at most IOV_MAX buffers at once)
+                self.sock.sendall(b"".join(parts[:512]))
+                del parts[:512]
         except OSError:
             os._exit(0)  # the host is gone
 
@@ -262,16 +280,17 @@ class _RelayProvider(CheckpointProvider):
         return header, data
 
     def _tell(self, method: str, blobs: tuple[bytes, ...] = (), **fields: Any) -> None:
-        self.channel.send({"op": "store", "method": method, **fields}, blobs)
+        self.channel.tell({"op": "store", "method": method, **fields}, blobs)
+
+    # Writes (syncs included) are told, not asked: the host serves messages in order, so a write is
+    # done (durable, for a sync) before the host runs the next call or shows the next output, and a
+    # write that failed makes the host refuse them and answer the next request with the failure.
 
     async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
-        if sync:
-            await self._ask("save_checkpoint", (data,), cid=checkpoint_id, sync=True)
-        else:
-            self._tell("save_checkpoint", (data,), cid=checkpoint_id, sync=False)
+        self._tell("save_checkpoint", (data,), cid=checkpoint_id, sync=sync)
 
     async def sync(self, execution_id: str) -> None:
-        await self._ask("sync", eid=execution_id)
+        self._tell("sync", eid=execution_id)
 
     async def load_checkpoint(self, checkpoint_id: str) -> bytes | None:
         header, data = await self._ask("load_checkpoint", cid=checkpoint_id)
@@ -296,14 +315,14 @@ class _RelayProvider(CheckpointProvider):
         self._tell("append_journal", (data,), eid=execution_id, counter=counter)
 
     async def sync_journal(self, execution_id: str) -> None:
-        await self._ask("sync_journal", eid=execution_id)
+        self._tell("sync_journal", eid=execution_id)
 
     async def read_journal(self, execution_id: str) -> list[tuple[int, bytes]]:
         header, data = await self._ask("read_journal", eid=execution_id)
         return list(zip((int(c) for c in header["value"]), data))
 
     async def drop_journal(self, execution_id: str, counters: Collection[int]) -> None:
-        await self._ask("drop_journal", eid=execution_id, counters=sorted(counters))
+        self._tell("drop_journal", eid=execution_id, counters=sorted(counters))
 
     async def write_head(self, execution_id: str, data: bytes) -> None:
         self._tell("write_head", (data,), eid=execution_id)
@@ -455,7 +474,8 @@ class _Output:
                 )
             self.budget[0] = left - size
         if text:
-            self.channel.send({"op": "out", "stream": self.stream, "text": text})
+            self.channel.tell({"op": "out", "stream": self.stream, "text": text})
+            self.channel.printed = True
         return len(text)
 
     def flush(self) -> None:
@@ -541,7 +561,7 @@ class _Worker:
         if tag in self.live:
             self.live.discard(tag)
             return
-        self.channel.send({
+        self.channel.tell({
             "op": "replayed", "name": call.name, "key": call.idempotency_key, "call_id": call.call_id,
             "seq": call.seq, "attempt": call.attempt, "value": _shown(value) if error is None else None,
             "error": None if error is None else f"{type(error).__name__}: {error}",
@@ -549,8 +569,11 @@ class _Worker:
 
     def _on_statement(self, statement: Any) -> None:
         self.clock.begin(statement.lineno, statement.start, statement.end)
+        if self.channel.printed:  # what the last statement printed goes out before the next one runs
+            self.channel.printed = False
+            self.channel.flush()
         if self.settings["report_statements"]:
-            self.channel.send({
+            self.channel.tell({
                 "op": "statement", "source": statement.source, "start": statement.start, "end": statement.end,
                 "lineno": statement.lineno, "col_offset": statement.col_offset,
                 "end_lineno": statement.end_lineno, "end_col_offset": statement.end_col_offset,
