@@ -285,3 +285,42 @@ def test_a_signed_record_flagged_compressed_that_is_not_zlib_is_corrupt() -> Non
     plain[start : start + 32] = mac.digest()
     with pytest.raises(CheckpointCorruptError, match="cannot be inflated"):
         _decode(bytes(plain))
+
+
+def test_run_keys_are_bound_to_their_execution_and_never_the_key_itself() -> None:
+    from playbooks.checkpoints.codec import derive_run_key
+
+    run_a, run_b = derive_run_key(KEY, "run-a"), derive_run_key(KEY, "run-b")
+    assert run_a.secret != KEY.secret and run_a.id != KEY.id and run_a.id != run_b.id
+    assert derive_run_key(KEY, "run-a").secret == run_a.secret  # the host derives it again at resume
+    assert derive_run_key(RecordKey(b"another key", "x"), "run-a").secret != run_a.secret
+    data, _ = encode_record(b"payload", key=run_a, place=Place("run-a", 1, LINEAGE))
+    with pytest.raises(CheckpointKeyError):
+        decode_record(data, key=KEY, execution_id="run-a", counter=1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_manager_reads_its_workers_records_but_marks_them(anyio_backend: str) -> None:
+    """Records signed with the execution's run key load (metadata: listing, recovery) and are marked
+    isolated, so nothing of them is unpickled in the host; any other key is still refused."""
+    from playbooks.checkpoints import CheckpointManager
+    from playbooks.checkpoints.model import Record
+    from playbooks.checkpoints.providers.memory import MemoryCheckpointProvider
+    from playbooks.errors import IsolatedRunError
+
+    provider = MemoryCheckpointProvider()
+    host = CheckpointManager("iso", provider, key=KEY.secret)
+    worker = CheckpointManager("iso", provider, key=host.run_key)
+    await worker.open()
+    await worker.write(Record("snapshot", "iso", worker.allocate_counter(), 0.0, "f", "agent", (), 0, "x = 1\n",
+                              executed_offset=6), sync=True)
+    await worker.close()
+    checkpoint = await host.get_latest_checkpoint()
+    assert checkpoint is not None and checkpoint.state.isolated and checkpoint.state.response == "x = 1\n"
+    with pytest.raises(IsolatedRunError):
+        checkpoint["namespace"]
+    stranger = CheckpointManager("iso", provider, key=b"some other key")
+    with pytest.raises(CheckpointKeyError):
+        await stranger.load_records()
+    await host.close()

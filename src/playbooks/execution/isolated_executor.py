@@ -73,7 +73,7 @@ from playbooks.execution.retry import RetryPolicy, policy_of
 from playbooks.execution.sandbox import SandboxLimits
 from playbooks.execution.statement_splitter import Statement
 from playbooks.execution.streaming_python_executor import ExecutionResult
-from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, _is_async, is_cheap
+from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, is_async_tool, is_cheap
 
 if TYPE_CHECKING:
     from playbooks.checkpoints.manager import CheckpointManager
@@ -411,7 +411,7 @@ class IsolatedPythonExecutor:
         for name, fn in self._tools.items():
             if not callable(fn):
                 raise TypeError(f"tool {name!r} is not callable: {fn!r}")
-            tools[name] = {"async": _is_async(fn), "retry": policy_of(fn, None), "cheap": is_cheap(fn),
+            tools[name] = {"async": is_async_tool(fn), "retry": policy_of(fn, None), "cheap": is_cheap(fn),
                            "doc": getattr(fn, "__doc__", None)}
         try:
             initial = cloudpickle.dumps(self._initial)
@@ -574,7 +574,7 @@ class IsolatedPythonExecutor:
                 outcome: tuple[bool, Any] = (False, NameError(f"no tool {name!r} in the host"))
             else:
                 try:
-                    if _is_async(fn):
+                    if is_async_tool(fn):
                         value = await self._host_calls.attempt_async(call, fn)
                     else:
                         value = self._host_calls.call_sync(call, fn)

@@ -17,7 +17,6 @@ overstays), the output limit in its writer. A worker that dodges them is killed 
 
 from __future__ import annotations
 
-import ast
 import builtins
 import contextlib
 import ctypes

@@ -34,6 +34,7 @@ __all__ = (
     "cheap",
     "current_tool_call",
     "durable_call",
+    "is_async_tool",
     "is_cheap",
     "output_written",
     "resumed",
@@ -196,7 +197,9 @@ class ToolCallInterceptor:
         return value
 
 
-def _is_async(fn: Callable[..., Any]) -> bool:
+def is_async_tool(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` returns an awaitable (an ``async def``, or an object whose ``__call__``
+    is one): LLM code awaits such a tool."""
     target = getattr(fn, "__call__", None)
     return inspect.iscoroutinefunction(fn) or (
         not inspect.isfunction(fn) and target is not None and inspect.iscoroutinefunction(target)
@@ -219,7 +222,7 @@ def bind_tools(
 
 
 def _wrap(name: str, fn: Callable[..., Any], interceptor: ToolCallInterceptor) -> Callable[..., Any]:
-    if _is_async(fn):
+    if is_async_tool(fn):
 
         async def async_tool(*args: Any, **kwargs: Any) -> Any:
             return await interceptor.call_async(interceptor.start(name, args, kwargs), fn)
@@ -302,7 +305,7 @@ def durable_call(
             target.__playbooks_retry__ = retry  # type: ignore[attr-defined]
         # The wrappers refer to module-level helpers only, so that cloudpickle, which stores a
         # notebook's functions by value, can save a variable holding one.
-        if _is_async(fn):
+        if is_async_tool(fn):
 
             async def async_call(*args: Any, **kwargs: Any) -> Any:
                 interceptor = calling_interceptor()
