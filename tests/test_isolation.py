@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import threading
 import socket
 
 import anyio
@@ -449,8 +450,12 @@ async def test_a_worker_killed_from_outside_is_resumed_transparently(tmp_path):
             await anyio.sleep(0.2)
         return i
 
+    seen: list[tuple[int, object]] = []
     manager = CheckpointManager("outside", FilesystemCheckpointProvider(tmp_path / "store"))
-    executor = IsolatedPythonExecutor(Agent("o", tools={"Step": step}), checkpoint_manager=manager)
+    executor = IsolatedPythonExecutor(
+        Agent("o", tools={"Step": step}), checkpoint_manager=manager,
+        on_call=lambda call, value, error: seen.append((call.attempt, value)),
+    )
     async with executor:
         await executor.add_chunk("total = 0\nfor i in range(4):\n    total += await Step(i)\n\ndone = True\n")
         result = await executor.finalize()
@@ -459,6 +464,9 @@ async def test_a_worker_killed_from_outside_is_resumed_transparently(tmp_path):
     assert executor.namespace["total"] == 6
     # Calls 0 and 1 had finished: replayed. Call 2 was in flight at the kill: it ran again.
     assert calls == [0, 1, 2, 2, 3]
+    # The hook saw each live call, then the two finished ones again as the new worker replayed them
+    # (their values as plain data), then the rest.
+    assert [v for _, v in seen] == [0, 1, 0, 1, 2, 3]
     (restart,) = executor.restarts
     assert restart.resumed and restart.lineno == 2 and restart.in_flight == (f"outside:{executor.frame_id}:2",)
 
@@ -521,3 +529,52 @@ async def test_slow_storage_is_never_cut_off():
     finally:
         await manager.close()
     assert out.error is None and out.namespace["b"] == 20
+
+
+async def test_hooks_see_statements_and_calls_live_and_replayed(tmp_path):
+    seen: list[tuple[str, object, object]] = []
+    statements: list[int] = []
+
+    def on_call(call, value, error):
+        seen.append((call.name, value, None if error is None else str(error)))
+
+    manager = CheckpointManager("hooks", FilesystemCheckpointProvider(tmp_path / "store"))
+    executor = IsolatedPythonExecutor(
+        Agent("h", tools={"Work": _work}), checkpoint_manager=manager, on_call=on_call,
+        on_statement=lambda s: statements.append(s.lineno),
+    )
+    async with executor:
+        await executor.add_chunk("a = await Work(1)\nb = await Work(2)\n")
+    await manager.close()
+    assert seen == [("Work", 10, None), ("Work", 20, None)] and statements == [1, 2]
+    # A new host resumes the run: both calls replay from the journal (a fast run snapshots every few
+    # awaits), and the hook sees them, their values as plain data.
+    seen.clear()
+    manager = CheckpointManager("hooks", FilesystemCheckpointProvider(tmp_path / "store"))
+    checkpoint = await manager.get_latest_checkpoint()
+    assert checkpoint is not None
+    resumed = await IsolatedPythonExecutor.resume_from_checkpoint(
+        Agent("h", tools={"Work": _work}), checkpoint, checkpoint_manager=manager, on_call=on_call
+    )
+    async with resumed:
+        assert resumed.restored
+        await resumed.add_chunk("c = a + b\n")
+        await resumed.finalize()
+    await manager.close()
+    assert resumed.namespace["c"] == 30
+    assert seen == [("Work", 10, None), ("Work", 20, None)]
+
+
+async def test_a_namespace_that_cannot_reach_the_worker_is_a_host_error():
+    from playbooks.errors import SandboxError
+
+    async with IsolatedPythonExecutor(Agent("n"), namespace={"lock": threading.Lock()}) as ex:
+        with pytest.raises(SandboxError, match="cannot be sent to its worker"):
+            await ex.add_chunk("x = 1\n")
+
+
+async def test_the_first_namespace_reaches_the_worker():
+    async with IsolatedPythonExecutor(Agent("n"), namespace={"orders": [{"id": 1, "total": 9.5}]}) as ex:
+        await ex.add_chunk("total = sum(o['total'] for o in orders)\n")
+        await ex.finalize()
+        assert ex.namespace["total"] == 9.5
