@@ -589,7 +589,9 @@ class IsolatedPythonExecutor:
                     self._on_call(call, outcome[1] if outcome[0] else None, None if outcome[0] else outcome[1])
             changed: tuple[bytes, ...] = ()
             after = [*args, *kwargs.values()]
-            if after != [*decode_plain(header["args"]), *decode_plain(header["kwargs"]).values()]:
+            if any(type(a) in _MUTABLE for a in after) and after != [
+                *decode_plain(header["args"]), *decode_plain(header["kwargs"]).values()
+            ]:
                 reply["args"] = True  # the tool changed an argument: the worker's copy follows
                 changed = (pickle.dumps(after),)
             # As a journal stores it: an exception keeps its class, attributes and chain even when its
@@ -882,6 +884,9 @@ class _Watchdog:
             return "response"
         return None
 
+
+_MUTABLE = frozenset({list, dict, set, bytearray})
+"""Argument types a tool can change in place (the worker's object then follows)."""
 
 _DETACHED: set[Any] = set()  # asyncio tasks of the pumps (the loop keeps only weak references)
 
