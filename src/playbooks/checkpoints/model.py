@@ -188,7 +188,7 @@ class FrameState:
             raise IsolatedRunError(
                 f"execution {self.execution_id!r} was written by an isolated worker: its values came from "
                 "untrusted code and are unpickled only inside a worker; resume it with "
-                "IsolatedPythonExecutor (playbooks exec/run without --in-process)"
+                "IsolatedPythonExecutor.resume_from_checkpoint"
             )
 
     @property
