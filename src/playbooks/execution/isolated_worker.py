@@ -21,6 +21,7 @@ import builtins
 import contextlib
 import ctypes
 import faulthandler
+import functools
 import itertools
 import math
 import mmap
@@ -60,7 +61,10 @@ class _LimitExceeded(Exception):
     __playbooks_error__: type = Exception
 
 
+@functools.cache
 def _limit(error_class_name: str) -> type[_LimitExceeded]:
+    """The exception raised into LLM code for the limit reported as ``error_class_name`` (one class
+    per limit, made once)."""
     from playbooks import errors
 
     return type(
