@@ -109,6 +109,8 @@ class HostChannel:
 
     async def send(self, header: dict[str, Any], blobs: Sequence[bytes] = ()) -> None:
         parts = encode_frame(header, blobs)
+        if sum(map(len, parts)) <= _RECV:
+            parts = [b"".join(parts)]  # one system call for an ordinary message
         async with self._lock:
             for part in parts:
                 view = memoryview(part)

@@ -204,15 +204,30 @@ class _Channel:
         self._dispatch(self.reader.frames())
 
     async def read_forever(self) -> None:
+        """Read the host's messages as they come. Under asyncio a reader callback stays registered
+        with the loop (an answer wakes its waiting call directly: no task switch, no re-registering
+        per message); under trio a task waits for the socket."""
+        if _on_asyncio():
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self.sock.fileno(), self._readable)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                loop.remove_reader(self.sock.fileno())
         while True:
             await anyio.wait_readable(self.sock)
-            try:
-                data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue  # a sync round trip read it first
-            except OSError:
-                os._exit(0)
-            self._received(data)
+            self._readable()
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # a sync round trip read it first
+        except OSError:
+            os._exit(0)
+        self._received(data)
 
     def receive_blocking(self) -> tuple[dict[str, Any], list[bytes]]:
         """The next command, before the event loop runs (the ``init`` message)."""
@@ -247,6 +262,20 @@ class _Channel:
     def _pause(self, paused: bool) -> None:
         if self.on_request is not None:
             self.on_request(paused)
+
+
+def _on_asyncio() -> bool:
+    return "trio" not in sys.modules or not _in_trio()
+
+
+def _in_trio() -> bool:
+    import trio
+
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _host_error(header: Mapping[str, Any]) -> Exception:
