@@ -578,3 +578,18 @@ async def test_the_first_namespace_reaches_the_worker():
         await ex.add_chunk("total = sum(o['total'] for o in orders)\n")
         await ex.finalize()
         assert ex.namespace["total"] == 9.5
+
+
+def test_the_docs_example_runs_as_written(tmp_path):
+    """docs/isolation.md's first example, run as a script in a fresh folder."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "isolation.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "example.py").write_text(code, encoding="utf-8")
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["True charged A1", "CHARGED A1"]
