@@ -91,3 +91,26 @@ def test_exec_runs_the_code_isolated_by_default(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "ran longer than 0.5 s" in proc.stderr
     proc = _run("exec", "--in-process", "examples/order_totals.md", "--tools", "examples/order_tools.py")
     assert proc.returncode == 0 and "ran 6 statements" in proc.stdout
+
+
+@pytest.mark.integration
+def test_keys_in_the_environment_never_reach_a_stored_byte(tmp_path: Path) -> None:
+    """A run with a canary model key and checkpoint key in its environment: no file it leaves (the
+    checkpoints, the run registry, the output) holds either."""
+    import os
+    import shutil
+
+    for name in ("orders.pb", "orders.cassette.json"):
+        shutil.copy(ROOT / "examples" / name, tmp_path / name)
+    env = dict(os.environ, OPENAI_API_KEY="sk-canary-4d1f", PLAYBOOKS_CHECKPOINT_KEY="ck-canary-9e2a")
+    done = subprocess.run(
+        [sys.executable, "-m", "playbooks.cli", "run", "orders.pb"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    stored = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".pb"]
+    assert any(".checkpoints" in str(p) for p in stored)
+    for path in stored:
+        data = path.read_bytes()
+        assert b"canary-4d1f" not in data and b"canary-9e2a" not in data, path
+    assert "canary" not in done.stdout + done.stderr
