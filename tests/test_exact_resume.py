@@ -217,7 +217,8 @@ def canonical(namespace: dict[str, Any], skip: set[str]) -> Any:
             return ("obj", me, type(v).__qualname__, walk(dict(vars(v)), depth + 1))
         return ("repr", me, repr(v))
 
-    return [(name, walk(namespace[name])) for name in sorted(namespace) if name not in skip and not name.startswith("__")]
+    # In the namespace's own order: a resumed namespace iterates like the one before the crash.
+    return [(name, walk(namespace[name])) for name in namespace if name not in skip and not name.startswith("__")]
 
 
 # --- the harness ----------------------------------------------------------------------------------

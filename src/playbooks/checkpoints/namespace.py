@@ -809,6 +809,12 @@ class NamespaceEncoder:
                 encoded.blobs[key] = VarBlob(digest, len(data), None, remembered.host)
             else:
                 encoded.blobs[key] = VarBlob(digest, len(data), data, None)
+        # In the namespace's order (a group where its first member is), so a restored namespace
+        # iterates as the saved one did: unchanged immutable values were put first above.
+        order = {name: i for i, name in enumerate(namespace)}
+        encoded.blobs = dict(
+            sorted(encoded.blobs.items(), key=lambda item: min(order.get(n, 0) for n in shared_names(item[0]) or (item[0],)))
+        )
         return encoded
 
     def _pickle(
