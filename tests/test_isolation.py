@@ -593,3 +593,38 @@ def test_the_docs_example_runs_as_written(tmp_path):
     done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["True charged A1", "CHARGED A1"]
+
+
+async def test_reattached_frames_report_a_finished_response_and_pass_their_variables_on(tmp_path) -> None:
+    """What a host that names its frames (a ``.pb`` run) relies on: in a new host process, an executor
+    re-attached to a finished frame runs nothing and reports its response and variables; one that
+    ``inherit``s it starts from its variables (of any type: only a worker unpickles them)."""
+    calls: list[int] = []
+
+    async def work(i: int) -> int:
+        calls.append(i)
+        return i * 10
+
+    agent = Agent("a", tools={"Work": work})
+    text = "class Box:\n    pass\nbox = Box()\nbox.a = await Work(1)\nb = await Work(2)\n"
+
+    def manager() -> CheckpointManager:
+        return CheckpointManager("attach", FilesystemCheckpointProvider(tmp_path), key=b"k" * 32)
+
+    first = manager()
+    async with IsolatedPythonExecutor(agent, checkpoint_manager=first, frame_id="t1", limits=FAST) as executor:
+        await executor.add_chunk(text)
+        await executor.finalize()
+    await first.close()
+    host = manager()  # a new host process
+    await host.load_records()
+    async with IsolatedPythonExecutor(agent, checkpoint_manager=host, frame_id="t1", limits=FAST) as again:
+        assert again.restored and again.finished
+        result = await again.finalize()
+        assert result.response == text and result.success and again.namespace["b"] == 20
+    async with IsolatedPythonExecutor(agent, checkpoint_manager=host, frame_id="t2", inherit="t1", limits=FAST) as nxt:
+        await nxt.add_chunk("c = box.a + b\n")
+        await nxt.finalize()
+        assert nxt.namespace["c"] == 30
+    await host.close()
+    assert calls == [1, 2]

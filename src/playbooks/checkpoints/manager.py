@@ -226,6 +226,19 @@ class CheckpointManager:
         self.fallbacks: list[str] = []
         """Every corrupt or missing checkpoint that loading skipped, as a message (newest last)."""
 
+    def for_execution(self, execution_id: str) -> CheckpointManager:
+        """A manager of another execution in the same store, with this one's key and settings (the
+        records of a run's isolated LLM code live in executions of their own: one writer each)."""
+        other = CheckpointManager(
+            execution_id, self.provider, keep_last_n=self.keep_last_n,
+            max_checkpoint_size_mb=self.max_checkpoint_size_mb, unpicklable=self.unpicklable, key=self._key,
+            snapshot_sync_every=self.snapshot_sync_every,
+        )
+        other.journal_sync_every = self.journal_sync_every
+        other.journal_sync_interval = self.journal_sync_interval
+        other.compress_over = self.compress_over
+        return other
+
     @classmethod
     def from_config(
         cls,

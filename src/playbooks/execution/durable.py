@@ -26,6 +26,7 @@ executor re-attaches to its own checkpoints. That is how the whole call stack co
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -55,7 +56,7 @@ from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, is_che
 if TYPE_CHECKING:
     from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 
-__all__ = ("DurableFrame", "DurableInterceptor", "current_durable_call")
+__all__ = ("DurableFrame", "DurableInterceptor", "current_durable_call", "outside_durable_calls")
 
 _logger = logging.getLogger("playbooks.checkpoints")
 
@@ -80,6 +81,18 @@ class _CallContext:
 _ACTIVE_CALL: contextvars.ContextVar[_CallContext | None] = contextvars.ContextVar(
     "playbooks_durable_call", default=None
 )
+
+
+@contextlib.contextmanager
+def outside_durable_calls() -> Iterator[None]:
+    """Within this block no durable call is current: for a host running a tool for an isolated
+    worker's call, so an executor the tool creates is not taken for a child of whatever host call
+    happened to start the worker."""
+    token = _ACTIVE_CALL.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE_CALL.reset(token)
 
 
 def current_durable_call() -> _CallContext | None:

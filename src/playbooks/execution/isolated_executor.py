@@ -34,6 +34,7 @@ import ast
 import atexit
 import builtins
 import contextlib
+import contextvars
 import dataclasses
 import mmap
 import os
@@ -66,6 +67,7 @@ from playbooks.errors import (
     WorkerDiedError,
 )
 from playbooks.checkpoints.outcome import dump_outcome
+from playbooks.execution.durable import outside_durable_calls
 from playbooks.execution.channel import ChannelClosed, HostChannel, ProtocolError
 from playbooks.execution.isolated_worker import STATUS
 from playbooks.execution.plain_data import PlainDataError, decode_plain
@@ -79,22 +81,27 @@ if TYPE_CHECKING:
     from playbooks.checkpoints.manager import CheckpointManager
     from playbooks.checkpoints.model import Checkpoint
 
-__all__ = ("IsolatedPythonExecutor", "OpaqueValue", "WorkerRestart")
+__all__ = ("IsolatedPythonExecutor", "OpaqueValue", "RecordedError", "WorkerRestart")
 
 _POLL = 0.25  # s between two looks of the watchdog at a busy worker
 _SCRUBBED_PATH = "/usr/local/bin:/usr/bin:/bin"
 _SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class OpaqueValue:
     """A variable of the worker that is not plain data: the host sees its type and a short repr only
-    (unpickling it in the host would run code the LLM chose)."""
+    (unpickling it in the host would run code the LLM chose). ``repr()`` and ``str()`` of it are
+    the worker's repr of the value, so a host describing variables (to the LLM, in a log) shows what
+    it would show in-process."""
 
     type: str
     repr: str
 
     def __str__(self) -> str:
+        return self.repr
+
+    def __repr__(self) -> str:
         return self.repr
 
 
@@ -224,7 +231,7 @@ def _launch(root: str) -> _Launched:
         )
         with open(os.path.join(scratch, "worker.stderr"), "wb") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-s", "-c", bootstrap, str(worker_end.fileno()), str(status_fd)],
+                [sys.executable, "-s", "-c", bootstrap, str(worker_end.fileno()), str(status_fd), str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 pass_fds=(worker_end.fileno(), status_fd), cwd=scratch, env=env, start_new_session=True,
             )
@@ -291,8 +298,18 @@ class IsolatedPythonExecutor:
         output: Callable[[str, str], None] | None = None,
         on_restart: Callable[[WorkerRestart], None] | None = None,
         prestart: bool = True,
+        inherit: str | None = None,
+        observer: str | None = None,
+        expose: tuple[str, ...] = (),
     ) -> None:
         self.agent = agent
+        self._resume: dict[str, Any] | None = None
+        self._chunks: list[str] = []
+        self._response = ""
+        self._restored = False
+        self._inherit = inherit
+        self._observer = observer
+        self._expose = tuple(expose)
         self.prestart = prestart
         """Keep one worker process started ahead for the next executor (a warm start)."""
         self.restarts: list[WorkerRestart] = []
@@ -318,17 +335,24 @@ class IsolatedPythonExecutor:
             self._own_manager = False
         self.manager = checkpoint_manager
         self._frame_id = frame_id or f"{agent.id}-{secrets.token_hex(4)}"
+        self._done_before = False
+        state = checkpoint_manager.frame_state(self._frame_id) if frame_id is not None else None
+        if state is not None:
+            # A frame of this execution that has checkpoints: re-attach to it, as an in-process
+            # executor does (feed it the response again: what had run is skipped).
+            self._resume = {"upto": None, "failure": None, "feed": False}
+            self._restored = True
+            self._done_before = state.done
+            if state.done:  # it had finished: nothing is fed again, finalize reports its response
+                self._response = state.response
         self._tools = dict(agent.tools)
         self._host_calls = ToolCallInterceptor(run_id=checkpoint_manager.execution_id, frame_id=self._frame_id)
         self._worker: _Worker | None = None
-        self._resume: dict[str, Any] | None = None
-        self._chunks: list[str] = []
-        self._response = ""
         self._error: LLMCodeError | None = None
         self._fatal: InterpreterError | None = None
         self._host_failure: BaseException | None = None
+        self._raised: dict[str, BaseException] = {}  # what the host's tools raised into the worker, by call
         self._finalized = False
-        self._restored = False
         self._killed_at: tuple[int, int] | None = None  # (statement number, start) of the last outside kill
         self._outstanding = 0
         self._printed = 0
@@ -362,7 +386,7 @@ class IsolatedPythonExecutor:
             checkpoint_manager=checkpoint_manager, frame_id=checkpoint.root_frame_id, limits=limits, output=output,
             on_restart=on_restart,
         )
-        executor._resume = {"counter": checkpoint.counter, "upto": None, "failure": None}
+        executor._resume = {"upto": None, "failure": None, "feed": True}
         executor._response = checkpoint.state.response
         executor._restored = True
         try:
@@ -421,6 +445,7 @@ class IsolatedPythonExecutor:
             "agent_id": self.agent.id, "tools": tools, "namespace": initial, "frame_id": self._frame_id,
             "retry": self._retry, "limits": self.limits, "report_statements": self._on_statement is not None,
             "backend": _backend(), "sys_path": [root, *path], "read_paths": read,
+            "inherit": self._inherit, "observer": self._observer, "expose": self._expose,
             "write_paths": list(self.limits.write_paths), "drop_root": True, "resume": resume,
             "store": {
                 "execution_id": manager.execution_id, "run_key": manager.run_key.secret,
@@ -535,7 +560,10 @@ class IsolatedPythonExecutor:
         elif op == "replayed" and self._on_call is not None:
             call = self._tool_call(header, (), {})
             error = header.get("error")
-            self._on_call(call, _shown_value(header.get("value")), None if error is None else _Replayed(str(error)))
+            self._on_call(
+                call, _shown_value(header.get("value")),
+                None if error is None else RecordedError(str(error), str(header.get("error_type", ""))),
+            )
         elif op not in ("statement", "replayed"):
             raise ProtocolError(f"unknown message {op!r}")
 
@@ -574,10 +602,11 @@ class IsolatedPythonExecutor:
                 outcome: tuple[bool, Any] = (False, NameError(f"no tool {name!r} in the host"))
             else:
                 try:
-                    if is_async_tool(fn):
-                        value = await self._host_calls.attempt_async(call, fn)
-                    else:
-                        value = self._host_calls.call_sync(call, fn)
+                    with outside_durable_calls():
+                        if is_async_tool(fn):
+                            value = await self._host_calls.attempt_async(call, fn)
+                        else:
+                            value = self._host_calls.call_sync(call, fn)
                     outcome = (True, value)
                 except InterpreterError as exc:  # the host failed under the call (HostIOError, storage)
                     self._host_failure = exc
@@ -585,6 +614,15 @@ class IsolatedPythonExecutor:
                     return
                 except Exception as exc:
                     outcome = (False, exc)
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                    # (``KeyboardInterrupt``, a host's own signal such as a run suspending for an
+                    # answer): it stops the host's command, not the LLM's code; the call stays
+                    # unfinished in the journal.
+                    self._host_failure = exc
+                    await self._reply_host_error(worker, reply, exc)
+                    return
                 if self._on_call is not None:
                     self._on_call(call, outcome[1] if outcome[0] else None, None if outcome[0] else outcome[1])
             changed: tuple[bytes, ...] = ()
@@ -594,6 +632,12 @@ class IsolatedPythonExecutor:
             ]:
                 reply["args"] = True  # the tool changed an argument: the worker's copy follows
                 changed = (pickle.dumps(after),)
+            if not outcome[0]:
+                # Tagged with its call, so an error of the LLM's code it caused comes back with it
+                # as its cause (the worker's reply names the calls in the error's chain).
+                with contextlib.suppress(Exception):
+                    outcome[1].__playbooks_call__ = call.idempotency_key
+                self._raised[call.idempotency_key] = outcome[1]
             # As a journal stores it: an exception keeps its class, attributes and chain even when its
             # __init__ takes other arguments than its args (a faithful stand-in at worst).
             data = dump_outcome(outcome[1], what=f"tool {name!r}")
@@ -683,6 +727,13 @@ class IsolatedPythonExecutor:
             raise self._fatal
         if op == "error":
             error = _code_error(reply, self.response)
+            raised = reply.get("raised")
+            if isinstance(raised, list) and raised and isinstance(raised[0], dict):
+                first = raised[0]
+                known = self._raised.get(str(first.get("key")))
+                error.__cause__ = known if known is not None else RecordedError(
+                    str(first.get("message", "")), str(first.get("type", ""))
+                )
             if self._error is None:
                 self._error = error
             raise error
@@ -719,7 +770,7 @@ class IsolatedPythonExecutor:
             raise self._fatal
         if resumed:
             self._killed_at = place
-            await self._spawn({"counter": None, "upto": None, "failure": None})
+            await self._spawn({"upto": None, "failure": None, "feed": True})
             if header["op"] not in ("chunk", "init"):
                 return await self._command(header)
             return {"op": "spawned"}  # a chunk: the new worker was fed it; init: it is up
@@ -728,7 +779,7 @@ class IsolatedPythonExecutor:
                 f"the isolated worker died before running any code: {error.message}" + (f"\n{tail}" if tail else "")
             )
             raise self._fatal
-        await self._spawn({"counter": None, "upto": start, "failure": pickle.dumps(error), "text": response[:start]})
+        await self._spawn({"upto": start, "failure": pickle.dumps(error), "text": response[:start], "feed": True})
         self._error = self._error or error
         raise error
 
@@ -765,7 +816,9 @@ class IsolatedPythonExecutor:
 
     @property
     def finished(self) -> bool:
-        return self._finalized
+        """Whether :meth:`finalize` ran, here or before a crash (a re-attached frame that had
+        finished: :meth:`finalize` returns what it had returned, nothing runs again)."""
+        return self._finalized or self._done_before
 
     @property
     def frame_id(self) -> str:
@@ -849,8 +902,14 @@ class IsolatedPythonExecutor:
         )
 
 
-class _Replayed(Exception):
-    """The exception a replayed call had raised, as the host sees it (type and message)."""
+class RecordedError(Exception):
+    """An exception a tool of the host had raised into the worker, as the host sees it when it no
+    longer holds the object (the call was replayed from the worker's journal): its type's name
+    (``module.qualname``) and its message, never an unpickled worker value."""
+
+    def __init__(self, message: str, type_name: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
 
 
 class _Watchdog:
@@ -897,7 +956,8 @@ def _start_detached(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
     if _backend() == "trio":
         import trio
 
-        trio.lowlevel.spawn_system_task(run)
+        # (a system task starts in an empty context: it gets the caller's, as an asyncio task does)
+        trio.lowlevel.spawn_system_task(run, context=contextvars.copy_context())
     else:
         import asyncio
 

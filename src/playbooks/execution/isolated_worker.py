@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import faulthandler
 import functools
+import importlib
 import itertools
 import math
 import mmap
@@ -75,12 +76,14 @@ def _limit(error_class_name: str) -> type[_LimitExceeded]:
 # ----------------------------------------------------------------- confinement
 
 
-def _die_with_host() -> None:
-    """Ask the kernel to kill this process when its parent (the host) dies."""
+def _die_with_host(host: int) -> None:
+    """Ask the kernel to kill this process when its parent (the host, process ``host``) dies; if it
+    died before that took effect, go. (Not "the parent is process 1": in a container the host often
+    is process 1.)"""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:
+        if os.getppid() != host:
             os._exit(0)
 
 
@@ -597,6 +600,7 @@ class _Worker:
             "op": "replayed", "name": call.name, "key": call.idempotency_key, "call_id": call.call_id,
             "seq": call.seq, "attempt": call.attempt, "value": _shown(value) if error is None else None,
             "error": None if error is None else f"{type(error).__name__}: {error}",
+            "error_type": None if error is None else f"{type(error).__module__}.{type(error).__qualname__}",
         })
 
     def _on_statement(self, statement: Any) -> None:
@@ -643,21 +647,48 @@ class _Worker:
         manager.journal_sync_interval = store["journal_sync_interval"]
         resume = settings["resume"]
         hooks: dict[str, Any] = {"on_statement": self._on_statement, "on_call": self._observe}
-        checkpoint = None
-        if resume is not None:
+        observer = _observer(settings.get("observer"), namespace)
+        if observer is not None:
+            observe = self._observe
+
+            def on_call(call: Any, value: Any, error: BaseException | None) -> None:
+                observer(call, value, error)
+                observe(call, value, error)
+
+            hooks["on_call"] = on_call
+        frame_id = settings["frame_id"]
+        if resume is not None or settings.get("inherit") is not None:
             await manager.load_records()
-            if resume["counter"] is not None:
-                checkpoint = await manager.load_checkpoint(resume["counter"])
-            else:  # a restart after the old worker died: from the newest, if it wrote any
-                checkpoint = await manager.get_latest_checkpoint()
-        if checkpoint is None:
+        if resume is not None and frame_id in manager.loaded_frame_ids() and not resume["feed"]:
+            # Re-attached, not fed: the host feeds the response again (what had run is skipped).
             self.executor = StreamingPythonExecutor(
-                agent, namespace=namespace, checkpoint_manager=manager, frame_id=settings["frame_id"],
+                agent, namespace=namespace, checkpoint_manager=manager, frame_id=frame_id,
                 retry=settings["retry"], **hooks,
             )
-        else:  # (the replayed statements run under this command's clock, as live ones)
-            self.executor = await StreamingPythonExecutor.resume_from_checkpoint(
-                agent, checkpoint, checkpoint_manager=manager, namespace=namespace, upto=resume["upto"], **hooks,
+        elif resume is not None and frame_id in manager.loaded_frame_ids():
+            # (the replayed statements run under this command's clock, as live ones)
+            self.executor = await StreamingPythonExecutor.resume_frame(
+                agent, frame_id, checkpoint_manager=manager, namespace=namespace, upto=resume["upto"],
+                retry=settings["retry"], **hooks,
+            )
+        else:
+            inherit = settings.get("inherit")
+            if inherit is not None:
+                # The variables a finished frame of this execution ended with (the host's previous
+                # response): restored into this namespace by re-attaching to it; nothing runs again.
+                if inherit not in manager.loaded_frame_ids():
+                    from playbooks.errors import CheckpointCorruptError
+
+                    raise CheckpointCorruptError(
+                        f"the checkpoints of frame {inherit!r} of execution {manager.execution_id!r} are "
+                        "missing: the variables its code assigned cannot be restored"
+                    )
+                given = dict(namespace)
+                StreamingPythonExecutor(agent, namespace=namespace, checkpoint_manager=manager, frame_id=inherit)
+                namespace.update(given)
+            self.executor = StreamingPythonExecutor(
+                agent, namespace=namespace, checkpoint_manager=manager, frame_id=frame_id,
+                retry=settings["retry"], **hooks,
             )
         self.clock.filename = self.executor.filename
         if resume is not None and resume["failure"] is not None:
@@ -772,14 +803,15 @@ class _Worker:
         return {
             "op": "error", "type": kind, "message": message, "statement": exc.statement,
             "lineno": exc.lineno, "col_offset": exc.col_offset, "executed_code": len(exc.executed_code),
-            "traceback": exc.traceback_text,
+            "traceback": exc.traceback_text, "raised": _raised_by_host(exc),
         }
 
     def _summary(self) -> dict[str, Any]:
         executor = self.executor
         shown = {}
+        expose = self.settings.get("expose", ())
         for name, value in executor.namespace.items():
-            if name.startswith("__") or name in executor.bound:
+            if (name.startswith("__") and name not in expose) or name in executor.bound:
                 continue
             shown[name] = _shown(value)
         error = executor.error
@@ -788,6 +820,43 @@ class _Worker:
             "response": len(executor.response), "variables": shown,
             "error": None if error is None else self._error_reply(error),
         }
+
+
+def _raised_by_host(error: BaseException) -> list[dict[str, str]]:
+    """The exceptions in ``error``'s chain that a host's tool raised (live or replayed), nearest
+    first: the call each came from, its type's name and its message."""
+    found: list[dict[str, str]] = []
+    seen: set[int] = set()
+    pending = [error.__cause__, error.__context__]
+    while pending and len(found) < 8:
+        exc = pending.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        key = exc.__dict__.get("__playbooks_call__") if hasattr(exc, "__dict__") else None
+        if isinstance(key, str):
+            try:
+                message = str(exc)
+            except Exception:
+                message = "?"
+            found.append({"key": key, "type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": message})
+        pending += [exc.__cause__, exc.__context__]
+    return found
+
+
+def _observer(path: str | None, namespace: dict[str, Any]) -> Callable[[Any, Any, BaseException | None], None] | None:
+    """The host's worker-side call observer (``"module:function"``, called as ``function(namespace,
+    call, value, error)`` after every call ends, live or replayed): trusted code of the host's
+    package that keeps notes in the namespace, so they are saved with its checkpoints."""
+    if path is None:
+        return None
+    module, _, name = path.partition(":")
+    function = getattr(importlib.import_module(module), name)
+
+    def observe(call: Any, value: Any, error: BaseException | None) -> None:
+        function(namespace, call, value, error)
+
+    return observe
 
 
 def _update_in_place(originals: list[Any], changed: list[Any]) -> None:
@@ -833,7 +902,7 @@ def _preload() -> None:
 
 
 def main() -> None:
-    _die_with_host()
+    _die_with_host(int(sys.argv[3]))
     # ``kill -USR1 PID`` writes the worker's stacks to worker.stderr in its scratch folder.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     channel = _Channel(socket.socket(fileno=int(sys.argv[1])))

@@ -343,18 +343,39 @@ class StreamingPythonExecutor:
         :meth:`finalize`, as with :meth:`add_chunk`. ``upto`` feeds the stored response only up to that
         offset (where a statement starts that must not run again: the one whose worker died).
         """
+        return await cls.resume_frame(
+            agent, checkpoint.root_frame_id, checkpoint_manager=checkpoint_manager, namespace=namespace,
+            on_statement=on_statement, on_call=on_call, unsaved=unsaved, upto=upto,
+        )
+
+    @classmethod
+    async def resume_frame(
+        cls,
+        agent: AgentLike,
+        frame_id: str,
+        *,
+        checkpoint_manager: CheckpointManager,
+        namespace: dict[str, Any] | None = None,
+        on_statement: Callable[[Statement], None] | None = None,
+        on_call: Callable[[ToolCall, Any, BaseException | None], None] | None = None,
+        unsaved: Callable[[str], bool] | None = None,
+        upto: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> StreamingPythonExecutor:
+        """:meth:`resume_from_checkpoint` for the frame ``frame_id`` of the manager's execution (its
+        newest state), for a host that names its frames (an execution holding several)."""
         manager = checkpoint_manager
         await manager.load_records()
-        state = manager.frame_state(checkpoint.root_frame_id)
+        state = manager.frame_state(frame_id)
         if state is None:
             raise CheckpointCorruptError(
-                f"no readable checkpoint of frame {checkpoint.root_frame_id!r} in execution "
-                f"{manager.execution_id!r}"
+                f"no readable checkpoint of frame {frame_id!r} in execution {manager.execution_id!r}"
             )
         state.check_openable()
         if state.agent_id != agent.id:
             raise ExecutorStateError(
-                f"checkpoint {checkpoint.checkpoint_id} belongs to agent {state.agent_id!r}, not {agent.id!r}"
+                f"frame {frame_id!r} of execution {manager.execution_id!r} belongs to agent "
+                f"{state.agent_id!r}, not {agent.id!r}"
             )
         await manager.open()
         executor = cls(
@@ -364,6 +385,7 @@ class StreamingPythonExecutor:
             on_call=on_call,
             checkpoint_manager=manager,
             unsaved=unsaved,
+            retry=retry,
             _state=state,
         )
         if state.done:
