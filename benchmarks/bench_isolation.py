@@ -11,7 +11,10 @@ Measured in one run, each figure the median of ``--repeats``:
 * **round trip**: ``--calls`` awaited calls of a ``@cheap`` tool (not journaled: the channel alone);
 * **per tool call**: ``--calls`` awaited calls of a trivial async tool in a ``for`` loop, isolated vs
   in-process (durable, memory store), and the isolated executor's durable call over a filesystem
-  store (one fsync per await, as in production) next to the in-process one.
+  store (one fsync per await, as in production) next to the in-process one;
+* **per LLM response of a program**: ``examples/orders.pb`` run by ``ProgramRuntime`` from its
+  cassette (no network: the model's time is left out) with a filesystem store, isolated (a worker per
+  response, as ``playbooks run``) vs ``isolation=None``; the run's time divided by its responses.
 
 Targets (issue 11): a tool round trip well under a millisecond, a worker start under 100 ms.
 """
@@ -108,6 +111,26 @@ async def _calls(isolated: bool, n: int, store: str | None, tool: str = "Work") 
     return seconds / n
 
 
+async def _program(isolated: bool, folder: str) -> float:
+    from playbooks.execution.sandbox import SandboxLimits
+    from playbooks.llm import ReplayProvider
+    from playbooks.program import ProgramIO, ProgramRuntime, load_program
+
+    examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+    program = load_program(os.path.join(examples, "orders.pb"))
+    manager = _manager(folder, "orders")
+    runtime = ProgramRuntime(
+        program, llm=ReplayProvider(os.path.join(examples, "orders.cassette.json")),
+        io=ProgramIO(output=lambda text: None), checkpoint_manager=manager,
+        isolation=SandboxLimits() if isolated else None,
+    )
+    began = time.perf_counter()
+    result = await runtime.run()
+    seconds = time.perf_counter() - began
+    await manager.close()
+    return seconds / result.llm_calls
+
+
 async def main(options: argparse.Namespace) -> None:
     repeats = options.repeats
     folder = tempfile.mkdtemp(prefix="bench-iso-", dir=options.dir)
@@ -141,6 +164,10 @@ async def main(options: argparse.Namespace) -> None:
     iso = await median(lambda: _calls(True, options.calls, os.path.join(folder, f"f{next(counter)}")))
     rows.append(("per tool call, filesystem store, in-process (us)", inproc * 1e6, None))
     rows.append(("per tool call, filesystem store, isolated (us)", iso * 1e6, iso / inproc))
+    inproc = await median(lambda: _program(False, os.path.join(folder, f"p{next(counter)}")))
+    iso = await median(lambda: _program(True, os.path.join(folder, f"p{next(counter)}")))
+    rows.append(("per LLM response of orders.pb, filesystem store, in-process (ms)", inproc * 1e3, None))
+    rows.append(("per LLM response of orders.pb, filesystem store, isolated (ms)", iso * 1e3, iso / inproc))
     print(f"bench_isolation: python {sys.version.split()[0]}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
           f"store {folder}, median of {repeats}")
     for name, value, ratio in rows:

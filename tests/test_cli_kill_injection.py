@@ -95,18 +95,20 @@ def python_calls(stderr: str, tools: set[str]) -> Counter[str]:
     return calls
 
 
-def kill_trial(name: str, folder: Path, kill: str, reference: subprocess.CompletedProcess[str]) -> str | None:
+def kill_trial(
+    name: str, folder: Path, kill: str, reference: subprocess.CompletedProcess[str], *extra: str
+) -> str | None:
     """Kill a run at ``kill`` and resume it; ``None`` if the run completed unkilled, else a verdict
     (``""`` when the trial matched the reference, otherwise what differed)."""
     program = load_program(EXAMPLES / f"{name}.pb")
     tools = {p.name for agent in program.agents for p in agent.playbooks.values() if p.kind == "python"}
     _copy(name, folder)
-    killed = _run(folder, name, kill=kill)
+    killed = _run(folder, name, *extra, kill=kill)
     if killed.returncode == 0:
         return None
     assert killed.returncode == -9, killed.stderr
-    resumed = _run(folder, name, "--resume")
-    where = f"{name} killed {kill}"
+    resumed = _run(folder, name, "--resume")  # (a resume runs the LLM's code the way the run started)
+    where = f"{name} killed {kill}" + (f" ({' '.join(extra)})" if extra else "")
     if resumed.returncode != 0:
         return f"{where}: the resume failed:\n{resumed.stderr[-2000:]}"
     if not same_output(killed.stdout + resumed.stdout, reference.stdout, resumed.stderr):
@@ -124,18 +126,22 @@ def kill_trial(name: str, folder: Path, kill: str, reference: subprocess.Complet
     return ""
 
 
+@pytest.mark.parametrize("way", ["isolated", "in-process"])
 @pytest.mark.parametrize("name", NAMES)
-def test_kill_before_and_after_every_record_then_resume(name: str, tmp_path: Path) -> None:
+def test_kill_before_and_after_every_record_then_resume(name: str, way: str, tmp_path: Path) -> None:
+    """(``isolated``: the LLM's code in worker processes, the default; ``in-process``: ``--in-process``.
+    The workers' records go through the host's provider, so the kills hit them too.)"""
+    extra = ("--in-process",) if way == "in-process" else ()
     reference_dir = tmp_path / "reference"
     _copy(name, reference_dir)
-    reference = _run(reference_dir, name)
+    reference = _run(reference_dir, name, *extra)
     assert reference.returncode == 0, reference.stderr
     failures: list[str] = []
     trials = 0
     for mode in ("after", "before"):
         n = 1 if mode == "after" else 1 + STRIDE // 2
         while True:
-            verdict = kill_trial(name, tmp_path / f"{mode}-{n}", f"{mode}:{n}", reference)
+            verdict = kill_trial(name, tmp_path / f"{mode}-{n}", f"{mode}:{n}", reference, *extra)
             if verdict is None:
                 break
             trials += 1

@@ -93,7 +93,8 @@ def _assert_store(folder: Path, store: str) -> None:
     database = folder / ".checkpoints" / "checkpoints.sqlite3"
     assert database.exists() == (store == "sqlite")
     if store == "sqlite":
-        assert len(list((folder / ".checkpoints" / "checkpoints.sqlite3.locks").glob("*.lock"))) == 1
+        # (the run's, and with the LLM's code isolated, one per execution its workers wrote)
+        assert len(list((folder / ".checkpoints" / "checkpoints.sqlite3.locks").glob("*.lock"))) >= 1
 
 
 def _unshare_works() -> bool:

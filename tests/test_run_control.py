@@ -118,7 +118,7 @@ def test_fork_at_every_snapshot_continues_and_leaves_the_original_unchanged(tmp_
     for suffix in (".pb", ".cassette.json"):
         shutil.copy(examples / f"{example}{suffix}", tmp_path)
     (tmp_path / "playbooks.toml").write_text("[durability]\nkeep_history = true\n")  # every point forkable
-    first = _playbooks("run", f"{example}.pb", cwd=tmp_path)
+    first = _playbooks("run", f"{example}.pb", "--in-process", cwd=tmp_path)  # (fork copies in-process runs)
     assert first.returncode == 0, first.stderr
     returned = next(line for line in first.stderr.splitlines() if line.startswith("done: "))
     (original,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
@@ -152,7 +152,7 @@ def test_forking_where_pruning_removed_what_the_point_needs_is_refused(tmp_path:
     examples = Path(__file__).resolve().parent.parent / "examples"
     for suffix in (".pb", ".cassette.json"):
         shutil.copy(examples / f"two_agents{suffix}", tmp_path)
-    assert _playbooks("run", "two_agents.pb", cwd=tmp_path).returncode == 0  # pruned as it ran
+    assert _playbooks("run", "two_agents.pb", "--in-process", cwd=tmp_path).returncode == 0  # pruned as it ran
     (original,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
     listing = json.loads(_playbooks("checkpoints", "list", original["run_id"], "--json", cwd=tmp_path).stdout)
     snapshots = [row["counter"] for row in listing if row["kind"] == "snapshot"]
@@ -169,7 +169,7 @@ def test_fork_with_set_and_resume_with_arg_change_what_follows(tmp_path: Path) -
     examples = Path(__file__).resolve().parent.parent / "examples"
     for suffix in (".pb", ".cassette.json"):
         shutil.copy(examples / f"orders{suffix}", tmp_path)
-    assert _playbooks("run", "orders.pb", cwd=tmp_path).returncode == 0
+    assert _playbooks("run", "orders.pb", "--in-process", cwd=tmp_path).returncode == 0
     (original,) = json.loads(_playbooks("runs", "--json", cwd=tmp_path).stdout)
     listing = json.loads(_playbooks("checkpoints", "list", original["run_id"], "--json", cwd=tmp_path).stdout)
     # The start of the third response's code, which loops over order_ids (set by the second).

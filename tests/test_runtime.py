@@ -37,6 +37,8 @@ from playbooks.program.runtime import (
     StepStarted,
 )
 
+from runtime_modes import runtime_mode  # noqa: E402,F401  (every test in-process and isolated)
+
 pytestmark = pytest.mark.anyio
 
 
@@ -543,7 +545,7 @@ async def test_every_builtin_and_playbook_call_goes_through_the_interceptor() ->
     chunks_seen: list[str] = []
 
     class Durableish(ProgramRuntime):
-        def _new_executor(self, frame: PlaybookFrame, number: int) -> StreamingPythonExecutor:
+        async def _new_executor(self, frame: PlaybookFrame, number: int, segment: int = 0) -> StreamingPythonExecutor:
             return StreamingPythonExecutor(
                 frame.agent,
                 namespace=frame.namespace,
@@ -558,7 +560,7 @@ async def test_every_builtin_and_playbook_call_goes_through_the_interceptor() ->
     pack = code('await Step("01")\nw = await Forecast(city)\nawait Return(w)')
     program = parse_program(textwrap.dedent(NESTED), path="t.pb")
     llm = Capturing([code('await Step("01")\nx = await Pack("Oslo")\nawait Say("user", x)\nawait Return(x)'), pack])
-    runtime = Durableish(program, llm=llm, io=ProgramIO(output=lambda text: None))
+    runtime = Durableish(program, llm=llm, io=ProgramIO(output=lambda text: None), isolation=None)  # (its executors)
     assert (await runtime.run()).value == "rain"
     assert log == [
         "r:Planner/1:0 Step",

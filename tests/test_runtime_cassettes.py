@@ -16,6 +16,8 @@ import pytest
 from playbooks.llm import Cassette, RecordingProvider, ReplayProvider
 from playbooks.program import ProgramIO, ProgramRuntime, parse_program
 
+from runtime_modes import runtime_mode  # noqa: E402,F401  (every test in-process and isolated)
+
 pytestmark = pytest.mark.anyio
 
 

@@ -13,6 +13,8 @@ from playbooks.checkpoints import CheckpointManager, MemoryCheckpointProvider
 from playbooks.llm import Cassette, LLMProvider, LLMRequest, ReplayProvider
 from playbooks.program import ProgramIO, ProgramRuntime, parse_program
 
+from runtime_modes import runtime_mode  # noqa: E402,F401  (every test in-process and isolated)
+
 pytestmark = pytest.mark.anyio
 
 
@@ -88,6 +90,7 @@ async def test_an_answer_is_not_asked_again_after_a_crash() -> None:
     assert result.value == "Ada"  # the answer given before the crash
     assert said == ["Your name?", "Hi Ada"]  # the question was not asked again
     assert llm.requests == 1  # the finished response was not requested again
+    await resumed_manager.close()  # (its lock: the test runs again, isolated, with the same id)
 
 
 async def test_a_durable_run_without_a_crash_matches_a_plain_run() -> None:
@@ -105,4 +108,5 @@ async def test_a_durable_run_without_a_crash_matches_a_plain_run() -> None:
     assert (plain.value, plain_said) == (durable.value, durable_said)
     assert await manager.list_checkpoints()
     latest = await manager.get_latest_checkpoint()
+    await manager.close()
     assert latest is not None and latest["execution_state"]["done"]

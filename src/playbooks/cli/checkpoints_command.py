@@ -24,7 +24,7 @@ from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import CheckpointConfigError, ExecutionLockedError, PlaybooksError
 
-__all__ = ("configure_checkpoints", "configure_runs", "delete_completed_runs", "first_line")
+__all__ = ("code_executions", "configure_checkpoints", "configure_runs", "delete_completed_runs", "first_line")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -152,11 +152,26 @@ async def _progress(config: Config, record: RunRecord) -> tuple[str, int, str]:
     manager = _manager(config, record.run_id)
     try:
         status = await run_status(record, manager.provider)
-        ids = await manager.list_checkpoints()
-        if not ids:
+        count = len(await manager.list_checkpoints())
+        stores = [manager]
+        if record.isolated:  # its LLM code's checkpoints are in executions of their own
+            stores += [
+                manager.for_execution(code)
+                for code in code_executions(await manager.provider.list_executions(), record.run_id)
+            ]
+            for store in stores[1:]:
+                count += len(await store.list_checkpoints())
+        if not count:
             return status, 0, ""
-        await manager.load_records()
-        return status, len(ids), manager.last_statement()
+        newest: tuple[float, str] = (0.0, "")
+        for store in stores:
+            records = await store.load_records()
+            if records:
+                when = max(r.timestamp for r in records.values())
+                statement = store.last_statement()
+                if statement and when >= newest[0]:
+                    newest = (when, statement)
+        return status, count, newest[1]
     finally:
         await manager.provider.close()
 
@@ -208,10 +223,11 @@ async def _checkpoint_action(args: argparse.Namespace, config: Config) -> int:
 async def _list(config: Config, run_id: str | None, *, as_json: bool = False) -> int:
     if run_id is None:
         manager = _manager(config, "_")
-        counts = {  # files and journal entries
-            execution: len(await _manager(config, execution).list_checkpoints())
-            for execution in await manager.provider.list_executions()
-        }
+        executions = await manager.provider.list_executions()
+        counts: dict[str, int] = {}  # files and journal entries, an isolated run's code's included
+        for execution in executions:
+            run = execution.split("~", 1)[0] if _is_code_execution(execution, set(executions)) else execution
+            counts[run] = counts.get(run, 0) + len(await _manager(config, execution).list_checkpoints())
         if as_json:
             print(json.dumps([{"run_id": r, "checkpoints": n} for r, n in counts.items()], indent=2))
         elif not counts:
@@ -337,10 +353,22 @@ async def _delete_run(config: Config, store: RunStore, run_id: str) -> int:
     provider = _manager(config, run_id).provider
     try:
         deleted = await provider.delete_execution(run_id)
+        for code in code_executions(await provider.list_executions(), run_id):
+            deleted += await provider.delete_execution(code)
     finally:
         await provider.close()
     store.delete(run_id)
     return deleted
+
+
+def code_executions(executions: list[str], run_id: str) -> list[str]:
+    """The executions that hold the checkpoints of an isolated run's LLM code (``RUN~FRAME``: one per
+    markdown playbook call, written by its worker processes): part of the run ``run_id``."""
+    return [execution for execution in executions if execution.startswith(f"{run_id}~")]
+
+
+def _is_code_execution(execution: str, executions: set[str]) -> bool:
+    return "~" in execution and execution.split("~", 1)[0] in executions
 
 
 async def delete_completed_runs(config: Config, *, older_than: float, keep: str = "") -> list[str]:
@@ -381,7 +409,11 @@ async def _clear(config: Config, run_id: str | None, every: bool, yes: bool = Fa
         _error("checkpoints", "clear needs a run id, or --all")
         return EXIT_USAGE
     probe = _manager(config, "_")
-    run_ids = await probe.provider.list_executions() if every else [run_id]
+    if every:
+        executions = await probe.provider.list_executions()
+        run_ids: list[str | None] = [e for e in executions if not _is_code_execution(e, set(executions))]
+    else:
+        run_ids = [run_id]
     if every and run_ids and not yes:
         where = config.resolve_path(config.durability.storage_path)
         if not sys.stdin.isatty():

@@ -69,6 +69,11 @@ def _fork(args: argparse.Namespace) -> int:
         _error(found)
         return EXIT_USAGE
     config, store, source = found
+    if source.isolated:
+        _error(f"run {source.run_id} ran its LLM code isolated, and fork copies in-process runs only (an "
+               "isolated run's code keeps its checkpoints in executions of their own, which a fork point of "
+               "the run does not place); to fork runs, start them with playbooks run --in-process")
+        return EXIT_USAGE
     try:
         upto = _counter(args.at, source.run_id)
         overrides = parse_assignments(args.set, "--set")

@@ -31,7 +31,7 @@ import anyio
 from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
 from playbooks.checkpoints.provider import CheckpointProvider
 from playbooks.cli.assignments import parse_assignments
-from playbooks.cli.checkpoints_command import delete_completed_runs, first_line
+from playbooks.cli.checkpoints_command import code_executions, delete_completed_runs, first_line
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import (
@@ -43,6 +43,7 @@ from playbooks.errors import (
 )
 from playbooks.execution.hash_seed import current_hash_seed, pin_hash_seed, resume_hash_seed
 from playbooks.execution.retry import RetryPolicy
+from playbooks.execution.sandbox import SandboxLimits
 from playbooks.llm import CassetteError, LLMProvider, create_llm_provider
 from playbooks.program import (
     AnswerNeeded,
@@ -135,6 +136,12 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="with --resume: the answer to the question the run is waiting for (repeatable: the next "
         "questions' answers); implies --suspend",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the LLM's code in this process instead of isolated worker processes (trusted code only; "
+        "faster); a resume runs a run the way it started",
     )
     parser.set_defaults(handler=_run)
 
@@ -379,6 +386,11 @@ def _run(args: argparse.Namespace) -> int:
     except PlaybooksError as exc:
         _error(str(exc))
         return EXIT_PROGRAM_ERROR
+    try:
+        limits = SandboxLimits.from_config(config.sandbox)
+    except ConfigError as exc:
+        _error(f"configuration error: {exc}")
+        return EXIT_USAGE
     progress = Progress(verbose=args.verbose, agents=len(program.agents) > 1)
     try:
         suspend = args.suspend or bool(args.answer)
@@ -387,6 +399,7 @@ def _run(args: argparse.Namespace) -> int:
             max_tokens=config.model.max_tokens, continuation=config.model.continuation, stream=args.stream,
             tool_retry=_retry_policy(config),
             io=ProgramIO(input=list(args.answer), suspend=True) if suspend else None,
+            isolation=None if args.in_process else limits,
         )
         progress.start_ticker()
         code: int = anyio.run(_session, args, config, program, runtime, main_args)
@@ -424,6 +437,15 @@ async def _session(
     if isinstance(chosen, int):
         return chosen
     run, resume = chosen
+    if resume:  # the LLM's code runs where it ran: its checkpoints are where that way keeps them
+        if run.isolated and runtime.isolation is None:
+            _warn(f"run {run.run_id} started with its LLM code isolated; it resumes isolated (--in-process "
+                  "is for new runs)")
+            runtime.isolation = SandboxLimits.from_config(config.sandbox)
+        elif not run.isolated and runtime.isolation is not None:
+            runtime.isolation = None
+    else:
+        run.isolated = runtime.isolation is not None
     manager = _manager(config, run.run_id)
     if resume and getattr(args, "reexec", False):
         await _resume_hash_seed(manager, run)  # before the lock is taken: re-executing gives it up
@@ -650,7 +672,15 @@ async def _prepare_resume(manager: CheckpointManager, run: RunRecord) -> None:
     )
     if run.status == "waiting":
         print(f"run {run.run_id} was waiting for an answer to: {run.question}", file=sys.stderr, flush=True)
-    for call in RecoveryCoordinator(manager).in_flight():
+    in_flight = RecoveryCoordinator(manager).in_flight()
+    if run.isolated:  # the calls of the LLM's code are in the executions its workers wrote
+        for code in code_executions(await manager.provider.list_executions(), run.run_id):
+            store = manager.for_execution(code)
+            await store.load_records()
+            for message in store.fallbacks:
+                _warn(message)
+            in_flight += RecoveryCoordinator(store).in_flight()
+    for call in in_flight:
         if failing is not None and call.idempotency_key == failing.key:
             continue  # said above: it failed, and is called again
         if run.status == "waiting" and call.call.startswith("AskUser("):

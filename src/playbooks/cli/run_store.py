@@ -61,6 +61,9 @@ class RunRecord:
     failed_call: str = ""
     """For a failed run: the durable call whose exception ended it (``Charge(20)``), which a resume
     calls again; ``error`` says what it raised."""
+    isolated: bool = False
+    """Whether the LLM's code runs in isolated worker processes (its checkpoints then live in
+    executions of their own, ``RUN~FRAME``); a resume runs it the same way."""
 
 
 async def run_status(record: RunRecord, provider: CheckpointProvider) -> Status:

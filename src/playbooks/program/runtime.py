@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import hashlib
 import inspect
 import itertools
 import os
+import secrets
 import stat
 import sys
 import traceback
@@ -53,7 +55,9 @@ from playbooks.agent import Agent
 from playbooks.checkpoints.manager import CheckpointManager
 from playbooks.errors import CodeSyntaxError, HostIOError, InterpreterError, LLMCodeError, PlaybooksError
 from playbooks.execution.durable import current_durable_call
+from playbooks.execution.isolated_executor import IsolatedPythonExecutor, OpaqueValue, RecordedError
 from playbooks.execution.retry import RetryPolicy
+from playbooks.execution.sandbox import SandboxLimits
 from playbooks.execution.statement_splitter import Statement, StatementSplitter
 from playbooks.execution.streaming_python_executor import ExecutionResult, StreamingPythonExecutor
 from playbooks.execution.tool_calls import ToolCall, ToolCallInterceptor, current_tool_call
@@ -137,6 +141,11 @@ class DeadlockError(PlaybookRunError):
 
 _FATAL: tuple[type[BaseException], ...] = (InterpreterError, PlaybookRunError)
 """Errors that end the run even when raised inside LLM code: outages, set-up mistakes, failed playbooks."""
+_FATAL_NAMES = frozenset(
+    {f"{__name__}.{name}" for name in ("PlaybookRunError", "ProgramInputError", "DeadlockError")}
+)
+"""The run's own fatal errors by type name, as an isolated worker names a replayed one."""
+_RETURN_NAME = f"{PlaybookReturn.__module__}.{PlaybookReturn.__qualname__}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +395,11 @@ class AgentHandle:
             if tool is not None:
                 return tool
         if frame is None and attribute in self._public:
+            # In an isolated worker (which runs no playbook frames): the tool bound in the namespace
+            # of the code that asks.
+            found: Callable[..., Any] | None = sys._getframe(1).f_globals.get(key)
+            if callable(found) and getattr(found, "__playbooks_tool__", None) == key:
+                return found
             raise AttributeError(f"{key} can only be called from a running playbook")
         public = ", ".join(self._public) or "none"
         raise AttributeError(f"agent {self._name} has no public playbook {attribute!r} (public playbooks: {public})")
@@ -437,6 +451,10 @@ class PlaybookFrame:
     llm_calls: int = 0
     turn_ran: bool = False
     children: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    scope_id: str = ""
+    """The durable frame of a markdown playbook call (its LLM turns are its calls)."""
+    code_store: CheckpointManager | None = None
+    """Isolated runs: the execution holding the checkpoints of this call's LLM code (its workers')."""
 
 
 @dataclass(frozen=True)
@@ -463,6 +481,19 @@ def current_frame() -> PlaybookFrame | None:
     return _CURRENT_FRAME.get()
 
 
+def _frame_name(frame: PlaybookFrame) -> str | None:
+    """The durable frame id of a playbook call: ``None`` for a child of the durable call running it
+    (the executor derives it); a start playbook's is its agent's name; one called by an isolated
+    worker's code (whose call is no durable call of this process) is named after that call's
+    idempotency key, which a resumed run gives the same call again."""
+    if current_durable_call() is not None:
+        return None
+    call = current_tool_call()
+    if call is None:
+        return frame.agent.name
+    return f"{frame.agent.name}@{hashlib.sha256(call.idempotency_key.encode()).hexdigest()[:16]}"
+
+
 def _fatal_cause(error: BaseException | None) -> BaseException | None:
     """The outage or failed playbook behind an error of LLM code, if there is one."""
     seen: set[int] = set()
@@ -474,12 +505,18 @@ def _fatal_cause(error: BaseException | None) -> BaseException | None:
         seen.add(id(exc))
         if isinstance(exc, _FATAL):
             return exc
+        if isinstance(exc, RecordedError) and exc.type_name in _FATAL_NAMES:
+            # (an isolated worker's replay of a call that had failed so before a crash)
+            return PlaybookRunError(str(exc).partition(": ")[2] or str(exc))
         pending += [exc.__cause__, exc.__context__]
     return None
 
 
 def _returned(error: BaseException | None) -> bool:
-    return error is not None and isinstance(error.__cause__, PlaybookReturn)
+    cause = error.__cause__ if error is not None else None
+    return isinstance(cause, PlaybookReturn) or (
+        isinstance(cause, RecordedError) and cause.type_name == _RETURN_NAME
+    )
 
 
 def _call_text(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -500,6 +537,38 @@ _STEP = "__current_step__"
 _MAILBOX = "mailbox"
 _TURN = "__llm_turn__"
 _CUT = "__turn_cut__"
+_LLM_FRAME = "__llm_frame__"
+_NOTES = (_TRACE, _PRINTED, _RETURNED, _STEP)
+_NOT_VARIABLES = frozenset(
+    {"builtins.module", "builtins.function", "builtins.type", f"{__name__}.AgentHandle"}
+)
+"""Types of a worker's values that a report leaves out, as it leaves them out in-process."""
+"""What a response's code notes in its namespace for the next message (in the worker, when isolated)."""
+
+
+def note_call(namespace: dict[str, Any], call: ToolCall, value: Any, error: BaseException | None) -> None:
+    """Note a call of a response's code (live or replayed) for the next message to the LLM, in the
+    namespace the code runs in: saved with its checkpoints, so a response resumed after a crash
+    reports the calls of its statements that ran before it too. In an isolated run this runs in the
+    worker (by name), where the arguments are the code's own objects."""
+    if isinstance(error, PlaybookReturn):  # also when replayed: the turn returned
+        namespace[_RETURNED] = error.value
+        return
+    if call.name == "Return":
+        return
+    if call.name == "Step" and call.args:
+        namespace[_STEP] = call.args[0]
+    if call.name == "print":
+        if call.kwargs.get("file") is None:
+            sep = call.kwargs.get("sep", " ")
+            namespace.setdefault(_PRINTED, []).append((" " if sep is None else sep).join(str(v) for v in call.args))
+        return
+    text = _call_text(call.name, call.args, call.kwargs)
+    if error is not None:
+        text = f"{text} raised {type(error).__name__}: {error}"
+    elif value is not None:
+        text = f"{text} -> {describe_value(value)}"
+    namespace.setdefault(_TRACE, []).append(text)
 
 
 @dataclass
@@ -543,6 +612,12 @@ class ProgramRuntime:
       whose responses run in child executors; built-ins and playbook calls are journaled tool calls.
       A runtime built on a manager whose records were loaded (``await manager.load_records()``)
       resumes the run: each frame re-attaches to its checkpoints.
+    * ``isolation``: run the LLM's code in limited worker processes
+      (:class:`~playbooks.execution.IsolatedPythonExecutor`) with these limits; ``None`` runs it in
+      this process (trusted code). Tools, built-ins, playbooks and the LLM stay in this process. Each
+      markdown playbook call keeps its code's checkpoints in an execution of its own (the run's id,
+      ``~`` and the call's frame), written only by its worker; without ``checkpoint_manager`` they
+      are kept in memory, so a worker that dies is still replaced without repeating a call.
 
     The agents' python blocks run when the runtime is built; a failure there raises
     :class:`PlaybookRunError` naming the file and line.
@@ -566,6 +641,7 @@ class ProgramRuntime:
         run_id: str | None = None,
         checkpoint_manager: CheckpointManager | None = None,
         tool_retry: RetryPolicy | None = None,
+        isolation: SandboxLimits | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -587,7 +663,9 @@ class ProgramRuntime:
         self.continuation = continuation
         self.stream = stream
         self.run_id = run_id or os.path.basename(program.path)
+        self.isolation = isolation
         self.manager = checkpoint_manager
+        self._memory_manager: CheckpointManager | None = None
         self.entry = program.agent(entry_agent) if entry_agent is not None else program.agents[0]
         self.agents: dict[str, RuntimeAgent] = {spec.name: RuntimeAgent(spec) for spec in program.agents}
         self._system_prompts = {
@@ -706,6 +784,15 @@ class ProgramRuntime:
         layer's :class:`~playbooks.llm.LLMError` (no endpoint, cassette exhausted or mismatched) or
         :class:`ProgramError` (no start playbook).
         """
+        if self.isolation is not None and (self.manager is None or self.manager is self._memory_manager):
+            # The workers' frames need somewhere to be resumed from when one dies: memory will do
+            # (a new store for each run, as a run without checkpoints starts afresh).
+            from playbooks.checkpoints.providers.memory import MemoryCheckpointProvider
+
+            self.manager = self._memory_manager = CheckpointManager(
+                f"run-{secrets.token_hex(6)}", MemoryCheckpointProvider(), key=secrets.token_bytes(32),
+                keep_last_n=2,
+            )
         self._reset()
         entry = self.agents[self.entry.name]
         entry_spec = entry.spec.main_playbook()
@@ -865,7 +952,7 @@ class ProgramRuntime:
         """
         if self.manager is None:
             return None
-        explicit = frame.agent.name if current_durable_call() is None else None
+        explicit = _frame_name(frame)
         # Without the agent's ``print`` (LLM code's, which keeps the text for the LLM), the executor
         # binds its own durable ``print``: the line goes to standard output, as a python playbook's
         # print always did, and is journaled (record made before the line is written, stored right after).
@@ -880,6 +967,14 @@ class ProgramRuntime:
 
     async def _run_markdown(self, frame: PlaybookFrame) -> Any:
         """The LLM loop of a markdown playbook; return what its code passed to ``Return``."""
+        try:
+            return await self._markdown_loop(frame)
+        finally:
+            if frame.code_store is not None:
+                with anyio.CancelScope(shield=True):
+                    await frame.code_store.close()
+
+    async def _markdown_loop(self, frame: PlaybookFrame) -> Any:
         agent, spec = frame.agent, frame.spec
         scope = self._new_scope(frame)
         if scope is not None and scope.finished:
@@ -901,7 +996,7 @@ class ProgramRuntime:
                 frame.turn_ran = False
                 outcome: _TurnOutcome = await scope.bound[_TURN](number)
                 if not frame.turn_ran:
-                    self._restore_turn(frame, outcome)
+                    await self._restore_turn(frame, outcome)
             else:
                 outcome = await self._turn(frame, number)
             messages = loop["messages"] + list(outcome.preamble) + [Message("assistant", outcome.response)]
@@ -948,7 +1043,7 @@ class ProgramRuntime:
             playbook=spec.name,
         )
 
-    def _restore_turn(self, frame: PlaybookFrame, outcome: _TurnOutcome) -> None:
+    async def _restore_turn(self, frame: PlaybookFrame, outcome: _TurnOutcome) -> None:
         """Give the namespace what a turn replayed from the journal had assigned.
 
         The turn's result record can be the last record before a crash: the playbook's own snapshot
@@ -959,13 +1054,17 @@ class ProgramRuntime:
         assert self.manager is not None
         if not outcome.frame_id:
             return
-        if outcome.frame_id not in self.manager.loaded_frame_ids():
+        store = await self._code_store(frame) if self.isolation is not None else self.manager
+        if outcome.frame_id not in store.loaded_frame_ids():
             raise PlaybookRunError(
                 f"the checkpoints of LLM call {frame.llm_calls or '?'} of {frame.agent.name}.{frame.spec.name} "
                 f"(frame {outcome.frame_id!r}) are missing: the variables its code assigned cannot be restored",
                 agent=frame.agent.name,
                 playbook=frame.spec.name,
             )
+        if self.isolation is not None:  # the next response's worker starts from them
+            frame.namespace[_LLM_FRAME] = outcome.frame_id
+            return
         StreamingPythonExecutor(
             frame.agent, namespace=frame.namespace, checkpoint_manager=self.manager, frame_id=outcome.frame_id
         )
@@ -984,10 +1083,11 @@ class ProgramRuntime:
             return await self._turn(frame, number)
 
         scope_agent = Agent(frame.agent.name, tools={_TURN: turn})
-        explicit = frame.agent.name if current_durable_call() is None else None
-        return StreamingPythonExecutor(
-            scope_agent, namespace=frame.namespace, checkpoint_manager=self.manager, frame_id=explicit
+        scope = StreamingPythonExecutor(
+            scope_agent, namespace=frame.namespace, checkpoint_manager=self.manager, frame_id=_frame_name(frame)
         )
+        frame.scope_id = scope.frame_id
+        return scope
 
     async def _turn(self, frame: PlaybookFrame, number: int) -> _TurnOutcome:
         """Ask the LLM for the ``number``-th response of ``frame`` and run it as it streams."""
@@ -1013,27 +1113,34 @@ class ProgramRuntime:
         prefill = ""  # with a continuing endpoint: the assistant's message so far
         lead = ""  # ... and the fence the rest of it is inside, fed before the rest
         cuts: list[tuple[str, str, str]] | None = None  # (frame, executed text, note) of each cut segment
-        while True:
-            executor = self._new_executor(frame, number)
+        for segment in itertools.count():
+            executor = await self._new_executor(frame, number, segment)
             if cuts is None:
                 # Kept as run-level state, which pruning never drops: a cut segment's own records
                 # may be pruned before the turn ends, once it has finished.
-                key = f"cut segments of {executor.frame_id}"
+                where = f"{frame.code_store.execution_id}:" if frame.code_store is not None else ""
+                key = f"cut segments of {where}{executor.frame_id}"
                 cuts = list(self.manager.loaded_state(key) or []) if self.manager is not None else []
             known = next((cut for cut in cuts if cut[0] == executor.frame_id), None)
             if known is not None:
                 text, note = known[1], known[2]
             else:
-                result = await self._run_response(frame, executor, request, spent, lead)
+                try:
+                    result = await self._run_response(frame, executor, request, spent, lead)
+                finally:
+                    if isinstance(executor, IsolatedPythonExecutor):
+                        await executor.aclose()
                 if executor.frame_id not in frame.namespace[_CUT]:
                     break
                 # A response a crash cut off: its executed part stays executed, and the model is
                 # asked for the rest (a new segment of this turn, in a frame of its own).
                 text = result.response if result.executed_offset else ""
-                note = continuation_note(spec, self._report(frame, result)) if text else ""
+                note = continuation_note(spec, self._report(frame, executor, result)) if text else ""
                 cuts.append((executor.frame_id, text, note))
                 if self.manager is not None:
                     await self.manager.save_state(key, cuts)
+            if frame.code_store is not None:
+                frame.namespace[_LLM_FRAME] = executor.frame_id  # the next segment starts from its variables
             if not text:
                 continue  # nothing of it had run: ask the same again
             if self.continuation == "message":
@@ -1052,7 +1159,12 @@ class ProgramRuntime:
         self._emit(
             LLMCallFinished(agent.name, spec.name, number, frame.depth, used.prompt_tokens, used.completion_tokens)
         )
-        returned = _RETURNED in frame.namespace
+        notes = self._notes(frame, executor)
+        if frame.code_store is not None:
+            frame.namespace[_LLM_FRAME] = executor.frame_id
+            if _RETURNED in notes:  # (the value Return got, also when its call was replayed)
+                frame.namespace[_RETURNED] = notes[_RETURNED]
+        returned = _RETURNED in notes
         error = result.error
         if error is not None and prefill:
             # The segment's executor counted lines from its own start; the LLM sees (and the error
@@ -1062,8 +1174,8 @@ class ProgramRuntime:
             response=prefill + _response_seen(result)[len(lead) :],
             error=error,
             returned=returned,
-            return_value=frame.namespace[_RETURNED] if returned else None,
-            report=self._report(frame, result),
+            return_value=notes[_RETURNED] if returned else None,
+            report=self._report(frame, executor, result),
             frame_id=executor.frame_id if self.manager is not None else "",
             preamble=tuple(preamble),
         )
@@ -1071,7 +1183,7 @@ class ProgramRuntime:
     async def _run_response(
         self,
         frame: PlaybookFrame,
-        executor: StreamingPythonExecutor,
+        executor: StreamingPythonExecutor | IsolatedPythonExecutor,
         request: LLMRequest,
         spent: list[Usage],
         lead: str = "",
@@ -1090,8 +1202,9 @@ class ProgramRuntime:
             return await executor.finalize()
         live = self.manager is not None and not isinstance(self.llm, ReplayProvider)
         if live and executor.restored:
-            assert self.manager is not None
-            state = self.manager.frame_state(executor.frame_id)
+            store = frame.code_store or self.manager
+            assert store is not None
+            state = store.frame_state(executor.frame_id)
             try:
                 await executor.add_chunk(_complete_statements(state.response if state is not None else ""))
             except LLMCodeError:
@@ -1117,7 +1230,7 @@ class ProgramRuntime:
                     try:
                         await executor.add_chunk(chunk)
                     except LLMCodeError as exc:
-                        if not _returned(exc):
+                        if not (_returned(exc) or frame.returned):
                             break
                         tail = 0  # usually just the closing fence: read it, so a recording is complete
             else:
@@ -1132,7 +1245,9 @@ class ProgramRuntime:
                 await aclose()
         return await self._finish_response(frame, executor)
 
-    async def _finish_response(self, frame: PlaybookFrame, executor: StreamingPythonExecutor) -> ExecutionResult:
+    async def _finish_response(
+        self, frame: PlaybookFrame, executor: StreamingPythonExecutor | IsolatedPythonExecutor
+    ) -> ExecutionResult:
         """Finalize a response's executor: an outage behind its error ends the run; a Return is noted."""
         result = await executor.finalize()
         fatal = _fatal_cause(result.error)
@@ -1142,20 +1257,32 @@ class ProgramRuntime:
             frame.returned = True
         return result
 
-    def _report(self, frame: PlaybookFrame, result: ExecutionResult) -> ResponseReport:
+    def _notes(
+        self, frame: PlaybookFrame, executor: StreamingPythonExecutor | IsolatedPythonExecutor
+    ) -> Mapping[str, Any]:
+        """Where a response's code kept its variables and notes: the frame's namespace, or, isolated,
+        the host's view of its worker's namespace (refreshed by ``finalize``)."""
+        return executor.namespace if isinstance(executor, IsolatedPythonExecutor) else frame.namespace
+
+    def _report(
+        self, frame: PlaybookFrame, executor: StreamingPythonExecutor | IsolatedPythonExecutor, result: ExecutionResult
+    ) -> ResponseReport:
         hidden = set(frame.agent.tools) | set(self.agents) | {"__name__", "__builtins__"}
+        namespace = self._notes(frame, executor)
         variables = {
             name: describe_value(value)
-            for name, value in frame.namespace.items()
+            for name, value in namespace.items()
             if not name.startswith("_")
             and name not in hidden
             and not isinstance(value, (types.ModuleType, types.FunctionType, type, AgentHandle))
+            and not (isinstance(value, OpaqueValue) and value.type in _NOT_VARIABLES)
         }
+        trace, printed = namespace.get(_TRACE), namespace.get(_PRINTED)
         return ResponseReport(
             statements=result.statements_executed,
-            calls=list(frame.namespace.get(_TRACE, [])),
-            printed=list(frame.namespace.get(_PRINTED, [])),
-            current_step=frame.namespace.get(_STEP),
+            calls=[str(item) for item in trace] if isinstance(trace, list) else [],
+            printed=[str(item) for item in printed] if isinstance(printed, list) else [],
+            current_step=namespace.get(_STEP),
             variables=variables,
         )
 
@@ -1177,36 +1304,20 @@ class ProgramRuntime:
             if aclose is not None:
                 await aclose()
 
-    def _new_executor(self, frame: PlaybookFrame, number: int) -> StreamingPythonExecutor:
-        """Every executor of the run: the one running the ``number``-th response of ``frame``."""
+    async def _new_executor(
+        self, frame: PlaybookFrame, number: int, segment: int = 0
+    ) -> StreamingPythonExecutor | IsolatedPythonExecutor:
+        """Every executor of the run: the one running the ``number``-th response of ``frame`` (its
+        ``segment``-th part, when crashes cut the response off)."""
         agent = frame.agent
+        if self.isolation is not None:
+            return await self._isolated_executor(frame, number, segment)
 
         def on_statement(statement: Statement) -> None:
             self._emit(CodeStatement(agent.name, frame.spec.name, statement.lineno, statement.source, frame.depth))
 
         def on_call(call: ToolCall, value: Any, error: BaseException | None) -> None:
-            """Note each call (live or replayed) for the next message to the LLM."""
-            namespace = frame.namespace
-            if isinstance(error, PlaybookReturn):  # also when replayed: the turn returned
-                namespace[_RETURNED] = error.value
-                return
-            if call.name == "Return":
-                return
-            if call.name == "Step" and call.args:
-                namespace[_STEP] = call.args[0]
-            if call.name == "print":
-                if call.kwargs.get("file") is None:
-                    sep = call.kwargs.get("sep", " ")
-                    namespace.setdefault(_PRINTED, []).append(
-                        (" " if sep is None else sep).join(str(v) for v in call.args)
-                    )
-                return
-            text = _call_text(call.name, call.args, call.kwargs)
-            if error is not None:
-                text = f"{text} raised {type(error).__name__}: {error}"
-            elif value is not None:
-                text = f"{text} -> {describe_value(value)}"
-            namespace.setdefault(_TRACE, []).append(text)
+            note_call(frame.namespace, call, value, error)
 
         if self.manager is not None:  # a child frame of the durable LLM turn that is running
             executor = StreamingPythonExecutor(
@@ -1229,6 +1340,46 @@ class ProgramRuntime:
             )
         executor.namespace.update(self._handles(agent))
         return executor
+
+    async def _isolated_executor(self, frame: PlaybookFrame, number: int, segment: int) -> IsolatedPythonExecutor:
+        """The executor of a response of an isolated run: its code runs in a worker process, in a
+        frame of the execution that holds this playbook call's LLM code (:meth:`_code_store`), and
+        starts from the variables the previous response's frame ended with."""
+        agent = frame.agent
+        store = await self._code_store(frame)
+        frame_id = f"t{number}" + (f".{segment}" if segment else "")
+        inherit = frame.namespace.get(_LLM_FRAME)
+        initial: dict[str, Any] = {}
+        if frame_id not in store.loaded_frame_ids():  # (a frame with checkpoints restores its own)
+            if inherit is None:
+                initial.update(frame.args)
+            if segment == 0:
+                initial.update({_TRACE: [], _PRINTED: []})
+            initial.update(self._handles(agent))
+
+        def on_statement(statement: Statement) -> None:
+            self._emit(CodeStatement(agent.name, frame.spec.name, statement.lineno, statement.source, frame.depth))
+
+        def on_call(call: ToolCall, value: Any, error: BaseException | None) -> None:
+            if call.name == "Return" and error is not None:  # (live, or replayed by the worker)
+                frame.returned = True
+
+        return IsolatedPythonExecutor(
+            agent, namespace=initial, checkpoint_manager=store, frame_id=frame_id, inherit=inherit,
+            on_statement=on_statement, on_call=on_call, retry=self.tool_retry, limits=self.isolation,
+            observer=f"{__name__}:note_call", expose=_NOTES,
+        )
+
+    async def _code_store(self, frame: PlaybookFrame) -> CheckpointManager:
+        """The execution that holds the checkpoints of ``frame``'s isolated LLM code: one per markdown
+        playbook call, named after the run and the call's durable frame, so each has one writer (its
+        worker of the moment) and a resumed run finds it again."""
+        if frame.code_store is None:
+            assert self.manager is not None and frame.scope_id
+            store = self.manager.for_execution(f"{self.manager.execution_id}~{frame.scope_id.replace('/', '~')}")
+            await store.load_records()
+            frame.code_store = store
+        return frame.code_store
 
     async def _write_output(self, frame: PlaybookFrame, text: str) -> None:
         """Every message to the user (``Say("user", ...)`` and ``AskUser``'s question)."""
