@@ -49,8 +49,9 @@ FROZEN_GLOBALS: frozenset[str] = frozenset(
         "playbooks.llm.base:Message",
         "playbooks.program.builtins:AgentMessage",
         "playbooks.program.builtins:PlaybookReturn",
+        "playbooks.program.handles:AgentHandle",
         "playbooks.program.prompt:ResponseReport",
-        "playbooks.program.runtime:AgentHandle",
+        "playbooks.program.runtime:AgentHandle",  # (its name before handles.py: still resolves)
         "playbooks.program.runtime:_TurnOutcome",
     }
 )

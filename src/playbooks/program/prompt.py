@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from playbooks.errors import LLMCodeError
-from playbooks.program.builtins import BUILTIN_DOCS
+from playbooks.program.builtins import BUILTIN_DOCS, PlaybookReturn
 from playbooks.program.model import AgentSpec, PlaybookSpec, Step
 
 __all__ = (
@@ -30,6 +30,7 @@ __all__ = (
     "continuation_prompt",
     "describe_value",
     "error_prompt",
+    "note_call",
     "playbook_prompt",
     "playbook_signature",
     "system_prompt",
@@ -212,3 +213,45 @@ def continuation_note(spec: PlaybookSpec, report: ResponseReport) -> str:
         "when it is done.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# What a response's code notes for the next message.
+
+_TRACE = "__turn_calls__"
+_PRINTED = "__turn_printed__"
+_RETURNED = "__playbook_returned__"
+_STEP = "__current_step__"
+_NOTES = (_TRACE, _PRINTED, _RETURNED, _STEP)
+"""The names a response's code keeps its notes under, in its own namespace (the worker's, when isolated)."""
+
+
+def _call_text(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    parts = [describe_value(arg, 100) for arg in args]
+    parts += [f"{key}={describe_value(value, 100)}" for key, value in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
+
+
+def note_call(namespace: dict[str, Any], call: Any, value: Any, error: BaseException | None) -> None:
+    """Note a call of a response's code (live or replayed) for the next message to the LLM, in the
+    namespace the code runs in: saved with its checkpoints, so a response resumed after a crash
+    reports the calls of its statements that ran before it too. In an isolated run this runs in the
+    worker (by name), where the arguments are the code's own objects."""
+    if isinstance(error, PlaybookReturn):  # also when replayed: the turn returned
+        namespace[_RETURNED] = error.value
+        return
+    if call.name == "Return":
+        return
+    if call.name == "Step" and call.args:
+        namespace[_STEP] = call.args[0]
+    if call.name == "print":
+        if call.kwargs.get("file") is None:
+            sep = call.kwargs.get("sep", " ")
+            namespace.setdefault(_PRINTED, []).append((" " if sep is None else sep).join(str(v) for v in call.args))
+        return
+    text = _call_text(call.name, call.args, call.kwargs)
+    if error is not None:
+        text = f"{text} raised {type(error).__name__}: {error}"
+    elif value is not None:
+        text = f"{text} -> {describe_value(value)}"
+    namespace.setdefault(_TRACE, []).append(text)

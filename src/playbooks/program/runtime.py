@@ -65,11 +65,18 @@ from playbooks.llm.base import LLMProvider, LLMRequest, Message, Usage
 from playbooks.llm.replay import ReplayProvider
 from playbooks.program.builtins import AgentMessage, PlaybookReturn, make_builtins, playbook
 from playbooks.program.model import AgentSpec, PlaybookSpec, Program, ProgramError
+from playbooks.program.handles import _CURRENT_FRAME, AgentHandle, current_frame
 from playbooks.program.prompt import (
+    _NOTES,
+    _PRINTED,
+    _RETURNED,
+    _STEP,
+    _TRACE,
     ResponseReport,
     continuation_note,
     continuation_prompt,
     describe_value,
+    note_call,
     error_prompt,
     playbook_prompt,
     system_prompt,
@@ -373,44 +380,6 @@ class ProgramIO:
 # Agents and frames.
 
 
-class AgentHandle:
-    """``OtherAgent`` in LLM code and python playbooks: its public playbooks as attributes.
-
-    It holds only names: ``Other.Playbook`` resolves, at call time, to the tool ``"Other.Playbook"``
-    of the running frame's namespace (bound through its executor's interceptor) or, in python
-    playbooks, of the frame's agent. So a handle pickles as its names and never goes stale.
-    """
-
-    def __init__(self, name: str, public: Iterable[str] = ()) -> None:
-        self._name = name
-        self._public = tuple(public)
-
-    def __getattr__(self, attribute: str) -> Callable[..., Any]:
-        if attribute.startswith("__") or attribute in ("_name", "_public"):
-            raise AttributeError(attribute)
-        key = f"{self._name}.{attribute}"
-        frame = _CURRENT_FRAME.get()
-        if frame is not None and attribute in self._public:
-            tool = frame.namespace.get(key) or frame.agent.tools.get(key)
-            if tool is not None:
-                return tool
-        if frame is None and attribute in self._public:
-            # In an isolated worker (which runs no playbook frames): the tool bound in the namespace
-            # of the code that asks.
-            found: Callable[..., Any] | None = sys._getframe(1).f_globals.get(key)
-            if callable(found) and getattr(found, "__playbooks_tool__", None) == key:
-                return found
-            raise AttributeError(f"{key} can only be called from a running playbook")
-        public = ", ".join(self._public) or "none"
-        raise AttributeError(f"agent {self._name} has no public playbook {attribute!r} (public playbooks: {public})")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (AgentHandle, (self._name, self._public))
-
-    def __repr__(self) -> str:
-        return f"<agent {self._name}>"
-
-
 class RuntimeAgent:
     """An agent at run time: its spec, tools (``id``/``tools`` make it an executor agent), module
     globals (where its python blocks ran) and inbox."""
@@ -470,15 +439,7 @@ class RunResult:
     """Tokens the endpoint reported for this run's LLM requests (zero when it reports none)."""
 
 
-_CURRENT_FRAME: contextvars.ContextVar[PlaybookFrame | None] = contextvars.ContextVar(
-    "playbooks_current_frame", default=None
-)
 _ROOT_AGENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("playbooks_root_agent", default=None)
-
-
-def current_frame() -> PlaybookFrame | None:
-    """The playbook frame running in this task (``None`` outside a playbook)."""
-    return _CURRENT_FRAME.get()
 
 
 def _frame_name(frame: PlaybookFrame) -> str | None:
@@ -519,56 +480,19 @@ def _returned(error: BaseException | None) -> bool:
     )
 
 
-def _call_text(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    parts = [describe_value(arg, 100) for arg in args]
-    parts += [f"{key}={describe_value(value, 100)}" for key, value in kwargs.items()]
-    return f"{name}({', '.join(parts)})"
-
-
 # --------------------------------------------------------------------------------------------------
 # The runtime.
 
 
 _LOOP = "__playbook_loop__"
-_TRACE = "__turn_calls__"
-_PRINTED = "__turn_printed__"
-_RETURNED = "__playbook_returned__"
-_STEP = "__current_step__"
 _MAILBOX = "mailbox"
 _TURN = "__llm_turn__"
 _CUT = "__turn_cut__"
 _LLM_FRAME = "__llm_frame__"
-_NOTES = (_TRACE, _PRINTED, _RETURNED, _STEP)
 _NOT_VARIABLES = frozenset(
-    {"builtins.module", "builtins.function", "builtins.type", f"{__name__}.AgentHandle"}
+    {"builtins.module", "builtins.function", "builtins.type", f"{AgentHandle.__module__}.AgentHandle"}
 )
 """Types of a worker's values that a report leaves out, as it leaves them out in-process."""
-"""What a response's code notes in its namespace for the next message (in the worker, when isolated)."""
-
-
-def note_call(namespace: dict[str, Any], call: ToolCall, value: Any, error: BaseException | None) -> None:
-    """Note a call of a response's code (live or replayed) for the next message to the LLM, in the
-    namespace the code runs in: saved with its checkpoints, so a response resumed after a crash
-    reports the calls of its statements that ran before it too. In an isolated run this runs in the
-    worker (by name), where the arguments are the code's own objects."""
-    if isinstance(error, PlaybookReturn):  # also when replayed: the turn returned
-        namespace[_RETURNED] = error.value
-        return
-    if call.name == "Return":
-        return
-    if call.name == "Step" and call.args:
-        namespace[_STEP] = call.args[0]
-    if call.name == "print":
-        if call.kwargs.get("file") is None:
-            sep = call.kwargs.get("sep", " ")
-            namespace.setdefault(_PRINTED, []).append((" " if sep is None else sep).join(str(v) for v in call.args))
-        return
-    text = _call_text(call.name, call.args, call.kwargs)
-    if error is not None:
-        text = f"{text} raised {type(error).__name__}: {error}"
-    elif value is not None:
-        text = f"{text} -> {describe_value(value)}"
-    namespace.setdefault(_TRACE, []).append(text)
 
 
 @dataclass
@@ -1367,7 +1291,7 @@ class ProgramRuntime:
         return IsolatedPythonExecutor(
             agent, namespace=initial, checkpoint_manager=store, frame_id=frame_id, inherit=inherit,
             on_statement=on_statement, on_call=on_call, retry=self.tool_retry, limits=self.isolation,
-            observer=f"{__name__}:note_call", expose=_NOTES,
+            observer="playbooks.program.prompt:note_call", expose=_NOTES,
         )
 
     async def _code_store(self, frame: PlaybookFrame) -> CheckpointManager:
