@@ -501,3 +501,10 @@ def test_sandbox_lists_from_file_and_environment(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "[sandbox]\nimport_deny = 'socket'\n"), env={})
     with pytest.raises(ConfigError, match="list of non-empty strings"):
         load_config(_write(tmp_path, "[sandbox]\nenv = ['A', 3]\n"), env={})
+
+
+def test_durability_secret_env_from_file_and_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[durability]\nsecret_env = ["STRIPE_KEY"]\n')
+    assert load_config(path, env={}).durability.secret_env == ("STRIPE_KEY",)
+    config = load_config(path, env={"PLAYBOOKS_DURABILITY_SECRET_ENV": "A_KEY, B_KEY"})
+    assert config.durability.secret_env == ("A_KEY", "B_KEY")

@@ -204,6 +204,14 @@ class DurabilityConfig(_Validated):
             non_empty=True,
         ),
     )
+    secret_env: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "Names of environment variables whose values are secrets: a checkpoint record, a recorded "
+            "cassette or a value sent to an isolated worker that would hold one is refused (the run stops "
+            "with an error naming the variable). model.api_key_env and hmac_key_env always are."
+        ),
+    )
     delete_completed_after_days: float | None = field(
         default=None,
         metadata=_meta(

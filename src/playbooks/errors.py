@@ -89,6 +89,16 @@ class CheckpointWriteError(CheckpointError):
     """Raised when a checkpoint cannot be written (disk full, permission denied, ...)."""
 
 
+class SecretStoredError(CheckpointWriteError):
+    """Raised instead of storing a secret's value (an API key) in a checkpoint, a cassette or a value
+    sent to an isolated worker; ``name`` is the environment variable that holds it. Nothing was
+    written: the earlier checkpoints are intact."""
+
+    def __init__(self, message: str, *, name: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+
+
 class CheckpointCorruptError(CheckpointError):
     """Raised when a stored checkpoint fails its format or checksum check; it is never unpickled."""
 

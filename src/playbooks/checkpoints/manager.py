@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from playbooks.checkpoints.secrets import Secret, check_secrets, secrets_from_env
 from playbooks.checkpoints.codec import (
     KEY_ENV_VAR,
     Place,
@@ -223,6 +224,9 @@ class CheckpointManager:
         self._unsynced = False
         self._warned_skips: set[tuple[str, str]] = set()
         self._overrides: list[tuple[int, dict[str, Any]]] = []  # written by this manager (not loaded)
+        self.secrets: tuple[Secret, ...] = ()
+        """Values no record may hold (:mod:`playbooks.checkpoints.secrets`): a record holding one is
+        refused with :class:`~playbooks.errors.SecretStoredError`. ``from_config`` sets them."""
         self.fallbacks: list[str] = []
         """Every corrupt or missing checkpoint that loading skipped, as a message (newest last)."""
 
@@ -237,6 +241,7 @@ class CheckpointManager:
         other.journal_sync_every = self.journal_sync_every
         other.journal_sync_interval = self.journal_sync_interval
         other.compress_over = self.compress_over
+        other.secrets = self.secrets
         return other
 
     @classmethod
@@ -280,6 +285,7 @@ class CheckpointManager:
             unpicklable=durability.unpicklable,
             key_env=durability.hmac_key_env,
         )
+        manager.secrets = secrets_from_env((durability.hmac_key_env, *durability.secret_env))
         if not durability.compress_snapshots:
             manager.compress_over = None
         manager.journal_sync_every = durability.journal_sync_every
@@ -356,7 +362,11 @@ class CheckpointManager:
         effect fails, :meth:`discard` it.
         """
         before = self._tip
-        data = self._encode(record.counter, encode_record(record), compress=record.kind == "snapshot")
+        payload = encode_record(record)
+        if self.secrets:
+            where = f"frame {record.frame_id!r}" if record.frame_id else f"execution {self.execution_id!r}"
+            check_secrets(payload, self.secrets, f"a checkpoint record ({record.kind}) of {where}")
+        data = self._encode(record.counter, payload, compress=record.kind == "snapshot")
         prepared = PreparedRecord(record, data, before)
         if record.kind != "snapshot" and self.provider.completes_without_suspending:
             try:

@@ -30,6 +30,7 @@ import anyio
 
 from playbooks.checkpoints import CheckpointManager, RecoveryCoordinator
 from playbooks.checkpoints.provider import CheckpointProvider
+from playbooks.checkpoints.secrets import Secret, secrets_from_env
 from playbooks.cli.assignments import parse_assignments
 from playbooks.cli.checkpoints_command import code_executions, delete_completed_runs, first_line
 from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
@@ -187,7 +188,9 @@ def make_provider(
         )
     if model.provider == "record":
         path = cassette_for(config, program_path, cassette)
-        return create_llm_provider("record", cassette_path=path, inner="openai", append=append, **remote)
+        return create_llm_provider(
+            "record", cassette_path=path, inner="openai", append=append, secrets=_secrets(config), **remote
+        )
     if model.provider == "openai":
         return create_llm_provider("openai", **remote)
     raise ValueError(f"unknown model provider {model.provider!r} in [model] (expected replay, record or openai)")
@@ -575,9 +578,17 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _manager(config: Config, run_id: str) -> CheckpointManager:
-    return CheckpointManager.from_config(
+    manager = CheckpointManager.from_config(
         config.durability, run_id, storage_path=config.resolve_path(config.durability.storage_path)
     )
+    manager.secrets = _secrets(config)
+    return manager
+
+
+def _secrets(config: Config) -> tuple[Secret, ...]:
+    """The values no checkpoint or cassette of a run may hold: the model's key, the checkpoint key,
+    and those ``durability.secret_env`` names."""
+    return secrets_from_env((config.model.api_key_env, config.durability.hmac_key_env, *config.durability.secret_env))
 
 
 async def _choose_run(

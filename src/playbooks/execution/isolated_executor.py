@@ -63,10 +63,12 @@ from playbooks.errors import (
     InterpreterError,
     LLMCodeError,
     SandboxError,
+    SecretStoredError,
     TimeLimitError,
     WorkerDiedError,
 )
 from playbooks.checkpoints.outcome import dump_outcome
+from playbooks.checkpoints.secrets import check_secrets
 from playbooks.execution.durable import outside_durable_calls
 from playbooks.execution.channel import ChannelClosed, HostChannel, ProtocolError
 from playbooks.execution.isolated_worker import STATUS
@@ -441,6 +443,7 @@ class IsolatedPythonExecutor:
             initial = cloudpickle.dumps(self._initial)
         except Exception as exc:
             raise SandboxError(f"the namespace given to the isolated executor cannot be sent to its worker: {exc}") from exc
+        check_secrets(initial, self.manager.secrets, "the namespace given to the isolated worker")
         return {
             "agent_id": self.agent.id, "tools": tools, "namespace": initial, "frame_id": self._frame_id,
             "retry": self._retry, "limits": self.limits, "report_statements": self._on_statement is not None,
@@ -648,6 +651,13 @@ class IsolatedPythonExecutor:
                 )
                 self._host_failure = failure
                 await self._reply_host_error(worker, reply, failure)
+                return
+            try:  # a key that a tool returned never reaches the worker, nor its records
+                for blob in (data, *changed):
+                    check_secrets(blob, self.manager.secrets, f"the result of tool {name!r} for the isolated worker")
+            except SecretStoredError as exc:
+                self._host_failure = exc
+                await self._reply_host_error(worker, reply, exc)
                 return
             with contextlib.suppress(ChannelClosed):
                 await worker.channel.send({**reply, "ok": outcome[0]}, (data, *changed))

@@ -65,6 +65,7 @@ def create_llm_provider(name: str, **kwargs: Any) -> LLMProvider:
             raise TypeError("create_llm_provider('record', ...) needs cassette_path=")
         cassette_path = kwargs.pop("cassette_path")
         append = bool(kwargs.pop("append", False))
+        secrets = tuple(kwargs.pop("secrets", ()))
         inner = kwargs.pop("inner", "openai")
         if isinstance(inner, str):
             if inner == "record":
@@ -74,5 +75,5 @@ def create_llm_provider(name: str, **kwargs: Any) -> LLMProvider:
             raise TypeError(f"unexpected arguments with an inner provider instance: {sorted(kwargs)}")
         if not isinstance(inner, LLMProvider):
             raise TypeError(f"inner must be an LLMProvider or a provider name, got {inner!r}")
-        return RecordingProvider(inner, cassette_path, append=append)
+        return RecordingProvider(inner, cassette_path, append=append, secrets=secrets)
     raise ValueError(f"unknown LLM provider {name!r}; known providers: {', '.join(PROVIDER_NAMES)}")

@@ -32,14 +32,18 @@ import threading
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
 from playbooks.llm.base import LLMProvider, LLMRequest, Message, Usage
+from playbooks.errors import SecretStoredError
 from playbooks.llm.errors import CassetteError
+
+if TYPE_CHECKING:
+    from playbooks.checkpoints.secrets import Secret
 
 __all__ = ("CASSETTE_VERSION", "Cassette", "Interaction", "MatchMode", "RecordingProvider", "ReplayProvider")
 
@@ -424,8 +428,18 @@ class RecordingProvider(LLMProvider):
     interactions are added after the recorded ones, for a recording run resumed after a crash.
     """
 
-    def __init__(self, inner: LLMProvider, cassette_path: str | os.PathLike[str], *, append: bool = False) -> None:
+    def __init__(
+        self,
+        inner: LLMProvider,
+        cassette_path: str | os.PathLike[str],
+        *,
+        append: bool = False,
+        secrets: Iterable[Secret] = (),
+    ) -> None:
         self.inner = inner
+        self.secrets = tuple(secrets)
+        """Values no interaction may hold (an API key the code printed): such an interaction is not
+        recorded and the stream raises :class:`~playbooks.errors.SecretStoredError`."""
         self.path = os.fspath(cassette_path)
         self._slots: list[Interaction | _Dropped | None] = []
         if append and Path(self.path).exists():
@@ -470,9 +484,18 @@ class RecordingProvider(LLMProvider):
                 if outcome == "failed":
                     self._slots[slot] = _DROPPED
                 else:
-                    self._slots[slot] = Interaction(
-                        request.to_dict(), "".join(received), outcome == "complete", usage
-                    )
+                    interaction = Interaction(request.to_dict(), "".join(received), outcome == "complete", usage)
+                    from playbooks.checkpoints.secrets import check_secrets
+
+                    try:
+                        check_secrets(
+                            Cassette([interaction]).to_json().encode("utf-8"), self.secrets,
+                            f"interaction {slot} of cassette {self.path!r}",
+                        )
+                    except SecretStoredError:
+                        self._slots[slot] = _DROPPED
+                        raise
+                    self._slots[slot] = interaction
                     if outcome == "partial":
                         _logger.warning(
                             "recorded interaction %d of cassette %r as incomplete: the stream was not read "
