@@ -121,3 +121,30 @@ def _run_again(folder: Path) -> subprocess.CompletedProcess[str]:
     env["KEY"] = "secret"
     return subprocess.run([sys.executable, "-m", "playbooks.cli", "run", "adder.pb", "--verbose"], cwd=folder,
                           env=env, text=True, capture_output=True, timeout=60)
+
+
+def test_a_cassette_recorded_from_a_live_model_holds_no_key(tmp_path: Path) -> None:
+    """Issue 11: a run recorded against a live endpoint with a canary key, whose code looks for the key
+    in its environment: the endpoint got the key, no stored byte (cassette, checkpoints, run record)
+    holds it."""
+    canary = "sk-canary-live-5c91e0"
+    (tmp_path / "adder.pb").write_text(PROGRAM)
+    probe = '```python\nimport os\nawait Step("01")\ntotal = 2 + 3\nprint(os.environ.get("KEY"))\n```\n'
+    with FakeOpenAIServer() as server:
+        server.script(stream([probe]), stream([SECOND]))
+        (tmp_path / "playbooks.toml").write_text(
+            f'[model]\nprovider = "record"\nname = "m"\nbase_url = "{server.base_url}"\napi_key_env = "KEY"\n'
+            'cassette = "adder.cassette.json"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")}
+        env["KEY"] = canary
+        done = subprocess.run([sys.executable, "-m", "playbooks.cli", "run", "adder.pb"], cwd=tmp_path, env=env,
+                              text=True, capture_output=True, timeout=60)
+        sent = [request.headers.get("Authorization", request.headers.get("authorization", "")) for request in server.requests]
+    assert done.returncode == 0, done.stderr
+    assert sent and all(canary in header for header in sent)
+    stored = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "playbooks.toml"]
+    assert any(p.name == "adder.cassette.json" for p in stored) and any(".checkpoints" in p.parts for p in stored)
+    for path in stored:
+        assert canary.encode() not in path.read_bytes(), path
+    assert canary not in done.stdout + done.stderr
