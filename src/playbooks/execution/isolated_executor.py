@@ -284,6 +284,13 @@ class IsolatedPythonExecutor:
     variables, refreshed by :meth:`finalize`: plain data as values, anything else as an
     :class:`OpaqueValue`. Use it as an async context manager (or call :meth:`aclose`) to end the
     worker; it also ends with the executor or the host.
+
+    For a host that runs several responses in one execution (the ``.pb`` runtime): ``frame_id`` naming
+    a frame that has checkpoints re-attaches to it (feed it the response again; a finished one
+    reports its result), ``inherit`` names a finished frame whose final variables the worker starts
+    from, ``observer`` (``"module:function"``) is trusted host code the worker calls as
+    ``function(namespace, call, value, error)`` after every call, and ``expose`` names dunder variables
+    (an observer's notes) to show in :attr:`namespace`.
     """
 
     def __init__(
