@@ -132,11 +132,15 @@ def test_crash_trials_isolated(backend: str, tmp_path: Path, monkeypatch: pytest
     examples: dict[str, str] = {}
     trial = 0
     program_seed = SEED
-    while trial < ISOLATED_TRIALS:
-        program = generate(program_seed, backend, features=features)
+    # First one program per feature (a fixed sample of mixed programs once missed every program
+    # with a tool's exception, which all diverged), then mixed programs.
+    per_feature = list(features)
+    while trial < ISOLATED_TRIALS + len(per_feature) or per_feature:
+        single = (per_feature.pop(0),) if per_feature else None
+        program = generate(program_seed, backend, features=single or features, min_features=1 if single else 2)
         reference = fuzz_worker.run_reference(program, seed=program_seed, workdir=tmp_path)
-        for _ in range(TRIALS_PER_PROGRAM):
-            if trial >= ISOLATED_TRIALS:
+        for _ in range(1 if single else TRIALS_PER_PROGRAM):
+            if not single and trial >= ISOLATED_TRIALS + len(features):
                 break
             result = fuzz_worker.run_trial(reference, SEED * 1000 + trial, workdir=tmp_path)
             outcomes[result.signature] += 1

@@ -628,3 +628,20 @@ async def test_reattached_frames_report_a_finished_response_and_pass_their_varia
         assert nxt.namespace["c"] == 30
     await host.close()
     assert calls == [1, 2]
+
+
+async def test_a_tools_exception_reaches_the_code_as_it_was_raised() -> None:
+    """The host remembers which call raised what (to give the code's error its cause back) without
+    marking the exception: the code's copy has the attributes the tool gave it and no more (a mark
+    differed between runs and broke exact resume: 138 of 300 soak trials)."""
+
+    async def boom() -> None:
+        raise ValueError("no")
+
+    executor = IsolatedPythonExecutor(Agent("a", tools={"Boom": boom}), limits=FAST)
+    async with executor:
+        await executor.add_chunk("try:\n    await Boom()\nexcept ValueError as e:\n    err = e\ndone = 1\n")
+        assert await executor.evaluate("sorted(vars(err))") == []
+        with pytest.raises(CodeExecutionError) as caught:
+            await executor.add_chunk("await Boom()\n")
+        assert isinstance(caught.value.__cause__, ValueError)

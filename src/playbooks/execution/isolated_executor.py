@@ -642,11 +642,7 @@ class IsolatedPythonExecutor:
             ]:
                 reply["args"] = True  # the tool changed an argument: the worker's copy follows
                 changed = (pickle.dumps(after),)
-            if not outcome[0]:
-                # Tagged with its call, so an error of the LLM's code it caused comes back with it
-                # as its cause (the worker's reply names the calls in the error's chain).
-                with contextlib.suppress(Exception):
-                    outcome[1].__playbooks_call__ = call.idempotency_key
+            if not outcome[0]:  # an error of the LLM's code it causes comes back with it as its cause
                 self._raised[call.idempotency_key] = outcome[1]
             # As a journal stores it: an exception keeps its class, attributes and chain even when its
             # __init__ takes other arguments than its args (a faithful stand-in at worst).

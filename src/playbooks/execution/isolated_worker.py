@@ -531,6 +531,11 @@ class _Worker:
         sys.stdout = _Output(channel, "stdout", self.budget)
         sys.stderr = _Output(channel, "stderr", self.budget)
         self.live: set[str] = set()
+        # The exceptions the host's tools raised into the code (live or replayed), by call: an error
+        # of the code whose chain holds one names that call to the host (see _raised_by_host).
+        # (By id, holding the object: built-in exceptions take no weak references. A worker lives for
+        # one response, so they are few.)
+        self.raised: dict[int, tuple[BaseException, str]] = {}
         self.executor: Any = None
         self.memory_error = _limit("MemoryLimitError")
 
@@ -592,6 +597,8 @@ class _Worker:
 
     def _observe(self, call: Any, value: Any, error: BaseException | None) -> None:
         """Tell the host about a call the journal answered (it saw the live ones itself)."""
+        if error is not None:
+            self.raised[id(error)] = (error, call.idempotency_key)
         tag = f"{call.idempotency_key}#{call.attempt}"
         if tag in self.live:
             self.live.discard(tag)
@@ -803,7 +810,7 @@ class _Worker:
         return {
             "op": "error", "type": kind, "message": message, "statement": exc.statement,
             "lineno": exc.lineno, "col_offset": exc.col_offset, "executed_code": len(exc.executed_code),
-            "traceback": exc.traceback_text, "raised": _raised_by_host(exc),
+            "traceback": exc.traceback_text, "raised": _raised_by_host(exc, self.raised),
         }
 
     def _summary(self) -> dict[str, Any]:
@@ -822,9 +829,9 @@ class _Worker:
         }
 
 
-def _raised_by_host(error: BaseException) -> list[dict[str, str]]:
-    """The exceptions in ``error``'s chain that a host's tool raised (live or replayed), nearest
-    first: the call each came from, its type's name and its message."""
+def _raised_by_host(error: BaseException, raised: Mapping[int, tuple[BaseException, str]]) -> list[dict[str, str]]:
+    """The exceptions in ``error``'s chain that a host's tool raised (``raised``: live or replayed,
+    by call), nearest first: the call each came from, its type's name and its message."""
     found: list[dict[str, str]] = []
     seen: set[int] = set()
     pending = [error.__cause__, error.__context__]
@@ -833,8 +840,9 @@ def _raised_by_host(error: BaseException) -> list[dict[str, str]]:
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        key = exc.__dict__.get("__playbooks_call__") if hasattr(exc, "__dict__") else None
-        if isinstance(key, str):
+        known = raised.get(id(exc))
+        if known is not None and known[0] is exc:
+            key = known[1]
             try:
                 message = str(exc)
             except Exception:
