@@ -31,11 +31,13 @@ from playbooks.checkpoints.providers.filesystem import FilesystemCheckpointProvi
 from playbooks.checkpoints.providers.memory import MemoryCheckpointProvider
 from playbooks.checkpoints.providers.sqlite import SQLiteCheckpointProvider
 from playbooks.errors import CheckpointError, CheckpointWriteError, ExecutionLockedError
+from pg_server import postgres_or_skip
 
 pytestmark = pytest.mark.anyio
 
-BUILTINS = ("memory", "filesystem", "sqlite")
+BUILTINS = ("memory", "filesystem", "sqlite", "postgres")
 DURABLE = ("filesystem", "sqlite")
+"""Durable providers whose locks die with their process (postgres leases expire instead)."""
 ALL_PROVIDERS = (*BUILTINS, *(n for n in available_providers() if n not in BUILTINS))
 
 
@@ -44,12 +46,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def storage_kwargs(name: str, tmp_path: Path) -> dict[str, str]:
+def storage_kwargs(name: str, tmp_path: Path) -> dict[str, Any]:
     """Constructor arguments that put ``name``'s storage under ``tmp_path``."""
     if name == "filesystem":
         return {"base_path": str(tmp_path / "ckpts")}
     if name == "sqlite":
         return {"path": str(tmp_path / "db" / "checkpoints.sqlite3")}
+    if name == "postgres":  # a new database of a real server the tests start (see pg_server.py)
+        return {"dsn": postgres_or_skip().new_database(), "lease_seconds": 5.0}
     return {}
 
 
@@ -61,7 +65,8 @@ def make_provider(
     name = str(request.param)
     if name not in BUILTINS:
         monkeypatch.chdir(tmp_path)  # third parties get their default location, inside tmp_path
-    return lambda: create_provider(name, **storage_kwargs(name, tmp_path))
+    kwargs = storage_kwargs(name, tmp_path)
+    return lambda: create_provider(name, **kwargs)
 
 
 @pytest.fixture
@@ -287,7 +292,7 @@ async def test_close_releases_locks(make_provider: Callable[[], CheckpointProvid
         await second.close()
 
 
-@parametrize_providers(DURABLE)
+@parametrize_providers((*DURABLE, "postgres"))
 async def test_records_outlive_the_provider_object(
     provider: CheckpointProvider, make_provider: Callable[[], CheckpointProvider]
 ) -> None:

@@ -183,8 +183,9 @@ class DurabilityConfig(_Validated):
     provider: str = field(
         default="filesystem",
         metadata=_meta(
-            "Checkpoint storage provider: filesystem, memory, sqlite, or any provider registered in "
-            "the playbooks.checkpoint_providers entry-point group.",
+            "Checkpoint storage provider: filesystem, memory, sqlite, postgres (runs shared by workers on "
+            "many machines: see dsn), or any provider registered in the playbooks.checkpoint_providers "
+            "entry-point group.",
             non_empty=True,
         ),
     )
@@ -276,6 +277,24 @@ class DurabilityConfig(_Validated):
     retry_max_delay: float = field(
         default=30.0,
         metadata=_meta("Longest wait between two attempts, in seconds.", minimum=0),
+    )
+    dsn: str = field(
+        default="",
+        metadata=_meta(
+            'With provider = "postgres": the PostgreSQL database, as a libpq connection string or URI '
+            '("postgresql://playbooks@db.internal/runs"). Empty uses the PG* environment variables '
+            "(PGHOST, PGDATABASE...). Keep the password in PGPASSWORD or ~/.pgpass, not here.",
+            example="postgresql://playbooks@localhost/playbooks",
+        ),
+    )
+    lease_seconds: float = field(
+        default=30.0,
+        metadata=_meta(
+            'With provider = "postgres": how long a worker owns a run after its last renewal (renewed '
+            "every third of it while the run goes on). A worker that dies, hangs or loses the database "
+            "for longer loses its runs to other workers, and its later writes are refused.",
+            above=0,
+        ),
     )
 
 

@@ -99,6 +99,11 @@ class SecretStoredError(CheckpointWriteError):
         self.name = name
 
 
+class LeaseLostError(CheckpointWriteError):
+    """Raised at a write when this process's lease on the execution expired and another worker took
+    the run over (fencing): the write is refused, the process must stop, and the new owner goes on."""
+
+
 class CheckpointCorruptError(CheckpointError):
     """Raised when a stored checkpoint fails its format or checksum check; it is never unpickled."""
 

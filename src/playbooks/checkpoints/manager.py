@@ -265,6 +265,10 @@ class CheckpointManager:
                 )
             if durability.provider == "memory":
                 provider = create_provider("memory")
+            elif durability.provider == "postgres":
+                provider = create_provider(
+                    "postgres", dsn=durability.dsn, lease_seconds=durability.lease_seconds
+                )
             elif durability.provider == "sqlite":
                 path = storage
                 if not path.endswith((".sqlite3", ".sqlite", ".db")):
@@ -327,6 +331,11 @@ class CheckpointManager:
                     "numbering continues at %d",
                     self.execution_id, len(self._stale), self._next_counter,
                 )
+
+    @property
+    def held_lock(self) -> ExecutionLock | None:
+        """The execution's lock (a lease, with PostgreSQL) while this manager holds it."""
+        return self._lock
 
     async def lock(self) -> None:
         """Take the execution's lock (idempotent) without starting to write: for a host whose worker

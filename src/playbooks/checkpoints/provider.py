@@ -89,9 +89,14 @@ def validate_execution_id(execution_id: object) -> str:
 
 
 class ExecutionLock(abc.ABC):
-    """Exclusive right of this process to write one execution; released explicitly or at process death."""
+    """Exclusive right of this process to write one execution; released explicitly, at process death,
+    or (for a lease) when its holder stops renewing it for the provider's lease time."""
 
     execution_id: str
+    generation: int = 0
+    """For a lease: how many times the execution's lease was taken, this one included. A provider
+    whose locks expire refuses writes that carry an older generation (fencing). 0 for locks that die
+    with their process: nobody can take those from a live holder."""
 
     @abc.abstractmethod
     async def release(self) -> None:

@@ -2,7 +2,7 @@
 
 A provider is looked up in the ``playbooks.checkpoint_providers`` entry-point group first, so a package
 can add one (``redis = "mypkg.store:RedisCheckpointProvider"``) with no change here; the built-ins
-(``memory``, ``filesystem``, ``sqlite``) are also registered there by playbooks itself and fall back to a
+(``memory``, ``filesystem``, ``sqlite``, ``postgres``) are also registered there by playbooks itself and fall back to a
 direct import when package metadata is unavailable (for example in a vendored copy). Importing this
 package imports no provider module, so ``sqlite3`` and friends load only when asked for.
 """
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from playbooks.checkpoints.providers.memory import (
         MemoryCheckpointProvider as MemoryCheckpointProvider,
     )
+    from playbooks.checkpoints.providers.postgres import (
+        PostgresCheckpointProvider as PostgresCheckpointProvider,
+    )
     from playbooks.checkpoints.providers.sqlite import (
         SQLiteCheckpointProvider as SQLiteCheckpointProvider,
     )
@@ -32,6 +35,7 @@ __all__ = (
     "ENTRY_POINT_GROUP",
     "FilesystemCheckpointProvider",
     "MemoryCheckpointProvider",
+    "PostgresCheckpointProvider",
     "SQLiteCheckpointProvider",
     "available_providers",
     "create_provider",
@@ -46,6 +50,7 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "memory": ("playbooks.checkpoints.providers.memory", "MemoryCheckpointProvider"),
     "filesystem": ("playbooks.checkpoints.providers.filesystem", "FilesystemCheckpointProvider"),
     "sqlite": ("playbooks.checkpoints.providers.sqlite", "SQLiteCheckpointProvider"),
+    "postgres": ("playbooks.checkpoints.providers.postgres", "PostgresCheckpointProvider"),
 }
 _BUILTIN_BY_CLASS = {cls: module for module, cls in _BUILTINS.values()}
 
