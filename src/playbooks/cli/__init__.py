@@ -1,5 +1,6 @@
-"""The ``playbooks`` command line: run .pb programs durably (run, runs, answer, fork, checkpoints, init) and
-stream a recorded LLM response through the executor (exec)."""
+"""The ``playbooks`` command line: run .pb programs durably (run, runs, answer, fork, checkpoints, init),
+queue them for workers on many machines (submit, worker) and stream a recorded LLM response through
+the executor (exec)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ _COMMANDS: dict[str, tuple[str, str | None, str]] = {
         "Start a new run from a checkpoint of another (the original is not changed); continue it with "
         "playbooks run PROGRAM --resume NEW_RUN.",
         "fork_command:configure_fork",
+    ),
+    "submit": (
+        "queue runs of a .pb program for workers (PostgreSQL store)",
+        "Queue runs of a .pb program in the PostgreSQL store; playbooks worker processes run them, on any "
+        "machine, and take over the runs of a worker that died.",
+        "worker_command:configure_submit",
+    ),
+    "worker": (
+        "run queued runs, and take over those of workers that died",
+        "Take queued runs from the PostgreSQL store and run them durably (each in its own process, under a "
+        "renewed lease); resume the runs of workers whose lease expired. SIGTERM: finish or hand back.",
+        "worker_command:configure_worker",
     ),
     "checkpoints": (
         "list, show, prune or clear stored checkpoints",

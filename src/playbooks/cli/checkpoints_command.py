@@ -20,7 +20,7 @@ import anyio
 
 from playbooks.checkpoints import Checkpoint, CheckpointManager
 from playbooks.checkpoints.provider import parse_checkpoint_id
-from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
+from playbooks.cli.run_store import RunRecord, RunStore, open_run_store, run_status
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import CheckpointConfigError, ExecutionLockedError, PlaybooksError
 
@@ -108,21 +108,28 @@ def _runs(args: argparse.Namespace) -> int:
     config = _config(args, "runs")
     if config is None:
         return EXIT_USAGE
-    records = RunStore(runs_folder(config)).all()
+    store = open_run_store(config)
+    try:
+        records = store.all()
+        holders = store.lease_holders()
+    finally:
+        store.close()
     if args.json:
         listed = []
         for record in records:
             status, count, statement = anyio.run(_progress, config, record)
             listed.append({
                 **asdict(record), "status": status, "checkpoints": count, "last_statement": statement,
+                "held_by": holders.get(record.run_id, ""),
             })
         print(json.dumps(listed, indent=2))
         return EXIT_OK
     if not records:
-        print(f"no runs in {runs_folder(config)}")
+        print(f"no runs in {store.where}")
         return EXIT_OK
-    rows = [("RUN", "STATUS", "CHECKPOINTS", "LLM CALLS", "TOKENS IN/OUT", "STARTED", "PROGRAM",
-             "LAST STATEMENT (or what failed, or the question waiting)")]
+    workers = any(record.queued for record in records)  # a column of its own once runs go to workers
+    rows = [("RUN", "STATUS", *(("WORKER",) if workers else ()), "CHECKPOINTS", "LLM CALLS", "TOKENS IN/OUT",
+             "STARTED", "PROGRAM", "LAST STATEMENT (or what failed, or the question waiting)")]
     for record in records:
         status, count, statement = anyio.run(_progress, config, record)
         statement = first_line(statement)
@@ -131,9 +138,12 @@ def _runs(args: argparse.Namespace) -> int:
             statement = first_line(f"failed {where}{record.error}")
         elif status == "waiting":
             statement = first_line(f"waiting for an answer to: {record.question}")
+        holder = holders.get(record.run_id, "")
+        worker = f"{record.worker} ({holder})" if holder and record.worker else holder or record.worker
         rows.append((
             record.run_id,
             status,
+            *((worker or "-",) if workers else ()),
             str(count),
             str(record.llm_calls),
             f"{record.prompt_tokens}/{record.completion_tokens}",
@@ -266,7 +276,7 @@ async def _history(config: Config, run_id: str, *, as_json: bool) -> int:
     if not records:
         _error("checkpoints", f"run {run_id!r} has no checkpoints")
         return EXIT_USAGE
-    rows = history(records, _steps_of(RunStore(runs_folder(config)).get(run_id)))
+    rows = history(records, _steps_of(open_run_store(config).get(run_id)))
     if as_json:
         print(json.dumps([row.to_dict() for row in rows], indent=2))
         return EXIT_OK
@@ -375,7 +385,7 @@ async def delete_completed_runs(config: Config, *, older_than: float, keep: str 
     """Delete every run recorded as completed that finished more than ``older_than`` seconds ago (but
     ``keep``); return their ids. Failed and crashed runs stay (they may resume), and so does a run
     that holds its lock."""
-    store = RunStore(runs_folder(config))
+    store = open_run_store(config)
     cutoff = time.time() - older_than
     deleted = []
     for record in store.all():
@@ -424,7 +434,7 @@ async def _clear(config: Config, run_id: str | None, every: bool, yes: bool = Fa
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return EXIT_OK
-    store = RunStore(runs_folder(config))
+    store = open_run_store(config)
     total = 0
     for rid in run_ids:
         assert rid is not None

@@ -16,6 +16,7 @@ configuration).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -33,13 +34,14 @@ from playbooks.checkpoints.provider import CheckpointProvider
 from playbooks.checkpoints.secrets import Secret, secrets_from_env
 from playbooks.cli.assignments import parse_assignments
 from playbooks.cli.checkpoints_command import code_executions, delete_completed_runs, first_line
-from playbooks.cli.run_store import RunRecord, RunStore, run_status, runs_folder
+from playbooks.cli.run_store import RunRecord, RunStore, open_run_store, run_status
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import (
     CheckpointConfigError,
     CheckpointWarning,
     ExecutionLockedError,
     HostIOError,
+    LeaseLostError,
     PlaybooksError,
 )
 from playbooks.execution.hash_seed import current_hash_seed, pin_hash_seed, resume_hash_seed
@@ -76,6 +78,10 @@ EXIT_OK = 0
 EXIT_PROGRAM_ERROR = 1
 EXIT_USAGE = 2
 EXIT_WAITING = 3
+EXIT_LEASE_LOST = 4
+"""The run's lease was taken over by another worker (this process was paused or cut off too long)."""
+WORKER_ENV = "PLAYBOOKS_WORKER"
+"""Set by ``playbooks worker`` for the runs it starts: the worker's name, shown by ``playbooks runs``."""
 """The run asked the user a question and suspended (``--suspend``): ``playbooks answer`` continues it."""
 
 
@@ -434,9 +440,46 @@ async def _session(
         if resuming:
             _warn("durability is off: nothing to resume; starting a fresh run without checkpoints")
         return _finished(await runtime.run(**kwargs), None)
-    store = RunStore(runs_folder(config))
+    store = open_run_store(config)
+    try:
+        return await _durable_session(args, config, program, runtime, kwargs, store)
+    except BaseException as exc:
+        lost = _lease_lost(exc)
+        if lost is None:
+            raise
+        _error(f"error: {lost}")
+        return EXIT_LEASE_LOST
+    finally:
+        store.close()
+
+
+def _lease_lost(exc: BaseException) -> LeaseLostError | None:
+    """The :class:`LeaseLostError` behind ``exc`` (itself, a cause, or in an exception group)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, LeaseLostError):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
+async def _durable_session(
+    args: argparse.Namespace, config: Config, program: Program, runtime: ProgramRuntime, kwargs: dict[str, Any],
+    store: RunStore,
+) -> int:
+    """The run of :func:`_session` with checkpoints, its records in ``store``."""
     provider = _manager(config, "_").provider
-    chosen = await _choose_run(args, program, store, provider)
+    try:
+        chosen = await _choose_run(args, program, store, provider)
+    finally:
+        await provider.close()
     if isinstance(chosen, int):
         return chosen
     run, resume = chosen
@@ -467,8 +510,14 @@ async def _session(
         await manager.close()
         _error(f"run {run.run_id} was taken by another process a moment ago (its checkpoint lock is held)")
         return EXIT_USAGE
+    if run.queued:  # a submitted run: its Main's arguments are in its record, given as when it started
+        kwargs = {**run.args, **kwargs}
+    lock = manager.held_lock
+    if lock is not None:
+        store.fence(run.run_id, lock.generation)  # a worker whose lease is taken over cannot write it
     run.status, run.pid, run.error, run.hash_seed = "running", os.getpid(), "", current_hash_seed()
     run.question = ""
+    run.worker = os.environ.get(WORKER_ENV, run.worker)
     store.save(run)
     _arm_kill_switch(manager)
     runtime.run_id = run.run_id
@@ -506,7 +555,7 @@ async def _session(
         return EXIT_WAITING
     finally:
         await manager.close()
-    run.status = "completed"
+    run.status, run.result = "completed", _as_json(result.value)
     store.save(run)
     days = config.durability.delete_completed_after_days
     if days is not None:  # retention: completed runs older than that go (this one stays)
@@ -548,6 +597,14 @@ def _counting(
             on_event(event)
 
     return count
+
+
+def _as_json(value: Any) -> str:
+    """``value`` as JSON for the run record, or its ``repr`` when JSON cannot hold it."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _finished(result: RunResult, run: RunRecord | None) -> int:
@@ -604,12 +661,14 @@ async def _choose_run(
     if args.resume not in (None, "latest"):
         run = store.get(args.resume)
         if run is None:
-            _error(f"no run {args.resume!r} in {store.folder} (see: playbooks runs)")
+            _error(f"no run {args.resume!r} in {store.where} (see: playbooks runs)")
             return EXIT_USAGE
         if run.program != path:
             _error(f"run {run.run_id} is a run of {run.program}, not of {program.path}")
             return EXIT_USAGE
         status = await run_status(run, provider)
+        if status == "queued":  # submitted, never started: start it under its id
+            return run, False
         if status == "running":
             _error(f"run {run.run_id} is running: its checkpoint lock is held by a live process "
                    f"(pid {run.pid} when it started); it cannot be resumed twice")
@@ -622,7 +681,7 @@ async def _choose_run(
         resumable = [r for r, status in runs if status in ("crashed", "failed", "waiting")]
         if not resumable:
             found = ", ".join(f"{r.run_id} ({status})" for r, status in runs[-5:]) or "none"
-            why = f"no crashed or failed run of {program.path} to resume in {store.folder} (runs found: {found})"
+            why = f"no crashed or failed run of {program.path} to resume in {store.where} (runs found: {found})"
             if not args.resume_or_start:
                 _error(f"{why}. Run it without --resume to start afresh, or pass --resume-or-start.")
                 return EXIT_USAGE

@@ -1,4 +1,8 @@
-"""The runs of ``playbooks run``: one small JSON record per run, beside the checkpoints.
+"""The runs of ``playbooks run``: one small JSON record per run, in the checkpoint store.
+
+With a local store (filesystem, SQLite) the records are files beside the checkpoints; with PostgreSQL
+they are rows of the same database (:mod:`playbooks.cli.postgres_runs`), which is also the queue that
+``playbooks submit`` fills and ``playbooks worker`` empties. :func:`open_run_store` picks.
 
 A run id scopes a run's checkpoints (it is their execution id), so two programs, or two runs of one
 program, never share checkpoints. The record says which program (path and source hash) the run
@@ -9,22 +13,26 @@ changed; and how it ended, so ``playbooks runs`` can tell running, crashed, fail
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import secrets
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from playbooks.checkpoints.provider import CheckpointProvider
 from playbooks.config import Config, ConfigError, load_config
 from playbooks.errors import CheckpointConfigError, ExecutionLockedError
 
-__all__ = ("RunRecord", "RunStore", "find_run", "run_status", "runs_folder")
+__all__ = (
+    "FolderRunStore", "RunRecord", "RunStore", "find_run", "open_run_store", "record_from_json", "run_status",
+    "runs_folder",
+)
 
-Status = Literal["running", "crashed", "failed", "completed", "forked", "waiting"]
+Status = Literal["running", "crashed", "failed", "completed", "forked", "waiting", "queued"]
 
 
 def runs_folder(config: Config) -> Path:
@@ -64,6 +72,17 @@ class RunRecord:
     isolated: bool = False
     """Whether the LLM's code runs in isolated worker processes (its checkpoints then live in
     executions of their own, ``RUN~FRAME``); a resume runs it the same way."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """The arguments of the first agent's Main, for a run submitted to the queue (``playbooks submit``)."""
+    queued: bool = False
+    """Whether the run was submitted to the queue: workers start it, and take it over when the worker
+    running it dies (its lease expires). Runs started with ``playbooks run`` are not taken over."""
+    worker: str = ""
+    """The worker that runs (or last ran) it, for a queued run."""
+    attempts: int = 0
+    """How many worker processes ended without the run recording an end (each a crash of its process)."""
+    result: str = ""
+    """For a completed run: what its first agent's Main returned, as JSON (``repr`` if it is not JSON)."""
 
 
 async def run_status(record: RunRecord, provider: CheckpointProvider) -> Status:
@@ -89,21 +108,64 @@ def _valid_run_id(run_id: str) -> bool:
     )
 
 
-class RunStore:
+class RunStore(abc.ABC):
+    """Where the run records of one checkpoint store live."""
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """Where the records are, for messages."""
+
+    def new_run(self, program: str, source_hash: str, *, tag_bytes: int = 2) -> RunRecord:
+        """A new run of ``program`` (not saved yet); its id is the program's name, the time and a
+        random tag of ``tag_bytes`` bytes (more for runs submitted by the thousand)."""
+        stem = Path(program).name.removesuffix(".pb") or "run"
+        run_id = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(tag_bytes)}"
+        now = time.time()
+        return RunRecord(run_id, os.path.abspath(program), source_hash, "running", os.getpid(), now, now)
+
+    @abc.abstractmethod
+    def save(self, record: RunRecord) -> None:
+        """Write ``record`` (replacing the run's previous one) atomically."""
+
+    @abc.abstractmethod
+    def get(self, run_id: str) -> RunRecord | None:
+        """The run's record, or ``None`` when there is none (or ``run_id`` cannot name one)."""
+
+    @abc.abstractmethod
+    def all(self) -> list[RunRecord]:
+        """Every readable run record, oldest first."""
+
+    @abc.abstractmethod
+    def delete(self, run_id: str) -> bool:
+        """Delete the run's record; return whether there was one."""
+
+    def fence(self, run_id: str, generation: int) -> None:
+        """Refuse later saves of ``run_id`` (:class:`~playbooks.errors.LeaseLostError`) once the lease
+        of ``generation`` on it is lost. Local stores have no leases (their locks die with their
+        process): nothing to do."""
+
+    def lease_holders(self) -> dict[str, str]:
+        """Run id -> the process (``host:pid``) holding its live lease, where locks are leases; a
+        local store's locks name no holder here ({})."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the store holds (nothing for a folder)."""
+
+
+class FolderRunStore(RunStore):
     """Run records in one folder (``<storage>/.runs/<run_id>.json``), written atomically."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def new_run(self, program: str, source_hash: str) -> RunRecord:
-        """A new run of ``program`` (not saved yet); its id is the program's name, the time and a
-        random tag."""
-        stem = Path(program).name.removesuffix(".pb") or "run"
-        run_id = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        now = time.time()
-        return RunRecord(run_id, os.path.abspath(program), source_hash, "running", os.getpid(), now, now)
+    @property
+    def where(self) -> str:
+        return str(self.folder)
 
     def save(self, record: RunRecord) -> None:
+        """Write ``record`` (replacing the run's previous one) atomically."""
         record.updated = time.time()
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".run-", suffix=".tmp")
@@ -121,7 +183,7 @@ class RunStore:
             return None
         path = self.folder / f"{run_id}.json"
         try:
-            return RunRecord(**json.loads(path.read_text()))
+            return record_from_json(path.read_text())
         except (OSError, ValueError, TypeError):
             return None
 
@@ -142,6 +204,26 @@ class RunStore:
         return True
 
 
+def record_from_json(text: str | bytes | dict[str, Any]) -> RunRecord:
+    """A record from its JSON (fields a newer playbooks added are ignored); ``ValueError`` if it is
+    not one."""
+    data = json.loads(text) if isinstance(text, (str, bytes)) else text
+    if not isinstance(data, dict):
+        raise ValueError("a run record is a JSON object")
+    known = RunRecord.__dataclass_fields__
+    return RunRecord(**{k: v for k, v in data.items() if k in known})
+
+
+def open_run_store(config: Config) -> RunStore:
+    """The run records of ``config``'s checkpoint store: rows of the PostgreSQL database with
+    ``durability.provider = "postgres"``, else a folder beside the checkpoints."""
+    if config.durability.provider == "postgres":
+        from playbooks.cli.postgres_runs import PostgresRunStore
+
+        return PostgresRunStore(config.durability.dsn)
+    return FolderRunStore(runs_folder(config))
+
+
 def find_run(config_path: Path | None, run_id: str) -> tuple[Config, RunStore, RunRecord] | str:
     """The configuration, run store and record of ``run_id`` for a command that acts on a recorded
     run, or a message saying why there is none (an unreadable configuration, an unknown run)."""
@@ -149,8 +231,8 @@ def find_run(config_path: Path | None, run_id: str) -> tuple[Config, RunStore, R
         config = load_config(config_path)
     except ConfigError as exc:
         return f"configuration error: {exc}"
-    store = RunStore(runs_folder(config))
+    store = open_run_store(config)
     record = store.get(run_id)
     if record is None:
-        return f"no run {run_id!r} in {store.folder} (see: playbooks runs)"
+        return f"no run {run_id!r} in {store.where} (see: playbooks runs)"
     return config, store, record
