@@ -2,6 +2,8 @@
 
     python durable_worker.py SCENARIO STORE LEDGER OUT [--kill before:K|in:K] [--resume] [--delay S] [--sync-every N]
 
+STORE is a folder (filesystem provider) or ``postgres:DSN`` (the PostgreSQL provider, 0.6 s leases).
+
 Runs the scenario's LLM response through a durable StreamingPythonExecutor fed in 5-character chunks
 (so the stream is cut mid-statement whenever a call runs), exactly as the documented contract does.
 Every live call of ``Work`` appends ``key<TAB>arg`` to LEDGER (the side effect whose repetition the tests
@@ -23,6 +25,9 @@ from typing import Any
 
 from playbooks import Agent
 from playbooks.checkpoints import CheckpointManager, FilesystemCheckpointProvider, RecoveryCoordinator
+from playbooks.checkpoints.provider import CheckpointProvider
+from playbooks.checkpoints.providers.postgres import PostgresCheckpointProvider
+from playbooks.errors import ExecutionLockedError
 from playbooks.execution.streaming_python_executor import StreamingPythonExecutor
 from playbooks.execution.tool_calls import cheap, current_tool_call
 
@@ -157,7 +162,18 @@ async def main() -> None:
         return arg * 2
 
     agent = Agent("agent_1", tools={"Work": Work, "RunChild": RunChild, "Rate": Rate})
-    manager = CheckpointManager(execution_id=agent.id, provider=FilesystemCheckpointProvider(options.store))
+    provider: CheckpointProvider
+    if options.store.startswith("postgres:"):  # a PostgreSQL database (its DSN follows), short leases
+        provider = PostgresCheckpointProvider(options.store.removeprefix("postgres:"), lease_seconds=0.6)
+        while True:  # a killed holder's lease ends 0.6 s after its last renewal: wait for it, as a worker does
+            try:
+                await (await provider.acquire_lock(agent.id)).release()
+                break
+            except ExecutionLockedError:
+                await asyncio.sleep(0.05)
+    else:
+        provider = FilesystemCheckpointProvider(options.store)
+    manager = CheckpointManager(execution_id=agent.id, provider=provider)
     manager.journal_sync_every = options.sync_every
     stream = SCENARIOS[options.scenario]
     in_flight: list[str] = []
