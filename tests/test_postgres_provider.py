@@ -19,6 +19,7 @@ import pytest
 
 from pg_server import PostgresServer, postgres_dsn, postgres_server  # noqa: F401  (fixtures)
 from playbooks.checkpoints import CheckpointManager
+from playbooks.checkpoints.providers import postgres
 from playbooks.checkpoints.providers.postgres import (
     SCHEMA_VERSION,
     PostgresCheckpointProvider,
@@ -170,6 +171,7 @@ async def test_a_newer_schema_is_refused(postgres_dsn: str, anyio_backend: str) 
     ensure_schema(postgres_dsn)
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO playbooks_schema (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    postgres._ENSURED.clear()  # as in a process that did not check this database yet
     provider = PostgresCheckpointProvider(postgres_dsn)
     with pytest.raises(CheckpointError, match="upgrade playbooks"):
         await provider.check_writable()

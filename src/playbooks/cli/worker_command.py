@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ from playbooks.errors import CheckpointError, PlaybooksError
 
 if TYPE_CHECKING:
     from playbooks.cli.postgres_runs import PostgresRunStore
+    from playbooks.cli.run_store import RunRecord
 
 __all__ = ("configure_submit", "configure_worker")
 
@@ -183,21 +185,29 @@ class _Worker:
                     break
             else:
                 while len(self.children) < self.args.concurrency:
-                    record = self.store.claim(self.name, hold_seconds=max(10.0, self.config.durability.lease_seconds))
+                    # Held for a lease time: if this worker dies before its child takes the lease, the
+                    # run waits no longer than a leased run would. A child slower than that to start
+                    # may meet a second one for the same run: the lease lets one of them run it.
+                    record = self.store.claim(self.name, hold_seconds=self.config.durability.lease_seconds)
                     if record is None:
                         break
-                    self.start(record.run_id, record.program)
+                    self.start(record)
                 if self.args.exit_when_idle and not self.children and not self.store.unfinished():
                     break
             time.sleep(self.args.poll)
         self.log("stopped")
         return EXIT_OK
 
-    def start(self, run_id: str, program: str) -> None:
-        command = [sys.executable, "-m", "playbooks", "run", program, "--resume", run_id]
+    def start(self, record: RunRecord) -> None:
+        run_id = record.run_id
+        command = [sys.executable, "-m", "playbooks", "run", record.program, "--resume", run_id]
         if self.args.config is not None:
             command += ["--config", str(self.args.config)]
         env = {**os.environ, "PLAYBOOKS_WORKER": self.name}
+        # The hash seed a run started under goes with it to every worker that resumes it (set and
+        # dict-of-str orders replay the same); a queued run gets a fresh one, recorded when it starts.
+        seed = record.hash_seed if record.hash_seed.isdigit() else str(secrets.randbelow(2**32 - 1) + 1)
+        env["PYTHONHASHSEED"] = seed
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.children[process.pid] = _Child(run_id, process, time.monotonic())
         self.log(f"runs {run_id} (pid {process.pid})")

@@ -31,8 +31,8 @@ is refused with :class:`~playbooks.errors.LeaseLostError`: a worker that wakes u
 taken cannot overwrite what the new owner writes. Writes of an execution whose lease this provider
 does not hold (a tool deleting a finished run) are not fenced.
 
-*Connections.* psycopg 3 with two small ``psycopg_pool`` pools (synchronous commits and the others),
-opened on first use. Calls run in a worker thread (``anyio.to_thread``), so the provider works under
+*Connections.* psycopg 3 with two small ``psycopg_pool`` pools per process and database (synchronous
+commits and the others), opened on first use and shared by every provider of that database. Calls run in a worker thread (``anyio.to_thread``), so the provider works under
 asyncio and trio alike. When the server cannot be reached (a restart, a failover), a call retries with
 backoff for up to ``wait_seconds`` before it raises; every statement is safe to run twice.
 
@@ -43,6 +43,7 @@ The DSN is a libpq connection string or URI (``postgresql://user@host/db``); an 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -116,6 +117,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 """Schema version -> the statements that bring a database from the version before to it. Applied in
 one transaction under an advisory lock, so workers starting together migrate once."""
 
+_ENSURED: set[str] = set()  # the DSNs whose schema this process checked
 _MIGRATION_LOCK = 0x706C6179  # "play": the advisory lock key serializing migrations
 _MAX_COUNTER = 2**63 - 1
 
@@ -134,8 +136,12 @@ def redact_dsn(dsn: str) -> str:
 
 def ensure_schema(dsn: str) -> None:
     """Create or upgrade the playbooks tables of ``dsn``'s database, in one transaction under an
-    advisory lock (workers starting together migrate once); refuse a schema newer than this code."""
+    advisory lock (workers starting together migrate once); refuse a schema newer than this code.
+    Done once per process and database."""
     import psycopg
+
+    if dsn in _ENSURED:
+        return
 
     try:
         with psycopg.connect(dsn, autocommit=False, connect_timeout=10) as conn:
@@ -153,6 +159,7 @@ def ensure_schema(dsn: str) -> None:
                     conn.execute(statement)
                 conn.execute("INSERT INTO playbooks_schema (version) VALUES (%s)", (target,))
             conn.commit()
+        _ENSURED.add(dsn)
     except psycopg.OperationalError as exc:
         raise StoragePathError(
             f"cannot reach PostgreSQL at {redact_dsn(dsn)}: {_first_line(exc)}; check durability.dsn (or "
@@ -163,6 +170,51 @@ def ensure_schema(dsn: str) -> None:
             f"cannot create the playbooks tables in {redact_dsn(dsn)}: {_first_line(exc)}; the database "
             "user needs the right to create tables (or run playbooks once as one that has it)"
         ) from exc
+
+
+_POOLS: dict[tuple[str, bool], ConnectionPool[Any]] = {}
+_POOLS_GUARD = threading.Lock()
+
+
+def _shared_pool(dsn: str, synchronous: bool) -> ConnectionPool[Any]:
+    """The process's pool of connections to ``dsn`` that commit synchronously (or not), opened on
+    first use and shared by every provider of that database: a command that opens a manager per run
+    opens no connection per run. Closed when the process exits."""
+    pool = _POOLS.get((dsn, synchronous))
+    if pool is not None:
+        return pool
+    from psycopg_pool import ConnectionPool
+
+    with _POOLS_GUARD:
+        pool = _POOLS.get((dsn, synchronous))
+        if pool is None:
+            setting = "on" if synchronous else "off"
+            pool = ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=4,
+                kwargs={
+                    "autocommit": True,
+                    "options": f"-c synchronous_commit={setting}",
+                    "application_name": "playbooks",
+                    "connect_timeout": 5,
+                },
+                open=False,
+                name=f"playbooks-{setting}",
+            )
+            pool.open(wait=False)
+            if not _POOLS:
+                atexit.register(_close_pools)
+            _POOLS[(dsn, synchronous)] = pool
+    return pool
+
+
+def _close_pools() -> None:
+    with _POOLS_GUARD:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.close(timeout=1.0)
 
 
 def _split(cid: str) -> tuple[str, int]:
@@ -234,8 +286,6 @@ class PostgresCheckpointProvider(CheckpointProvider):
         self.lease_seconds = float(lease_seconds)
         self.wait_seconds = float(wait_seconds)
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
-        self._pools: dict[bool, ConnectionPool[Any]] = {}
-        self._pool_guard = threading.Lock()
         self._migrated = False
         self._unsynced = False
         self._leases: dict[str, _Lease] = {}
@@ -249,33 +299,7 @@ class PostgresCheckpointProvider(CheckpointProvider):
     # ----------------------------------------------------------------- connections
 
     def _pool(self, synchronous: bool) -> ConnectionPool[Any]:
-        """The pool of connections committing synchronously (or not), opened on first use."""
-        pool = self._pools.get(synchronous)
-        if pool is not None:
-            return pool
-        from psycopg_pool import ConnectionPool
-
-        with self._pool_guard:
-            pool = self._pools.get(synchronous)
-            if pool is None:
-                setting = "on" if synchronous else "off"
-                pool = ConnectionPool(
-                    self.dsn,
-                    min_size=1,
-                    max_size=4,
-                    kwargs={
-                        "autocommit": True,
-                        "options": f"-c synchronous_commit={setting}",
-                        "application_name": "playbooks",
-                        "connect_timeout": 5,
-                    },
-                    open=False,
-                    name=f"playbooks-{setting}",
-                    reconnect_timeout=0,
-                )
-                pool.open(wait=False)
-                self._pools[synchronous] = pool
-        return pool
+        return _shared_pool(self.dsn, synchronous)
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], _T], *, synchronous: bool = True) -> _T:
         """Run ``work`` on a pooled connection (in the calling thread). Once the database was reached,
@@ -600,7 +624,8 @@ class PostgresCheckpointProvider(CheckpointProvider):
         await self._call(self._run, work)
 
     async def close(self) -> None:
-        """Release every lease still held, stop renewing, and close the connections."""
+        """Release every lease still held and stop renewing. The connections stay in the process's
+        pools for the next provider of the same database (they close when the process exits)."""
         try:
             for lease in list(self._leases.values()):
                 try:
@@ -610,11 +635,8 @@ class PostgresCheckpointProvider(CheckpointProvider):
         finally:
             self._stop_renewing.set()
             renewer, self._renewer = self._renewer, None
-            pools, self._pools = dict(self._pools), {}
             if renewer is not None:
                 await anyio.to_thread.run_sync(renewer.join)
-            for pool in pools.values():
-                await anyio.to_thread.run_sync(pool.close)
 
 
 def _first_line(exc: BaseException) -> str:
