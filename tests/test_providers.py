@@ -280,6 +280,19 @@ async def test_lock_is_exclusive(
 
 
 @conformance
+async def test_a_held_lock_renews_and_is_not_lost(provider: CheckpointProvider) -> None:
+    """Every lock can be renewed while held; a lease's generation grows with each take, a lock that
+    dies with its process has none (0)."""
+    first = await provider.acquire_lock("run")
+    await first.renew()
+    assert not first.lost
+    await first.release()
+    second = await provider.acquire_lock("run")
+    assert (first.generation, second.generation) == (0, 0) or second.generation > first.generation > 0
+    await second.release()
+
+
+@conformance
 async def test_close_releases_locks(make_provider: Callable[[], CheckpointProvider]) -> None:
     first, second = make_provider(), make_provider()
     try:

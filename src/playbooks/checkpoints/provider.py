@@ -102,6 +102,17 @@ class ExecutionLock(abc.ABC):
     async def release(self) -> None:
         """Give the lock up; idempotent."""
 
+    @property
+    def lost(self) -> bool:
+        """Whether the lock was taken from this holder (a lease not renewed in time, then taken by
+        another process). A lock that dies with its process is never lost while it lives."""
+        return False
+
+    async def renew(self) -> None:
+        """Extend a lease now (its provider renews held leases on its own; this is for a holder that
+        wants to know at once). Raises :class:`~playbooks.errors.LeaseLostError` when it was taken.
+        Default: nothing, as a lock that dies with its process needs no renewal."""
+
     async def __aenter__(self) -> "ExecutionLock":
         return self
 

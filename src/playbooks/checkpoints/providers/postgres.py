@@ -274,12 +274,9 @@ class PostgresCheckpointProvider(CheckpointProvider):
         lease_seconds: float = 30.0,
         wait_seconds: float = 120.0,
         worker: str | None = None,
-        base_path: str | None = None,
     ) -> None:
-        if dsn is None:
+        if dsn is None:  # created by name with no arguments: the setting's environment variable
             dsn = os.environ.get("PLAYBOOKS_DURABILITY_DSN", "")
-        if base_path and not dsn and base_path.startswith(("postgres://", "postgresql://")):
-            dsn = base_path  # storage_path = "postgresql://..." names the database too
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be > 0")
         self.dsn = dsn
