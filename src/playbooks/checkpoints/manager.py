@@ -770,13 +770,19 @@ class CheckpointManager:
                 "later checkpoint, or set durability.keep_history = true in runs you mean to fork"
             )
 
+    async def flush(self) -> None:
+        """Drop pruned journal entries and make everything written durable, keeping the lock: for a
+        host that records how the run ended while it still holds the run (a lease released first
+        would let another worker take a finished run for a crashed one)."""
+        if self._lock is not None:
+            await self._drop_dead_journal()
+            await self.provider.sync(self.execution_id)
+        self._unsynced = False
+
     async def close(self) -> None:
         """Drop pruned journal entries, flush everything to disk and release the execution's lock."""
         try:
-            if self._lock is not None:
-                await self._drop_dead_journal()
-                await self.provider.sync(self.execution_id)
-            self._unsynced = False
+            await self.flush()
         finally:
             if self._lock is not None:
                 lock, self._lock = self._lock, None

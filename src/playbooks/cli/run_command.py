@@ -547,16 +547,19 @@ async def _durable_session(
         needed = _answer_needed(exc)
         if needed is None:
             raise
-        await manager.close()
+        await manager.flush()
         run.status, run.question = "waiting", needed.question
-        store.save(run)
+        store.save(run)  # while the run's lock is held: nobody may take it for a crashed run meanwhile
+        await manager.close()
         _error(f"run {run.run_id} is waiting for an answer to: {needed.question}\nAnswer it (from any machine "
                f"that sees this store) with: playbooks answer {run.run_id} \"...\"")
         return EXIT_WAITING
+    else:
+        await manager.flush()
+        run.status, run.result = "completed", _as_json(result.value)
+        store.save(run)  # while the run's lock is held, as above
     finally:
         await manager.close()
-    run.status, run.result = "completed", _as_json(result.value)
-    store.save(run)
     days = config.durability.delete_completed_after_days
     if days is not None:  # retention: completed runs older than that go (this one stays)
         for gone in await delete_completed_runs(config, older_than=days * 86400, keep=run.run_id):

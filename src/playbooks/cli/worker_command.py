@@ -28,8 +28,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -144,9 +146,22 @@ def configure_worker(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class _Child:
+    """A run's process, and the last lines of its standard error (passed on, prefixed with its run)."""
+
     run_id: str
     process: subprocess.Popen[bytes]
     started: float
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+    reader: threading.Thread | None = None
+
+    def forward_stderr(self) -> None:
+        """Copy the process's standard error to this worker's, each line prefixed with the run."""
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.tail.append(line)
+            sys.stderr.write(f"[{self.run_id}] {line}\n")
+            sys.stderr.flush()
 
 
 class _Worker:
@@ -208,8 +223,13 @@ class _Worker:
         # dict-of-str orders replay the same); a queued run gets a fresh one, recorded when it starts.
         seed = record.hash_seed if record.hash_seed.isdigit() else str(secrets.randbelow(2**32 - 1) + 1)
         env["PYTHONHASHSEED"] = seed
-        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        self.children[process.pid] = _Child(run_id, process, time.monotonic())
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
+        child = _Child(run_id, process, time.monotonic())
+        child.reader = threading.Thread(target=child.forward_stderr, name=f"stderr-{run_id}", daemon=True)
+        child.reader.start()
+        self.children[process.pid] = child
         self.log(f"runs {run_id} (pid {process.pid})")
 
     def reap(self) -> None:
@@ -218,6 +238,8 @@ class _Worker:
             if code is None:
                 continue
             del self.children[pid]
+            if child.reader is not None:
+                child.reader.join(timeout=5)  # the last lines, which may say why it stopped
             self.ended(child, code)
 
     def ended(self, child: _Child, code: int) -> None:
@@ -237,8 +259,9 @@ class _Worker:
         record.attempts += 1
         if record.attempts >= self.args.max_attempts:
             record.status = "failed"
+            last = " / ".join(line.strip() for line in child.tail if line.strip()) or "nothing on stderr"
             record.error = (f"its process exited with status {code} {record.attempts} times without finishing "
-                            f"it (see the log of worker {self.name})")
+                            f"it; the last time it said: {last}")
             self.log(f"{child.run_id} failed: {record.error}")
         else:
             self.log(f"{child.run_id}: its process exited with status {code}; it will be resumed")
