@@ -85,13 +85,15 @@ async def test_a_taken_lease_fences_every_write_of_its_old_holder(
         old.save_checkpoint("run_ckpt_3", b"late"),
         old.save_checkpoint("run_ckpt_1", b"overwrite", sync=False),
         old.append_journal("run", 4, b"late"),
-        old.write_head("run", b"late head"),
         old.delete_checkpoint("run_ckpt_1"),
         old.drop_journal("run", [2]),
     ]
     for write in writes:
         with pytest.raises(LeaseLostError, match="another worker took the run over"):
             await write
+    await old.write_head("run", b"late head")  # kept for the next statement, which is refused
+    with pytest.raises(LeaseLostError):
+        await old.sync("run")
     assert await new.load_checkpoint("run_ckpt_1") == b"one"
     assert await new.list_checkpoints("run") == ["run_ckpt_1"]
     assert await new.read_journal("run") == [(2, b"intent")]
@@ -101,6 +103,28 @@ async def test_a_taken_lease_fences_every_write_of_its_old_holder(
     with pytest.raises(ExecutionLockedError):
         await make().acquire_lock("run")
     await taken.release()
+
+
+async def test_a_head_goes_with_the_next_statement(make: Callable[..., PostgresCheckpointProvider]) -> None:
+    """Heads ride on the execution's next write or sync, and read back at once in the meantime."""
+    import psycopg
+
+    writer = make()
+    await writer.acquire_lock("run")
+    await writer.write_head("run", b"head 1")
+    assert await writer.read_head("run") == b"head 1"
+    reader = make()
+    assert await reader.read_head("run") is None
+    await writer.append_journal("run", 1, b"entry")  # carries head 1
+    await writer.write_head("run", b"head 2")
+    assert await reader.read_head("run") == b"head 1"
+    await writer.sync("run")  # the synchronous commit carries head 2
+    assert await reader.read_head("run") == b"head 2"
+    await writer.write_head("run", b"head 3")
+    await writer.close()  # a head still pending is written before the lease goes
+    assert await reader.read_head("run") == b"head 3"
+    with psycopg.connect(writer.dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM playbooks_heads").fetchone() == (1,)
 
 
 async def test_a_renewed_lease_is_never_taken(make: Callable[..., PostgresCheckpointProvider]) -> None:

@@ -287,6 +287,7 @@ class PostgresCheckpointProvider(CheckpointProvider):
         self._unsynced = False
         self._leases: dict[str, _Lease] = {}
         self._lost: dict[str, int] = {}
+        self._pending_heads: dict[str, bytes] = {}
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
 
@@ -344,30 +345,56 @@ class PostgresCheckpointProvider(CheckpointProvider):
     # ----------------------------------------------------------------- fencing
 
     def _write(self, execution_id: str, sql: str, params: Sequence[Any], synchronous: bool) -> int:
-        """Run one write of ``execution_id``; return the rows it changed.
+        """Run one write of ``execution_id`` (``sql``, whose ``%(fence)s`` is its guard), together with
+        the execution's pending head if there is one; return the rows ``sql`` changed.
 
-        When this provider holds the execution's lease, the statement runs only if the lease's
-        generation is still current (``FOR SHARE`` on the lease row makes a takeover wait for it), else
-        :class:`LeaseLostError`.
+        When this provider holds the execution's lease, the statement writes only if the lease's
+        generation is still current (``FOR SHARE`` on the lease row makes a takeover wait for it),
+        else :class:`LeaseLostError`.
         """
         lease = self._leases.get(execution_id)
-        if lease is None:
-            return self._run(lambda conn: conn.execute(sql, params).rowcount, synchronous=synchronous)
-        fenced = (
-            "WITH fence AS (SELECT 1 FROM playbooks_leases WHERE execution_id = %s AND generation = %s "
-            "FOR SHARE), w AS (" + sql.replace("%(fence)s", "EXISTS (SELECT 1 FROM fence)") + " RETURNING 1) "
-            "SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM w)"
+        head = self._pending_heads.pop(execution_id, None)
+        parts: list[str] = []
+        args: list[Any] = []
+        guard = "true"
+        if lease is not None:
+            parts.append(
+                "fence AS (SELECT 1 FROM playbooks_leases WHERE execution_id = %s AND generation = %s FOR SHARE)"
+            )
+            args += [execution_id, lease.generation]
+            guard = "EXISTS (SELECT 1 FROM fence)"
+        if sql:
+            parts.append("w AS (" + sql.replace("%(fence)s", guard) + " RETURNING 1)")
+            args += params
+        if head is not None:
+            parts.append(
+                "h AS (INSERT INTO playbooks_heads (execution_id, data) SELECT %s, %s WHERE " + guard
+                + " ON CONFLICT (execution_id) DO UPDATE SET data = EXCLUDED.data RETURNING 1)"
+            )
+            args += [execution_id, head]
+        if not parts:
+            return 0
+        statement = (
+            "WITH " + ", ".join(parts) + " SELECT "
+            + ("(SELECT count(*) FROM fence)" if lease is not None else "1")
+            + (", (SELECT count(*) FROM w)" if sql else ", 0")
         )
 
         def work(conn: psycopg.Connection[Any]) -> int:
-            row = conn.execute(fenced, (execution_id, lease.generation, *params)).fetchone()
+            row = conn.execute(statement, args).fetchone()
             assert row is not None
             if not row[0]:
+                assert lease is not None
                 self._lost[execution_id] = lease.generation
                 raise self._lost_error(execution_id)
             return int(row[1])
 
-        return self._run(work, synchronous=synchronous)
+        try:
+            return self._run(work, synchronous=synchronous)
+        except BaseException:
+            if head is not None:  # not written: it goes with the next write, unless a newer one came
+                self._pending_heads.setdefault(execution_id, head)
+            raise
 
     def _lost_error(self, execution_id: str) -> LeaseLostError:
         return LeaseLostError(
@@ -389,8 +416,6 @@ class PostgresCheckpointProvider(CheckpointProvider):
             f"INSERT INTO {table} (execution_id, counter, data) SELECT %s, %s, %s WHERE %(fence)s "
             "ON CONFLICT (execution_id, counter) DO UPDATE SET data = EXCLUDED.data"
         )
-        if execution_id not in self._leases:
-            sql = sql.replace(" WHERE %(fence)s", "")
         import psycopg
 
         try:
@@ -403,13 +428,18 @@ class PostgresCheckpointProvider(CheckpointProvider):
             self._unsynced = True
 
     async def sync(self, execution_id: str) -> None:
-        """One synchronous commit (of a transaction that only takes an id): the server flushes its WAL
-        up to it, which makes every earlier ``sync=False`` write durable."""
-        if not self._unsynced:
+        """One synchronous commit: the server flushes its WAL up to it, which makes every earlier
+        ``sync=False`` write durable. The commit is the execution's pending head if it has one, else a
+        transaction that only takes an id."""
+        head_pending = execution_id in self._pending_heads
+        if not (self._unsynced or head_pending):
             return
         self._unsynced = False
         try:
-            await self._call(self._run, lambda conn: conn.execute("SELECT txid_current()"))
+            if head_pending:
+                await self._call(self._write, execution_id, "", (), True)
+            else:
+                await self._call(self._run, lambda conn: conn.execute("SELECT txid_current()"))
         except BaseException:
             self._unsynced = True
             raise
@@ -430,9 +460,7 @@ class PostgresCheckpointProvider(CheckpointProvider):
 
     async def delete_checkpoint(self, checkpoint_id: str) -> bool:
         execution_id, counter = _split(checkpoint_id)
-        sql = "DELETE FROM playbooks_checkpoints WHERE execution_id = %s AND counter = %s"
-        if execution_id in self._leases:
-            sql += " AND %(fence)s"
+        sql = "DELETE FROM playbooks_checkpoints WHERE execution_id = %s AND counter = %s AND %(fence)s"
         return bool(await self._call(self._write, execution_id, sql, (execution_id, counter), False))
 
     async def list_executions(self) -> list[str]:
@@ -466,22 +494,19 @@ class PostgresCheckpointProvider(CheckpointProvider):
     async def drop_journal(self, execution_id: str, counters: Collection[int]) -> None:
         if not counters:
             return
-        sql = "DELETE FROM playbooks_journal WHERE execution_id = %s AND counter = ANY(%s)"
-        if execution_id in self._leases:
-            sql += " AND %(fence)s"
+        sql = "DELETE FROM playbooks_journal WHERE execution_id = %s AND counter = ANY(%s) AND %(fence)s"
         await self._call(self._write, execution_id, sql, (execution_id, list(counters)), False)
 
     async def write_head(self, execution_id: str, data: bytes) -> None:
-        sql = (
-            "INSERT INTO playbooks_heads (execution_id, data) SELECT %s, %s WHERE %(fence)s "
-            "ON CONFLICT (execution_id) DO UPDATE SET data = EXCLUDED.data"
-        )
-        if execution_id not in self._leases:
-            sql = sql.replace(" WHERE %(fence)s", "")
-        await self._call(self._write, execution_id, sql, (execution_id, bytes(data)), False)
-        self._unsynced = True
+        """Keep the head to write with the execution's next statement (a record, or the commit of
+        :meth:`sync`): the manager rewrites it after every record, and a statement of its own each time
+        would double the round trips of an await. A head not written yet when the process dies names
+        an older record than the newest: the rollback check it serves then checks less, never wrongly."""
+        self._pending_heads[execution_id] = bytes(data)
 
     async def read_head(self, execution_id: str) -> bytes | None:
+        if execution_id in self._pending_heads:
+            return self._pending_heads[execution_id]
         rows = await self._read("SELECT data FROM playbooks_heads WHERE execution_id = %s", (execution_id,))
         return bytes(rows[0][0]) if rows else None
 
@@ -489,6 +514,7 @@ class PostgresCheckpointProvider(CheckpointProvider):
         """Delete the execution's records, journal and head under its lease (the lease row stays, so a
         later holder's generation is still above any earlier one)."""
         lock = await self.acquire_lock(execution_id)
+        self._pending_heads.pop(execution_id, None)
         try:
             deleted = 0
             for table in ("playbooks_checkpoints", "playbooks_journal"):
@@ -621,9 +647,16 @@ class PostgresCheckpointProvider(CheckpointProvider):
         await self._call(self._run, work)
 
     async def close(self) -> None:
-        """Release every lease still held and stop renewing. The connections stay in the process's
-        pools for the next provider of the same database (they close when the process exits)."""
+        """Write the heads still pending, release every lease still held and stop renewing. The
+        connections stay in the process's pools for the next provider of the same database (they
+        close when the process exits)."""
         try:
+            for execution_id in list(self._pending_heads):
+                try:
+                    await self._call(self._write, execution_id, "", (), False)
+                except CheckpointError as exc:  # a lost lease, the server gone: the head is only a check
+                    _log.warning("could not write the head of %r: %s", execution_id, exc)
+            self._pending_heads.clear()
             for lease in list(self._leases.values()):
                 try:
                     await lease.release()
