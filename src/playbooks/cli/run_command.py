@@ -78,11 +78,11 @@ EXIT_OK = 0
 EXIT_PROGRAM_ERROR = 1
 EXIT_USAGE = 2
 EXIT_WAITING = 3
+"""The run asked the user a question and suspended (``--suspend``): ``playbooks answer`` continues it."""
 EXIT_LEASE_LOST = 4
 """The run's lease was taken over by another worker (this process was paused or cut off too long)."""
 WORKER_ENV = "PLAYBOOKS_WORKER"
 """Set by ``playbooks worker`` for the runs it starts: the worker's name, shown by ``playbooks runs``."""
-"""The run asked the user a question and suspended (``--suspend``): ``playbooks answer`` continues it."""
 
 
 def configure_run(parser: argparse.ArgumentParser) -> None:
