@@ -39,6 +39,7 @@ __all__ = (
     "HEAD_COUNTER",
     "checkpoint_id",
     "parse_checkpoint_id",
+    "split_checkpoint_id",
     "validate_execution_id",
 )
 
@@ -60,6 +61,18 @@ def parse_checkpoint_id(cid: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"not a checkpoint id (expected '<execution_id>_ckpt_<n>'): {cid!r}")
     return match["execution_id"], int(match["counter"])
+
+
+def split_checkpoint_id(cid: str, *, max_counter: int | None = None) -> tuple[str, int]:
+    """:func:`parse_checkpoint_id` for a store: also refuse a spelling that is not canonical
+    (``x_ckpt_01`` would alias ``x_ckpt_1``) and, with ``max_counter``, a counter the store cannot
+    hold; ``ValueError`` either way."""
+    execution_id, counter = parse_checkpoint_id(cid)
+    if checkpoint_id(execution_id, counter) != cid:
+        raise ValueError(f"not a canonical checkpoint id: {cid!r}")
+    if max_counter is not None and counter > max_counter:
+        raise ValueError(f"checkpoint counter too large for this store (max {max_counter}): {cid!r}")
+    return execution_id, counter
 
 
 def validate_execution_id(execution_id: object) -> str:

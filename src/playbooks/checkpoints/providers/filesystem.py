@@ -83,6 +83,7 @@ from playbooks.checkpoints.provider import (
     ExecutionLock,
     checkpoint_id,
     parse_checkpoint_id,
+    split_checkpoint_id,
     validate_execution_id,
 )
 from playbooks.checkpoints.providers._sync import DIR_FLAGS as _DIR_FLAGS
@@ -203,9 +204,7 @@ class _Journal:
 
 def _split(cid: str) -> tuple[str, int]:
     """Parse and validate ``cid``; reject non-canonical spellings (``x_ckpt_01``) that alias another."""
-    execution_id, counter = parse_checkpoint_id(cid)
-    if checkpoint_id(execution_id, counter) != cid:
-        raise ValueError(f"not a canonical checkpoint id: {cid!r}")
+    execution_id, counter = split_checkpoint_id(cid)
     _validate_execution_id(execution_id)
     return execution_id, counter
 

@@ -14,7 +14,7 @@ from playbooks.checkpoints.provider import (
     CheckpointProvider,
     ExecutionLock,
     checkpoint_id,
-    parse_checkpoint_id,
+    split_checkpoint_id,
 )
 from playbooks.errors import ExecutionLockedError
 
@@ -26,12 +26,7 @@ _HOLDERS: dict[str, _MemoryLock] = {}
 _HOLDERS_GUARD = threading.Lock()
 
 
-def _split(cid: str) -> tuple[str, int]:
-    """Parse ``cid``; reject non-canonical spellings (``x_ckpt_01``) that would alias another id."""
-    execution_id, counter = parse_checkpoint_id(cid)
-    if checkpoint_id(execution_id, counter) != cid:
-        raise ValueError(f"not a canonical checkpoint id: {cid!r}")
-    return execution_id, counter
+_split = split_checkpoint_id
 
 
 class _MemoryLock(ExecutionLock):

@@ -60,7 +60,7 @@ from playbooks.checkpoints.provider import (
     CheckpointProvider,
     ExecutionLock,
     checkpoint_id,
-    parse_checkpoint_id,
+    split_checkpoint_id,
 )
 from playbooks.errors import (
     CheckpointError,
@@ -219,11 +219,7 @@ def _close_pools() -> None:
 
 def _split(cid: str) -> tuple[str, int]:
     """Parse ``cid``; reject non-canonical spellings (``x_ckpt_01``) and counters a bigint cannot hold."""
-    execution_id, counter = parse_checkpoint_id(cid)
-    if checkpoint_id(execution_id, counter) != cid:
-        raise ValueError(f"not a canonical checkpoint id: {cid!r}")
-    if counter > _MAX_COUNTER:
-        raise ValueError(f"checkpoint counter too large for PostgreSQL (max {_MAX_COUNTER}): {cid!r}")
+    execution_id, counter = split_checkpoint_id(cid, max_counter=_MAX_COUNTER)
     if "\0" in execution_id:
         raise ValueError(f"an execution id cannot hold a NUL character: {cid!r}")
     return execution_id, counter

@@ -57,7 +57,7 @@ from playbooks.checkpoints.provider import (
     CheckpointProvider,
     ExecutionLock,
     checkpoint_id,
-    parse_checkpoint_id,
+    split_checkpoint_id,
 )
 from playbooks.checkpoints.providers._sync import DIR_FLAGS, fsync_path
 from playbooks.errors import (
@@ -123,12 +123,7 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
 
 def _split(cid: str) -> tuple[str, int]:
     """Parse ``cid``; reject non-canonical spellings (``x_ckpt_01``) and counters SQLite cannot store."""
-    execution_id, counter = parse_checkpoint_id(cid)
-    if checkpoint_id(execution_id, counter) != cid:
-        raise ValueError(f"not a canonical checkpoint id: {cid!r}")
-    if counter > _MAX_COUNTER:
-        raise ValueError(f"checkpoint counter too large for SQLite (max {_MAX_COUNTER}): {cid!r}")
-    return execution_id, counter
+    return split_checkpoint_id(cid, max_counter=_MAX_COUNTER)
 
 
 _HELD: dict[str, set[_SQLiteLock]] = {}
