@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -262,6 +264,14 @@ def test_sigterm_hands_runs_back_at_once(farm: Farm) -> None:
     while len(farm.ledger()) < 4:
         assert time.monotonic() < deadline, farm.log("first")
         time.sleep(0.02)
+    pid = re.search(rf"runs {run_id} \(pid (\d+)\)", farm.log("first"))
+    assert pid is not None, farm.log("first")
+    holder = f"{socket.gethostname()}:{pid[1]}"
+    for command in (["runs"], ["checkpoints", "list"]):  # both name the worker process holding the run
+        shown = subprocess.run([sys.executable, "-m", "playbooks", *command], cwd=farm.folder, env=farm.env(),
+                               capture_output=True, text=True, timeout=60)
+        line = next(line for line in shown.stdout.splitlines() if line.startswith(run_id))
+        assert holder in line, (command, shown.stdout, shown.stderr)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=20) == 0
     assert f"handed back {run_id}" in farm.log("first")

@@ -238,13 +238,21 @@ async def _list(config: Config, run_id: str | None, *, as_json: bool = False) ->
         for execution in executions:
             run = execution.split("~", 1)[0] if _is_code_execution(execution, set(executions)) else execution
             counts[run] = counts.get(run, 0) + len(await _manager(config, execution).list_checkpoints())
+        store = open_run_store(config)
+        try:
+            holders = store.lease_holders()  # where locks are leases: which worker process runs what
+        finally:
+            store.close()
         if as_json:
-            print(json.dumps([{"run_id": r, "checkpoints": n} for r, n in counts.items()], indent=2))
+            print(json.dumps(
+                [{"run_id": r, "checkpoints": n, "held_by": holders.get(r, "")} for r, n in counts.items()], indent=2
+            ))
         elif not counts:
             print("no checkpoints")
         else:
             for execution, count in counts.items():
-                print(f"{execution}  {count} checkpoint{'' if count == 1 else 's'}")
+                held = f"  held by {holders[execution]}" if execution in holders else ""
+                print(f"{execution}  {count} checkpoint{'' if count == 1 else 's'}{held}")
         return EXIT_OK
     manager = _manager(config, run_id)
     records = await manager.load_records()
