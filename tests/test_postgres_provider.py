@@ -139,6 +139,8 @@ async def test_a_renewed_lease_is_never_taken(make: Callable[..., PostgresCheckp
     await lease.release()
     again = await other.acquire_lock("run")  # released: free at once
     assert again.generation == lease.generation + 1
+    await anyio.sleep(0.3)  # holding nothing, the holder's renewing thread ends
+    assert holder._renewer is None
 
 
 async def test_renew_says_when_the_lease_was_lost(make: Callable[..., PostgresCheckpointProvider]) -> None:

@@ -285,6 +285,7 @@ class PostgresCheckpointProvider(CheckpointProvider):
         self._lost: dict[str, int] = {}
         self._pending_heads: dict[str, bytes] = {}
         self._renewer: threading.Thread | None = None
+        self._renewer_guard = threading.Lock()
         self._stop_renewing = threading.Event()
 
     def __repr__(self) -> str:
@@ -611,23 +612,32 @@ class PostgresCheckpointProvider(CheckpointProvider):
         return kept
 
     def _start_renewer(self) -> None:
-        if self._renewer is not None and self._renewer.is_alive():
-            return
-        self._stop_renewing.clear()
-        self._renewer = threading.Thread(target=self._renew_loop, name="playbooks-lease-renewer", daemon=True)
-        self._renewer.start()
+        with self._renewer_guard:
+            if self._renewer is not None:
+                return
+            self._stop_renewing.clear()
+            self._renewer = threading.Thread(target=self._renew_loop, name="playbooks-lease-renewer", daemon=True)
+            self._renewer.start()
 
     def _renew_loop(self) -> None:
-        """Renew every held lease each third of ``lease_seconds`` until the provider closes."""
+        """Renew every held lease each third of ``lease_seconds``, until the provider closes or holds
+        no lease any more (the next :meth:`acquire_lock` starts a new thread): a host that leaves
+        providers open keeps no idle threads."""
         interval = self.lease_seconds / 3
-        while not self._stop_renewing.wait(interval):
-            leases = list(self._leases.values())
-            if not leases:
-                continue
-            try:
-                self._renew(leases)
-            except Exception as exc:  # noqa: BLE001 - the database away: the next round tries again
-                _log.warning("could not renew leases: %s", _first_line(exc))
+        try:
+            while not self._stop_renewing.wait(interval):
+                with self._renewer_guard:
+                    leases = list(self._leases.values())
+                    if not leases:
+                        return
+                try:
+                    self._renew(leases)
+                except Exception as exc:  # noqa: BLE001 - the database away: the next round tries again
+                    _log.warning("could not renew leases: %s", _first_line(exc))
+        finally:
+            with self._renewer_guard:
+                if self._renewer is threading.current_thread():
+                    self._renewer = None
 
     async def _release(self, lease: _Lease) -> None:
         if self._leases.get(lease.execution_id) is lease:
