@@ -323,3 +323,21 @@ def test_submit_refuses_a_local_store(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "durability.provider = \"postgres\"" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["runs"], ["checkpoints", "list"], ["submit", "ledger.pb"], ["worker"], ["run", "ledger.pb"]]
+)
+def test_an_unreachable_database_is_one_clear_line_for_every_command(tmp_path: Path, command: list[str]) -> None:
+    shutil.copy(ROOT / "tests" / "programs" / "ledger.pb", tmp_path)
+    shutil.copy(ROOT / "tests" / "programs" / "ledger.cassette.json", tmp_path)
+    (tmp_path / "playbooks.toml").write_text(
+        '[durability]\nprovider = "postgres"\ndsn = "host=/nonexistent port=5999 user=app password=hunter2"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "playbooks", *command], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PLAYBOOKS_")},
+    )
+    assert done.returncode in (1, 2), done
+    assert "Traceback" not in done.stderr and "hunter2" not in done.stderr + done.stdout
+    assert "cannot reach PostgreSQL" in done.stderr and "durability.dsn" in done.stderr, done.stderr

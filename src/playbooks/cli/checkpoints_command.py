@@ -108,6 +108,17 @@ def _runs(args: argparse.Namespace) -> int:
     config = _config(args, "runs")
     if config is None:
         return EXIT_USAGE
+    try:
+        return _list_runs(args, config)
+    except CheckpointConfigError as exc:  # a storage path or database that cannot be used
+        _error("runs", str(exc))
+        return EXIT_USAGE
+    except PlaybooksError as exc:
+        _error("runs", str(exc))
+        return EXIT_ERROR
+
+
+def _list_runs(args: argparse.Namespace, config: Config) -> int:
     store = open_run_store(config)
     try:
         records = store.all()

@@ -176,6 +176,7 @@ class _Worker:
         self.children: dict[int, _Child] = {}
         self.stopping = 0.0  # when a stop was asked (monotonic), 0 while running
         self.hand_back_now = False
+        self.ran_any = False
 
     def log(self, message: str) -> None:
         print(f"worker {self.name}: {message}", file=sys.stderr, flush=True)
@@ -189,6 +190,7 @@ class _Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        self.store.unfinished()  # the database reached (or a clear error) before saying "started"
         self.log(f"started (concurrency {self.args.concurrency}, lease {self.config.durability.lease_seconds:g} s)")
         while True:
             self.reap()
@@ -207,6 +209,7 @@ class _Worker:
                     if record is None:
                         break
                     self.start(record)
+                    self.ran_any = True
                 if self.args.exit_when_idle and not self.children and not self.store.unfinished():
                     break
             time.sleep(self.args.poll)
@@ -299,10 +302,12 @@ def _worker(args: argparse.Namespace) -> int:
     if opened is None:
         return EXIT_USAGE
     config, store = opened
+    worker = _Worker(args, config, store)
     try:
-        return _Worker(args, config, store).run()
+        return worker.run()
     except CheckpointError as exc:
-        _error("worker", f"{exc}; the runs it was running resume on other workers once their leases expire")
+        after = "; the runs it was running resume on other workers once their leases expire" if worker.ran_any else ""
+        _error("worker", f"{exc}{after}")
         return EXIT_ERROR
     finally:
         store.close()
