@@ -281,6 +281,22 @@ def test_sigterm_hands_runs_back_at_once(farm: Farm) -> None:
     check_ledger(farm, records, [run_id], killed={run_id}, count=30)
 
 
+def test_sigterm_to_the_process_group_lets_the_runs_finish(farm: Farm) -> None:
+    """systemd and Kubernetes signal every process of the worker: its runs ignore it and finish
+    within the grace, then the worker exits."""
+    [run_id] = farm.submit("ledger.pb", 1, "count=20", "pause=0.1")
+    worker = farm.start_worker("graceful", 1, "--grace", "60")
+    deadline = time.monotonic() + 30
+    while len(farm.ledger()) < 4:
+        assert time.monotonic() < deadline, farm.log("graceful")
+        time.sleep(0.02)
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, farm.log("graceful")
+    record = farm.records()[run_id]
+    assert record.status == "completed" and record.worker == "graceful", farm.log("graceful")
+    check_ledger(farm, farm.records(), [run_id], killed=set(), count=20)
+
+
 def test_a_run_records_its_end_while_it_still_holds_its_lease(
     farm: Farm, monkeypatch: pytest.MonkeyPatch
 ) -> None:

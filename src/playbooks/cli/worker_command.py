@@ -227,7 +227,7 @@ class _Worker:
         seed = record.hash_seed if record.hash_seed.isdigit() else str(secrets.randbelow(2**32 - 1) + 1)
         env["PYTHONHASHSEED"] = seed
         process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+            command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_child_setup
         )
         child = _Child(run_id, process, time.monotonic())
         child.reader = threading.Thread(target=child.forward_stderr, name=f"stderr-{run_id}", daemon=True)
@@ -283,8 +283,12 @@ class _Worker:
             self.log(f"handed back {child.run_id}")
 
 
-def _die_with_parent() -> None:
-    """In a run's process: die when the worker dies, as the worker's machine would take it along."""
+def _child_setup() -> None:
+    """In a run's process, before it starts: leave stopping to the worker (a SIGTERM or Ctrl-C sent to
+    the whole process group, as systemd, Kubernetes and terminals do, must not cut the grace short),
+    and die when the worker dies, as the worker's machine would take it along."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
 
