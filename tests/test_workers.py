@@ -102,6 +102,13 @@ class Farm:
                 raise AssertionError(f"runs not ended after {timeout} s: {pending}\n{logs}")
             time.sleep(0.2)
 
+    def wait_for_ledger(self, lines: int, timeout: float = 30.0) -> None:
+        """Wait until the runs wrote ``lines`` ledger lines (they are under way)."""
+        deadline = time.monotonic() + timeout
+        while len(self.ledger()) < lines:
+            assert time.monotonic() < deadline, "\n".join(self.log(n) for n in self.workers)
+            time.sleep(0.02)
+
     def ledger(self) -> list[tuple[str, str, int]]:
         if not self.ledger_path.exists():
             return []
@@ -214,10 +221,7 @@ def test_a_paused_worker_whose_lease_was_taken_writes_nothing(farm: Farm) -> Non
     count = 30
     [run_id] = farm.submit("ledger.pb", 1, f"count={count}", "pause=0.1")
     paused = farm.start_worker("paused", concurrency=1)
-    deadline = time.monotonic() + 30
-    while len(farm.ledger()) < 6:
-        assert time.monotonic() < deadline, farm.log("paused")
-        time.sleep(0.02)
+    farm.wait_for_ledger(6)
     os.killpg(paused.pid, signal.SIGSTOP)
     time.sleep(LEASE + 0.5)
     farm.start_worker("other", concurrency=1)
@@ -244,10 +248,7 @@ def test_runs_wait_for_a_restarted_database_and_go_on(farm: Farm, postgres_serve
     ledger_runs = farm.submit("ledger.pb", 4, "count=20", "pause=0.05")
     for name in ("w1", "w2"):
         farm.start_worker(name)
-    deadline = time.monotonic() + 30
-    while len(farm.ledger()) < 10:
-        assert time.monotonic() < deadline, farm.log("w1") + farm.log("w2")
-        time.sleep(0.02)
+    farm.wait_for_ledger(10)
     postgres_server.stop("fast")
     time.sleep(1.5)
     postgres_server.start()
@@ -260,10 +261,7 @@ def test_sigterm_hands_runs_back_at_once(farm: Farm) -> None:
     before a lease would have expired, and it finishes exactly."""
     [run_id] = farm.submit("ledger.pb", 1, "count=30", "pause=0.1")
     first = farm.start_worker("first", 1, "--grace", "0.2")
-    deadline = time.monotonic() + 30
-    while len(farm.ledger()) < 4:
-        assert time.monotonic() < deadline, farm.log("first")
-        time.sleep(0.02)
+    farm.wait_for_ledger(4)
     pid = re.search(rf"runs {run_id} \(pid (\d+)\)", farm.log("first"))
     assert pid is not None, farm.log("first")
     holder = f"{socket.gethostname()}:{pid[1]}"
@@ -286,10 +284,7 @@ def test_sigterm_to_the_process_group_lets_the_runs_finish(farm: Farm) -> None:
     within the grace, then the worker exits."""
     [run_id] = farm.submit("ledger.pb", 1, "count=20", "pause=0.1")
     worker = farm.start_worker("graceful", 1, "--grace", "60")
-    deadline = time.monotonic() + 30
-    while len(farm.ledger()) < 4:
-        assert time.monotonic() < deadline, farm.log("graceful")
-        time.sleep(0.02)
+    farm.wait_for_ledger(4)
     os.killpg(worker.pid, signal.SIGTERM)
     assert worker.wait(timeout=60) == 0, farm.log("graceful")
     record = farm.records()[run_id]
