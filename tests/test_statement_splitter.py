@@ -7,9 +7,11 @@ exactly those statements, with the same source segments and positions in the who
 from __future__ import annotations
 
 import ast
+import dis
 import os
 import random
 import re
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -325,8 +327,15 @@ def test_skip_until_parses_nothing_of_the_history(monkeypatch: pytest.MonkeyPatc
 
     text = "".join(f"x = await Work({i})  # call {i}\ntotal += x\n" for i in range(500)) + "last = total\n"
     parsed: list[str] = []
+    compiled: list[str] = []
     real = statement_splitter._parse
+
+    def counting_compile(source: str, *args: object, **kwargs: object) -> object:
+        compiled.append(source)
+        return compile(source, *args, **kwargs)  # type: ignore[call-overload]
+
     monkeypatch.setattr(statement_splitter, "_parse", lambda source, **kw: parsed.append(source) or real(source, **kw))
+    monkeypatch.setattr(statement_splitter, "compile", counting_compile, raising=False)
     splitter = StatementSplitter(skip_until=text.index("last"))
     for i in range(0, len(text), 7):
         splitter.feed(text[i : i + 7])
@@ -335,6 +344,104 @@ def test_skip_until_parses_nothing_of_the_history(monkeypatch: pytest.MonkeyPatc
     drain(splitter, out)
     assert [s.source for s in out] == ["last = total"]
     assert len(parsed) <= 2  # the last statement, and at most the one whose segment reaches it
+    assert compiled == ["last = total"]
+
+
+def _codes(code: types.CodeType) -> Iterable[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _body_positions(code: types.CodeType) -> list[tuple[int | None, int | None, int | None, int | None]]:
+    """Positions of ``code``'s instructions after its prologue (up to RESUME: for top-level
+    ``await`` RETURN_GENERATOR and POP_TOP too): a module's prologue stands at the module's first line
+    (and RESUME one before it), which a tree of one statement puts at 1 and a moved compilation at the
+    statement's own line."""
+    positions = list(code.co_positions())
+    if code.co_name == "<module>":
+        units = code.co_code[::2]  # one position per 2-byte code unit
+        return positions[units.index(dis.opmap["RESUME"]) + 1 :]
+    return positions
+
+
+def _same_code(fast: types.CodeType, reference: types.CodeType) -> None:
+    """``fast`` (compiled from the statement's source, lines moved) runs as ``reference`` (compiled
+    from its node): same instructions, names and constants, same line and column of every
+    instruction but the module's prologue (see ``_body_positions``)."""
+    for a, b in zip(_codes(fast), _codes(reference), strict=True):
+        assert a.co_code == b.co_code and a.co_names == b.co_names and a.co_varnames == b.co_varnames
+        assert [c for c in a.co_consts if not isinstance(c, types.CodeType)] == [
+            c for c in b.co_consts if not isinstance(c, types.CodeType)
+        ]
+        assert _body_positions(a) == _body_positions(b)
+        assert a.co_filename == b.co_filename
+
+
+@FAST
+@given(st.data())
+def test_statements_compiled_from_source_match_their_nodes(data: st.DataObject) -> None:
+    """A statement the splitter compiled from its source runs exactly as its node compiled where it
+    stands in the whole response, and its node (parsed on demand) is the whole response's node."""
+    text = data.draw(llm_code(), label="text")
+    cuts = data.draw(cuts_for(text), label="cuts")
+    nodes = ast.parse(text).body
+    statements = split(text, cuts)
+    assert len(statements) == len(nodes)
+    for statement, node in zip(statements, nodes):
+        assert ast.dump(statement.node, include_attributes=True) == ast.dump(node, include_attributes=True)
+        if statement.code is None:
+            continue
+        reference = compile(
+            ast.Module(body=[node], type_ignores=[]), "<llm-response>", "exec",
+            flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True,
+        )
+        _same_code(statement.code, reference)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'x = ")("\n',
+        'x = """a"""\n',
+        "x = '''a\nb'''\n",
+        'x = "a#b"  # c\n',
+        "print('it' 's')  #\n",
+        "f(x) ;\n",
+        "a = 1; b = 2\n",
+        "else_ = 1\n",
+        "x = [1,\n2]  # two lines\n",
+        "x = 1 + \\\n  2\n",
+        "s = 'a\\'b'\n",
+        "if x: y = 1; z = 2\nw = 3\n",
+        "名前 = 'héllo'  # note\n",
+        "x = 1\t \f\n",
+        "x = (\n  1  # one\n)  # end\n",
+        "f = lambda y: [z for z in y]\ng = f\n",
+    ],
+)
+@pytest.mark.parametrize("chunk", [0, 1, 4])
+def test_plain_lines_and_their_look_alikes(text: str, chunk: int) -> None:
+    """Lines the splitter may take whole (one regular expression, one compilation) and lines that
+    look like them but must go through the scanner agree with ``ast.parse``, whatever the chunking."""
+    cuts = list(range(chunk, len(text), chunk)) if chunk else []
+    check(text, cuts)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 4])
+def test_closing_bracket_before_opening_is_an_error_at_its_line(chunk: int) -> None:
+    text = "x = )(\ny = 1\n"
+    cuts = list(range(chunk, len(text), chunk)) if chunk else []
+    assert outcome(text, cuts) == outcome(text)
+    assert outcome(text)[1] is not None
+
+
+def test_compiler_only_errors_still_reach_the_executor() -> None:
+    """``break`` outside a loop parses, and only the compiler refuses it: the splitter releases it
+    (with no compiled code) and the executor's compilation reports it, as before."""
+    out = split("x = 1\nbreak\ny = 2\n")
+    assert [(s.source, s.code is None) for s in out] == [("x = 1", False), ("break", True), ("y = 2", False)]
 
 
 @given(llm_code())

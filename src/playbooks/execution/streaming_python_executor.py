@@ -234,6 +234,7 @@ class StreamingPythonExecutor:
         self._finished_before_crash = False
         self._refed = 0
         self._on_statement = on_statement
+        self._hooked_task: object | None = None  # the task whose event loop has the task hooks
         if _state is not None and _state.done:
             self._finalized_from_checkpoint()
 
@@ -530,7 +531,8 @@ class StreamingPythonExecutor:
         if self._frame is not None:
             await self._durable(self._frame.start())
         self._splitter.feed(text)
-        await self._run_ready()
+        if self._splitter.ready:  # most chunks complete no statement
+            await self._run_ready()
 
     async def _durable(self, step: Any) -> None:
         """Await a durability step; its failure stops the executor."""
@@ -608,8 +610,9 @@ class StreamingPythonExecutor:
 
     async def _run(self, statement: Statement) -> None:
         try:
-            module = ast.Module(body=[statement.node], type_ignores=[])
-            code = _compile(module, self.filename)
+            code = statement.code
+            if code is None or code.co_filename != self.filename:
+                code = _compile(ast.Module(body=[statement.node], type_ignores=[]), self.filename)
         except SyntaxError as exc:
             error = CodeSyntaxError(
                 f"{type(exc).__name__}: {exc.msg}",
@@ -623,11 +626,15 @@ class StreamingPythonExecutor:
         if self._on_statement is not None:
             self._on_statement(statement)
         if self._frame is not None:
-            self._frame.direct_tool = _direct_tool(statement.node, self.namespace, self.bound)
+            self._frame.direct_tool = (
+                _direct_tool(statement.node, self.namespace, self.bound) if "await" in statement.source else None
+            )
         root = self.interceptor.root
-        root.task = current_task()
+        task = root.task = current_task()
         root.begin_statement(self._statements_executed)
-        install_task_hooks()
+        if task is None or task is not self._hooked_task:  # the hooks are per event loop, a task in one
+            install_task_hooks()
+            self._hooked_task = task
         try:
             with running_node(root):
                 if code.co_flags & inspect.CO_COROUTINE:
