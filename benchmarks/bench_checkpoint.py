@@ -60,8 +60,16 @@ class _Counting(FilesystemCheckpointProvider):
 
 class _CountingSQLite(SQLiteCheckpointProvider):
     async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
-        _Counting.written += len(data)  # journal entries are rows too: they come through here
+        _Counting.written += len(data)
         await super().save_checkpoint(checkpoint_id, data, sync=sync)
+
+    async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
+        _Counting.written += len(data)  # journal entries are rows too, written without save_checkpoint
+        await super().append_journal(execution_id, counter, data)
+
+    def prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
+        _Counting.written += len(data)
+        return super().prepare_append(execution_id, counter, data)
 
 
 def floor_samples(folder: str, n: int) -> list[float]:

@@ -135,6 +135,7 @@ class PreparedRecord:
     previous_tip: tuple[int, bytes] | None
     append: Callable[[], None] | None = None
     landed: bool = False
+    head_staged: bool = False  # ``append`` writes the head too (see CheckpointProvider.stage_head)
 
 
 @dataclass(slots=True)
@@ -379,6 +380,7 @@ class CheckpointManager:
         prepared = PreparedRecord(record, data, before)
         if record.kind != "snapshot" and self.provider.completes_without_suspending:
             try:
+                prepared.head_staged = self._stage_head(record.counter)
                 prepared.append = self.provider.prepare_append(self.execution_id, record.counter, data)
             except BaseException:
                 self.discard(prepared)
@@ -409,6 +411,7 @@ class CheckpointManager:
         record, data, before = prepared.record, prepared.data, prepared.previous_tip
         snapshot = record.kind == "snapshot"
         in_journal = not snapshot or (not sync and len(data) <= _JOURNAL_SNAPSHOT_MAX)
+        head_staged = prepared.head_staged
         try:
             if prepared.landed:
                 pass
@@ -416,10 +419,12 @@ class CheckpointManager:
                 prepared.append()
                 self._unsynced = True
             elif in_journal:
+                head_staged = self._stage_head(record.counter)
                 await self.provider.append_journal(self.execution_id, record.counter, data)
                 self._unsynced = True
             else:
                 cid = checkpoint_id(self.execution_id, record.counter)
+                head_staged = self._stage_head(record.counter)
                 await self.provider.save_checkpoint(cid, data, sync=sync)
         except BaseException:
             # Not stored: the next record must not name it as its predecessor (a resume would
@@ -432,7 +437,10 @@ class CheckpointManager:
             record.kind, record.frame_id, frozenset(record.hosts) if snapshot else _NO_HOSTS, record.done, in_journal,
             durable=sync or in_journal, seq=record.seq, next_seq=record.next_seq,
         )
-        await self._write_head(record.counter)
+        if head_staged:
+            self._head_counter = record.counter  # written with the record
+        else:
+            await self._write_head(record.counter)
 
     def _encode(self, counter: int, payload: bytes, *, compress: bool = False) -> bytes:
         """Sign ``payload`` as record ``counter``, chained to the record encoded before it; a
@@ -455,6 +463,16 @@ class CheckpointManager:
             return
         self._head_counter = counter
         await self.provider.write_head(
+            self.execution_id, encode_head(self._lineage, counter, self._written[counter])
+        )
+
+    def _stage_head(self, counter: int) -> bool:
+        """Offer the provider the head naming record ``counter``, about to be written, to write with
+        it in one commit (:meth:`CheckpointProvider.stage_head`); whether it took it. Nothing is
+        offered when ``counter`` is not the newest record: then no head is written either."""
+        if counter <= self._head_counter or self._lineage is None:
+            return False
+        return self.provider.stage_head(
             self.execution_id, encode_head(self._lineage, counter, self._written[counter])
         )
 
@@ -653,11 +671,15 @@ class CheckpointManager:
         self._pruned.update(doomed)
         counter = self.allocate_counter()
         data = self._encode(counter, encode_fields({"tombstone": self._pruned.ranges()}))
+        head_staged = self._stage_head(counter)
         await self.provider.append_journal(self.execution_id, counter, data)
         self._unsynced = True
         self._index[counter] = _IndexEntry("tombstone", "", frozenset(), False, True)
         self._tombstones.add(counter)
-        await self._write_head(counter)
+        if head_staged:
+            self._head_counter = counter
+        else:
+            await self._write_head(counter)
 
     async def _drop_dead_journal(self) -> None:
         dead, self._dead_journal = self._dead_journal, set()

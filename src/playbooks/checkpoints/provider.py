@@ -247,6 +247,19 @@ class CheckpointProvider(abc.ABC):
         """
         await self.save_checkpoint(checkpoint_id(execution_id, HEAD_COUNTER), data, sync=False)
 
+    def stage_head(self, execution_id: str, data: bytes) -> bool:
+        """Offer the head that names the record the manager is about to write, to go with that record.
+
+        Return ``True`` to take it: then the next call of :meth:`save_checkpoint`,
+        :meth:`append_journal` or :meth:`prepare_append` for ``execution_id`` (whose returned write
+        carries it) writes ``data`` as the head in the same atomic step as its record, so one commit
+        stores both; that call consumes the head whether it succeeds or not (a failed write stores
+        neither), and the manager does not call :meth:`write_head` for it. The head then has its
+        record's durability. The default takes nothing (``False``): the manager writes the record,
+        then calls :meth:`write_head`.
+        """
+        return False
+
     async def read_head(self, execution_id: str) -> bytes | None:
         """The execution's head as last written, or ``None``."""
         return await self.load_checkpoint(checkpoint_id(execution_id, HEAD_COUNTER))

@@ -5,7 +5,11 @@ Theory of operation
 *Storage.* Table ``checkpoints(execution_id, counter, data)`` with primary key ``(execution_id,
 counter)``; each save is one ``INSERT OR REPLACE`` statement in autocommit mode, so it is atomic. The
 database runs in WAL mode: readers never block the writer, and a commit is one append to the ``-wal``
-file.
+file. An execution's head is the row ``head:{execution_id}`` of table ``meta``, updated in place (an
+``UPDATE`` dirties the row's page only). The manager hands over the head that names the record it is
+about to write (:meth:`stage_head`); record and head are then one transaction, one commit: a commit
+costs its locks and its WAL frames, so a record with its head costs one commit of three frames where
+the two apart cost two commits of four. Journal entries are records; dropping them is one transaction.
 
 *Durability.* In WAL mode SQLite's ``synchronous`` setting decides whether a commit fsyncs the WAL.
 A save with ``sync=True`` runs with ``PRAGMA synchronous=FULL``: the WAL is fsynced at commit, so the
@@ -52,6 +56,7 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Callable, Collection
 
 from playbooks.checkpoints.provider import (
     CheckpointProvider,
@@ -90,6 +95,10 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
 )
 _MAX_COUNTER = 2**63 - 1  # SQLite INTEGER is a signed 64-bit value
+_SAVE = "INSERT OR REPLACE INTO checkpoints (execution_id, counter, data) VALUES (?, ?, ?)"
+_UPDATE_HEAD = "UPDATE meta SET value = ? WHERE key = ?"
+_INSERT_HEAD = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_DELETE = "DELETE FROM checkpoints WHERE execution_id = ? AND counter = ?"
 
 _SQLITE_WORDS = {
     "SQLITE_FULL": "disk full",
@@ -119,6 +128,14 @@ def _describe(exc: BaseException) -> str:
 def _is_corruption(exc: sqlite3.Error) -> bool:
     name = getattr(exc, "sqlite_errorname", "")
     return isinstance(name, str) and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+def _put_head(conn: sqlite3.Connection, execution_id: str, data: bytes) -> None:
+    """Write ``execution_id``'s head: an ``UPDATE`` of its row in place when there is one (it dirties
+    the row's page only, where a replace would move the row and dirty the key's index page too)."""
+    key = f"head:{execution_id}"
+    if conn.execute(_UPDATE_HEAD, (data, key)).rowcount == 0:
+        conn.execute(_INSERT_HEAD, (key, data))
 
 
 def _split(cid: str) -> tuple[str, int]:
@@ -194,6 +211,7 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         self._wal_named = False  # the folder was fsynced since the WAL file exists
         self._locks: set[_SQLiteLock] = set()
         self._hostname = socket.gethostname()
+        self._staged: tuple[str, bytes] | None = None  # the head to write with the next record (stage_head)
 
     @property
     def path(self) -> str:
@@ -277,21 +295,77 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             return CheckpointCorruptError(message)
         return CheckpointError(message)
 
+    def stage_head(self, execution_id: str, data: bytes) -> bool:
+        """Take the head to write in the transaction of the execution's next record (one commit)."""
+        self._staged = (execution_id, bytes(data))
+        return True
+
+    def _take_staged(self, execution_id: str) -> bytes | None:
+        """The head staged for ``execution_id``'s next record, if any; a staged head is used once."""
+        staged, self._staged = self._staged, None
+        return staged[1] if staged is not None and staged[0] == execution_id else None
+
     async def save_checkpoint(self, checkpoint_id: str, data: bytes, *, sync: bool = True) -> None:
+        staged, self._staged = self._staged, None  # consumed even by a write that fails
         execution_id, counter = _split(checkpoint_id)
+        head = staged[1] if staged is not None and staged[0] == execution_id else None
+        self._save(execution_id, counter, data, sync=sync, head=head)
+
+    def _save(self, execution_id: str, counter: int, data: bytes, *, sync: bool, head: bytes | None) -> None:
+        """Store one record, and with it the execution's ``head`` if given: one transaction, one commit
+        (fsynced iff ``sync``)."""
         try:
             conn = self._connection()
             self._set_synchronous(conn, "FULL" if sync else "NORMAL")
-            conn.execute(
-                "INSERT OR REPLACE INTO checkpoints (execution_id, counter, data) VALUES (?, ?, ?)",
-                (execution_id, counter, data),
-            )
+            if head is None:
+                conn.execute(_SAVE, (execution_id, counter, data))
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(_SAVE, (execution_id, counter, data))
+                    _put_head(conn, execution_id, head)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
         except (sqlite3.Error, OSError) as exc:
             raise CheckpointWriteError(
-                f"cannot write checkpoint {checkpoint_id!r} to {self._path}: {_describe(exc)}; "
-                "earlier checkpoints are intact"
+                f"cannot write checkpoint {checkpoint_id(execution_id, counter)!r} to {self._path}: "
+                f"{_describe(exc)}; earlier checkpoints are intact"
             ) from exc
         self._unsynced = not sync
+
+    async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
+        """A journal entry is a record (unsynced), written with the head staged for it if any."""
+        head = self._take_staged(execution_id)
+        self._save(execution_id, _split(checkpoint_id(execution_id, counter))[1], data, sync=False, head=head)
+
+    def prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
+        head = self._take_staged(execution_id)
+        _split(checkpoint_id(execution_id, counter))
+        return lambda: self._save(execution_id, counter, data, sync=False, head=head)
+
+    async def drop_journal(self, execution_id: str, counters: Collection[int]) -> None:
+        """Delete these journal entries (records) in one transaction: one commit, not one per entry."""
+        rows = [(execution_id, counter) for counter in counters]
+        if not rows:
+            return
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_DELETE, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            raise CheckpointWriteError(
+                f"cannot delete {len(rows)} journal entries of {execution_id!r} from {self._path}: "
+                f"{_describe(exc)}"
+            ) from exc
 
     async def sync(self, execution_id: str) -> None:
         """Make every ``sync=False`` save of this provider durable: one ``fdatasync`` of the WAL, which
@@ -322,9 +396,7 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         try:
             conn = self._connection()
             self._set_synchronous(conn, "NORMAL")
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"head:{execution_id}", data)
-            )
+            _put_head(conn, execution_id, data)
         except (sqlite3.Error, OSError) as exc:
             raise CheckpointWriteError(
                 f"cannot write the head of {execution_id!r} to {self._path}: {_describe(exc)}"
