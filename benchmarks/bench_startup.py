@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from _bytecode import ensure_bytecode
+
 COMMANDS = {
     "bare interpreter (python -c pass)": [sys.executable, "-c", "pass"],
     "import playbooks": [sys.executable, "-c", "import playbooks"],
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     options = parser.parse_args()
+    note = ensure_bytecode()
     times: dict[str, list[float]] = {label: [] for label in COMMANDS}
     for label, args in COMMANDS.items():  # warm the file cache first
         _wall_ms(args)
@@ -40,7 +43,7 @@ def main() -> None:
         for label, args in COMMANDS.items():
             times[label].append(_wall_ms(args))
     bare = statistics.median(next(iter(times.values())))
-    print(f"python {sys.version.split()[0]}, {options.repeats} runs each, interleaved")
+    print(f"python {sys.version.split()[0]}, {options.repeats} runs each, interleaved; {note}")
     for label, samples in times.items():
         median = statistics.median(samples)
         print(f"{label:36s} {median:7.1f} ms wall  {median - bare:+7.1f} ms over bare  {median / bare:5.2f}x bare")
