@@ -146,3 +146,23 @@ async def test_providers_that_take_no_staged_head_get_write_head(tmp_path: Path)
     await manager.save_state("answer", 42)
     assert calls == ["write_head"]
     await manager.close()
+
+
+async def test_new_database_has_small_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    import sqlite3
+
+    provider = SQLiteCheckpointProvider(tmp_path / "new.sqlite3")
+    await provider.save_checkpoint(checkpoint_id("run", 1), b"x" * 5000)
+    await provider.close()
+    with sqlite3.connect(tmp_path / "new.sqlite3") as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (1024,)
+
+    old = tmp_path / "old.sqlite3"
+    with sqlite3.connect(old) as conn:  # a database made with SQLite's default pages
+        conn.execute("PRAGMA journal_mode=WAL")
+    provider = SQLiteCheckpointProvider(old)
+    await provider.save_checkpoint(checkpoint_id("run", 1), b"y" * 5000)
+    assert await provider.load_checkpoint(checkpoint_id("run", 1)) == b"y" * 5000
+    await provider.close()
+    with sqlite3.connect(old) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (4096,)

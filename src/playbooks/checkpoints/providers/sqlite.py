@@ -11,6 +11,13 @@ about to write (:meth:`stage_head`); record and head are then one transaction, o
 costs its locks and its WAL frames, so a record with its head costs one commit of three frames where
 the two apart cost two commits of four. Journal entries are records; dropping them is one transaction.
 
+*Page size.* A database this provider creates has 1 KiB pages (SQLite's default is 4 KiB; a database
+made otherwise keeps its own). A commit appends every page it changed to the WAL, and a record with
+its head changes three: with 4 KiB pages an await's two records grew the WAL by 24 KiB, and the
+``fdatasync`` of a growing file pays for the blocks it allocates (measured on ext4: 124 us per sync
+with 4 KiB pages, 87 us with 1 KiB, 6 KiB per await). A record bigger than a page spans more pages
+(a 64 KiB snapshot is 64 frames instead of 16); such records are rare beside journal entries.
+
 *Durability.* In WAL mode SQLite's ``synchronous`` setting decides whether a commit fsyncs the WAL.
 A save with ``sync=True`` runs with ``PRAGMA synchronous=FULL``: the WAL is fsynced at commit, so the
 record is on stable storage when the call returns. A save with ``sync=False`` runs with
@@ -94,6 +101,7 @@ _SCHEMA = (
     )""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
 )
+_PAGE_SIZE = 1024
 _MAX_COUNTER = 2**63 - 1  # SQLite INTEGER is a signed 64-bit value
 _SAVE = "INSERT OR REPLACE INTO checkpoints (execution_id, counter, data) VALUES (?, ?, ?)"
 _UPDATE_HEAD = "UPDATE meta SET value = ? WHERE key = ?"
@@ -229,6 +237,8 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             self._create_file()
         conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
         try:
+            # A new database gets small pages (an existing one keeps its own): see "Page size" above.
+            conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
             self._wal = mode == "wal"
             if mode != "wal" and self._path != ":memory:":
