@@ -155,7 +155,7 @@ async def test_new_database_has_small_pages_and_an_old_one_keeps_its_own(tmp_pat
     await provider.save_checkpoint(checkpoint_id("run", 1), b"x" * 5000)
     await provider.close()
     with sqlite3.connect(tmp_path / "new.sqlite3") as conn:
-        assert conn.execute("PRAGMA page_size").fetchone() == (1024,)
+        assert conn.execute("PRAGMA page_size").fetchone() == (2048,)
 
     old = tmp_path / "old.sqlite3"
     with sqlite3.connect(old) as conn:  # a database made with SQLite's default pages

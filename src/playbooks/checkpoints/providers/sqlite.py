@@ -11,12 +11,15 @@ about to write (:meth:`stage_head`); record and head are then one transaction, o
 costs its locks and its WAL frames, so a record with its head costs one commit of three frames where
 the two apart cost two commits of four. Journal entries are records; dropping them is one transaction.
 
-*Page size.* A database this provider creates has 1 KiB pages (SQLite's default is 4 KiB; a database
-made otherwise keeps its own). A commit appends every page it changed to the WAL, and a record with
-its head changes three: with 4 KiB pages an await's two records grew the WAL by 24 KiB, and the
-``fdatasync`` of a growing file pays for the blocks it allocates (measured on ext4: 124 us per sync
-with 4 KiB pages, 87 us with 1 KiB, 6 KiB per await). A record bigger than a page spans more pages
-(a 64 KiB snapshot is 64 frames instead of 16); such records are rare beside journal entries.
+*Page size.* A database this provider creates has 2 KiB pages (SQLite's default is 4 KiB; a database
+made otherwise keeps its own). A commit appends every page it changed to the WAL (a record with its
+head changes three to six: table and index leaves, the head's row, the free list when pruned pages
+are reused), and the ``fdatasync`` of a growing WAL pays for the blocks it allocates. Measured on
+ext4 with ``benchmarks/bench_checkpoint.py``'s awaits: 31 KB of WAL per await with 4 KiB pages, 21 KB
+with 2 KiB, 18 KB with 1 KiB, and the fdatasync 228, 183 and 172 us (medians of five runs); but a
+record of ~600 bytes fills a 1 KiB page alone, so 1 KiB pages take twice the frames (and ``pwrite``
+calls) of 2 KiB for a little less. A record bigger than a page spans more pages; such records are rare
+beside journal entries.
 
 *Durability.* In WAL mode SQLite's ``synchronous`` setting decides whether a commit fsyncs the WAL.
 A save with ``sync=True`` runs with ``PRAGMA synchronous=FULL``: the WAL is fsynced at commit, so the
@@ -101,7 +104,7 @@ _SCHEMA = (
     )""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
 )
-_PAGE_SIZE = 1024
+_PAGE_SIZE = 2048
 _MAX_COUNTER = 2**63 - 1  # SQLite INTEGER is a signed 64-bit value
 _SAVE = "INSERT OR REPLACE INTO checkpoints (execution_id, counter, data) VALUES (?, ?, ?)"
 _UPDATE_HEAD = "UPDATE meta SET value = ? WHERE key = ?"
