@@ -40,9 +40,9 @@ def drain(splitter: StatementSplitter, out: list[Statement]) -> object:
         out.append(item)
 
 
-def split(text: str, cuts: Iterable[int] = (), *, skip_until: int = 0) -> list[Statement]:
+def split(text: str, cuts: Iterable[int] = (), *, skip_until: int = 0, last_statement: str = "") -> list[Statement]:
     """Feed ``text`` cut at ``cuts`` (character offsets), drain after every chunk, close, drain."""
-    splitter = StatementSplitter(skip_until=skip_until)
+    splitter = StatementSplitter(skip_until=skip_until, last_statement=last_statement)
     out: list[Statement] = []
     prev = 0
     for cut in [*sorted({c for c in cuts if 0 < c < len(text)}), len(text)]:
@@ -308,6 +308,54 @@ def test_skip_until_a_statement_end_releases_the_same_later_statements(data: st.
         return [(s.start, s.end, s.lineno, ast.dump(s.node)) for s in statements if s.end > offset]
 
     assert key(out) == key(whole)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_history_skipped_unscanned_releases_the_same_later_statements(data: st.DataObject) -> None:
+    """Given the statement that ended at ``skip_until`` too (what a resumed executor has), the
+    splitter starts scanning at that statement's line, whatever came before it: every statement
+    ending after it comes out as from the whole text, for any chunking, with or without a fence in
+    the history (then it scans all of it) and with a wrong statement given (likewise)."""
+    text = data.draw(llm_code(), label="text")
+    if data.draw(st.booleans(), label="fenced"):
+        text = "Here it is:\n```python\n" + text + "\n```\n"
+    whole = split(text)
+    assume(whole)
+    last = data.draw(st.sampled_from(whole), label="last statement")
+    statement = last.source if data.draw(st.integers(0, 9), label="wrong?") else last.source + " "
+    cuts = data.draw(cuts_for(text), label="cuts")
+    out = split(text, cuts, skip_until=last.end, last_statement=statement)
+
+    def key(statements: Iterable[Statement]) -> list[tuple[int, int, int, int, str]]:
+        return [
+            (s.start, s.end, s.lineno, s.end_col_offset, ast.dump(s.node, include_attributes=True))
+            for s in statements if s.end > last.end
+        ]
+
+    assert key(out) == key(whole)
+
+
+def test_history_is_kept_not_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "".join(f"x = await Work({i})  # call {i}\ntotal += x\n" for i in range(500))
+    text += "if total:\n    a = 1; last = total\nnext = 1\n"
+    end = text.index("last = total") + len("last = total")
+    scans: list[int] = []
+    real = StatementSplitter._scan
+
+    def counting(self: StatementSplitter, *, eof: bool) -> None:
+        scans.append(self._base)
+        real(self, eof=eof)
+
+    monkeypatch.setattr(StatementSplitter, "_scan", counting)
+    splitter = StatementSplitter(skip_until=end, last_statement="last = total")
+    for i in range(0, len(text), 7):
+        splitter.feed(text[i : i + 7])
+    splitter.close()
+    out: list[Statement] = []
+    drain(splitter, out)
+    assert [(s.source, s.lineno) for s in out] == [("next = 1", 1003)]
+    assert min(scans) == text.index("    a = 1")  # nothing before the last statement's line
 
 
 @pytest.mark.parametrize("cut", [None, 3, 8, 13])

@@ -131,6 +131,11 @@ class Statement:
         return node
 
     @property
+    def parsed_node(self) -> ast.stmt | None:
+        """:attr:`node` if it was parsed already, else ``None`` (nothing is parsed)."""
+        return self._node
+
+    @property
     def start(self) -> int:
         return self._start
 
@@ -220,12 +225,21 @@ def _char_col(line: str, byte_col: int) -> int:
 class StatementSplitter:
     """Turn a stream of text chunks into complete top-level statements; see the module docstring."""
 
-    def __init__(self, *, filename: str = "<llm-response>", skip_until: int = 0) -> None:
+    def __init__(self, *, filename: str = "<llm-response>", skip_until: int = 0, last_statement: str = "") -> None:
         self.filename = filename
         self.skip_until = skip_until
         """Offset up to which the text ran before (a resumed executor's executed offset): a segment
         that ends there or before is scanned, so that the state after it is right, but neither parsed
-        nor released. A resume then costs no parse per statement of its history."""
+        nor released. A resume then costs no parse per statement of its history.
+
+        With ``last_statement``, the source of the statement that ended at ``skip_until``, the history
+        is not even scanned when it holds no fence: the text is kept until ``skip_until`` has arrived,
+        and scanning starts at the line where that statement starts (a top-level statement starts
+        where the scanner is between statements, so its state there is known: code, nothing pending).
+        A resume then costs the same whatever the length of its history."""
+        self._history = skip_until if last_statement and skip_until > 0 else 0
+        self._history_statement = last_statement
+        self._history_fed = 0  # characters kept while the history arrives
         self._tail = ""  # text not yet dropped; _tail[0] is at absolute offset _base
         self._base = 0
         self._pos = 0  # scan position in _tail
@@ -280,6 +294,12 @@ class StatementSplitter:
             raise RuntimeError("feed() after close()")
         if not text:
             return
+        if self._history:
+            self._unscanned.append(text)
+            self._history_fed += len(text)
+            if self._history_fed >= self._history:
+                self._skip_history()
+            return
         if "\n" not in text and "\r" not in text and self._may_wait(text):
             self._unscanned.append(text)
             return
@@ -288,6 +308,24 @@ class StatementSplitter:
             text = "".join(self._unscanned)
             self._unscanned = []
         self._take(text)
+
+    def _skip_history(self) -> None:
+        """The executed prefix has arrived: start scanning at the start of the line of the statement
+        that ended it, or scan it all if that cannot be known (the text there is not that statement,
+        or a fence before it may have changed what is code)."""
+        text = "".join(self._unscanned)
+        self._unscanned = []
+        end, statement = self._history, self._history_statement
+        self._history = 0
+        begin = end - len(statement)
+        if begin < 0 or text[begin:end] != statement or "```" in text[:end]:
+            self._take(text)
+            return
+        line_start = max(text.rfind("\n", 0, begin), text.rfind("\r", 0, begin)) + 1
+        self._line = 1 + _count_breaks(text, 0, line_start)
+        self._base = line_start
+        self._released_any = True
+        self._take(text[line_start:])
 
     def _may_wait(self, text: str) -> bool:
         """Whether nothing could be released before the next line break: inside a line, or at the
@@ -314,6 +352,7 @@ class StatementSplitter:
         """Mark the end of the stream: pending statements are released, held errors raised."""
         if self._closed:
             return
+        self._history = 0  # the stream ended inside its history: scan all of it
         if self._unscanned:
             self._take("".join(self._unscanned))
             self._unscanned = []

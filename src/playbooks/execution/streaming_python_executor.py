@@ -25,13 +25,14 @@ import inspect
 import io
 import itertools
 import linecache
+import re
 import secrets
 import sys
 import traceback
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
@@ -62,12 +63,24 @@ _FILENAMES = itertools.count(1)
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
 
-def _direct_tool(node: ast.stmt, namespace: Mapping[str, Any], bound: Mapping[str, Any]) -> str | None:
+_AWAITED_NAME: Final = re.compile(r"(?:[^\W\d]\w*[ \t]*=[ \t]*)?await[ \t]+([^\W\d]\w*)[ \t]*\(")
+
+
+def _direct_tool(statement: Statement, namespace: Mapping[str, Any], bound: Mapping[str, Any]) -> str | None:
     """The tool a statement awaits if that await is all that remains of it once the tool returns:
     ``await Tool(...)`` or ``x = await Tool(...)``, where ``Tool`` is still the bound tool and no other
     ``await`` is in the statement (the arguments are evaluated before the call). Between the tool's
     return and the statement's end no code of the LLM runs, and nothing can fail. (Not ``x: T = ...``:
-    its annotation is evaluated after the assignment.)"""
+    its annotation is evaluated after the assignment.)
+
+    A regular expression turns away most statements before the tree is looked at; the tree of a
+    statement compiled from its source is parsed without moving its lines (only its shape counts)."""
+    m = _AWAITED_NAME.match(statement.source)
+    if m is None or m.group(1) not in bound:
+        return None
+    node = statement.parsed_node
+    if node is None:
+        node = ast.parse(statement.source).body[0]
     if isinstance(node, ast.Expr):
         value: ast.expr = node.value
     elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -225,7 +238,9 @@ class StreamingPythonExecutor:
         if self._frame is not None and _state is not None:
             self._restore(_state)
         self.filename = f"<llm-response-{agent.id}-{next(_FILENAMES)}>"
-        self._splitter = StatementSplitter(filename=self.filename, skip_until=self._resume_offset)
+        self._splitter = StatementSplitter(
+            filename=self.filename, skip_until=self._resume_offset, last_statement=self._last_statement
+        )
         self._chunks: list[str] = []
         self._response_cache: str | None = ""
         self._expected_response: str | None = None
@@ -626,9 +641,7 @@ class StreamingPythonExecutor:
         if self._on_statement is not None:
             self._on_statement(statement)
         if self._frame is not None:
-            self._frame.direct_tool = (
-                _direct_tool(statement.node, self.namespace, self.bound) if "await" in statement.source else None
-            )
+            self._frame.direct_tool = _direct_tool(statement, self.namespace, self.bound)
         root = self.interceptor.root
         task = root.task = current_task()
         root.begin_statement(self._statements_executed)
