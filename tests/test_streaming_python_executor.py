@@ -504,3 +504,34 @@ async def test_error_hierarchy():
     with pytest.raises(LLMCodeError):
         await ex2.add_chunk("raise RuntimeError('r')\n")
     assert "line 1" in str(ex2.error)
+
+
+_DIRECT_SHAPES = [
+    "await Work()", "await Work(1)", "x = await Work(a, b=2)", "x=await  Work ('s')", "await Work(1)(2)",
+    "await Work(f(1))", "x = await Work(1) + 1", "x = await Work(1) or (2)", "x = y = await Work(1)",
+    "x: int = await Work(1)", "x += await Work(1)", "await Other(1)", "await work(1)", "x = await Work(1).y()",
+    "x = await Work(await Work(1))", "x = await Work('await')", "x = await Work('(')", "await Work(\n  1,\n)",
+    "await Work(\n  1,  # (one)\n)", "x = await Work[0](1)", "x.y = await Work(1)", "await Work(*a, **k)",
+    "await Work(lambda: 1)", "await Work([1, (2)])", "await Work(1); y = 2",
+]
+
+
+@pytest.mark.parametrize("source", _DIRECT_SHAPES)
+def test_direct_tool_shortcut_agrees_with_the_tree(source: str) -> None:
+    """The regular expression's answer for a statement is the tree's, on shapes around the direct one."""
+    import ast
+
+    from playbooks.execution.statement_splitter import StatementSplitter
+    from playbooks.execution.streaming_python_executor import _direct_tool, _direct_tool_of_tree
+
+    async def Work(x: object = None) -> object:
+        return x
+
+    bound = {"Work": Work, "Other": Work}
+    namespace: dict[str, object] = {"Work": Work, "Other": len}  # Other was rebound by the code
+    splitter = StatementSplitter()
+    splitter.feed(source + "\n")
+    splitter.close()
+    for node in ast.parse(source).body:
+        statement = splitter.next_statement()
+        assert _direct_tool(statement, namespace, bound) == _direct_tool_of_tree(node, namespace, bound)  # type: ignore[arg-type]

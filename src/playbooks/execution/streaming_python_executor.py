@@ -73,14 +73,27 @@ def _direct_tool(statement: Statement, namespace: Mapping[str, Any], bound: Mapp
     return and the statement's end no code of the LLM runs, and nothing can fail. (Not ``x: T = ...``:
     its annotation is evaluated after the assignment.)
 
-    A regular expression turns away most statements before the tree is looked at; the tree of a
-    statement compiled from its source is parsed without moving its lines (only its shape counts)."""
-    m = _AWAITED_NAME.match(statement.source)
-    if m is None or m.group(1) not in bound:
+    A regular expression turns away most statements before the tree is looked at, and answers for
+    the commonest shape by itself: its only ``await``, and no parenthesis between the call's and the
+    statement's last character, so that the call is the whole value. Otherwise the tree is looked at
+    (parsed without moving its lines: only its shape counts)."""
+    source = statement.source
+    m = _AWAITED_NAME.match(source)
+    if m is None:
         return None
+    name = m.group(1)
+    tool = bound.get(name)
+    if tool is None or namespace.get(name) is not tool:
+        return None
+    arguments = source[m.end() : -1]
+    if source.endswith(")") and source.count("await") == 1 and "(" not in arguments and ")" not in arguments:
+        return name
     node = statement.parsed_node
-    if node is None:
-        node = ast.parse(statement.source).body[0]
+    return _direct_tool_of_tree(node if node is not None else ast.parse(source).body[0], namespace, bound)
+
+
+def _direct_tool_of_tree(node: ast.stmt, namespace: Mapping[str, Any], bound: Mapping[str, Any]) -> str | None:
+    """:func:`_direct_tool` from the statement's tree alone."""
     if isinstance(node, ast.Expr):
         value: ast.expr = node.value
     elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
