@@ -625,3 +625,40 @@ async def test_large_snapshots_are_stored_compressed_and_resume_exactly(tmp_path
     namespace = checkpoint["namespace"]
     assert namespace["rows"][19999] == {"id": 19999, "name": "customer 19999", "tags": ["a", "b"]}
     assert namespace["n"] == 10
+
+
+async def test_a_resume_reads_no_pruned_record_left_in_the_journal(tmp_path: Path) -> None:
+    """Pruned journal entries stay in the journal until a batch of them is dropped; loading meets
+    the tombstone that lists them first (newest first) and neither reads nor verifies them, and the
+    resume is the same as one that read them all."""
+
+    async def work(x: int) -> int:
+        return x
+
+    agent = Agent("pruned", tools={"Work": work})
+    manager = CheckpointManager("pruned", FilesystemCheckpointProvider(tmp_path), keep_last_n=2)
+    ex = StreamingPythonExecutor(agent, checkpoint_manager=manager)
+    await ex.add_chunk("total = 0\n" + "".join(f"total += await Work({i})\n" for i in range(60)))
+    await _crash(manager)
+
+    journal = dict(await FilesystemCheckpointProvider(tmp_path).read_journal("pruned"))
+    fresh = CheckpointManager("pruned", FilesystemCheckpointProvider(tmp_path), keep_last_n=2)
+    decoded: list[int] = []
+    real = fresh._decode
+    fresh._decode = lambda data, counter: decoded.append(counter) or real(data, counter)  # type: ignore[method-assign]
+    records = await fresh.load_records()
+    assert fresh._pruned, "the run must have pruned records"
+    dead_in_journal = [c for c in journal if c in fresh._pruned]
+    assert dead_in_journal, "pruned entries must still be in the journal for this test to mean anything"
+    assert not set(decoded) & set(dead_in_journal)
+    assert set(decoded) == set(records) | fresh._tombstones
+
+    resumed_agent = Agent("pruned", tools={"Work": work})
+    coordinator = RecoveryCoordinator(fresh)
+    checkpoint = await fresh.get_latest_checkpoint()
+    assert checkpoint is not None
+    await coordinator.recover_execution_state(resumed_agent)
+    resumed = await StreamingPythonExecutor.resume_from_checkpoint(resumed_agent, checkpoint, checkpoint_manager=fresh)
+    assert resumed.namespace["total"] == sum(range(60))
+    assert not fresh.fallbacks
+    await fresh.close()

@@ -45,7 +45,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from playbooks.checkpoints.secrets import Secret, check_secrets, secrets_from_env
 from playbooks.checkpoints.codec import (
@@ -114,6 +114,28 @@ def _root_number(call_id: str) -> int:
     return int(head) if head.isdigit() else -1
 
 
+
+
+_TOMBSTONE_KEY: Final = b'"tombstone"'
+"""How a tombstone's payload names its list (a JSON key): a cheap test before decoding one."""
+
+
+def _tombstone_ranges(fields: dict[str, Any]) -> CounterRanges:
+    """The records a tombstone's fields list as pruned."""
+    try:
+        return CounterRanges.from_ranges(fields["tombstone"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointCorruptError(f"its list of pruned records is malformed ({exc})") from exc
+
+
+def _tombstone_list(payload: bytes, cid: str) -> CounterRanges:
+    """The records a verified payload lists as pruned if it is a tombstone, else none (a record
+    whose text merely holds the key; a malformed one is reported when it is read in order)."""
+    try:
+        fields = decode_fields(payload, cid)
+        return _tombstone_ranges(fields) if "tombstone" in fields else CounterRanges()
+    except CheckpointCorruptError:
+        return CounterRanges()
 
 
 def _spell(counters: set[int]) -> str:
@@ -836,11 +858,13 @@ class CheckpointManager:
         await self.load_records()
         return [c for c in await self._stored_counters() if c not in self._records and c not in self._tombstones]
 
-    async def _stored_counters(self) -> list[int]:
+    async def _stored_counters(self, journal: Mapping[int, bytes] | None = None) -> list[int]:
+        """Counters of the stored records (files and journal entries; ``journal`` if read already)."""
         ids = await self.provider.list_checkpoints(self.execution_id)
         files = {parse_checkpoint_id(cid)[1] for cid in ids}
-        journal = {c for c, _ in await self.provider.read_journal(self.execution_id)}
-        return sorted((files | journal) - {HEAD_COUNTER})
+        if journal is None:
+            journal = dict(await self.provider.read_journal(self.execution_id))
+        return sorted((files | journal.keys()) - {HEAD_COUNTER})
 
     async def load_records(self) -> dict[int, Record]:
         """Load and verify every stored record not loaded yet; corrupt ones are skipped and reported.
@@ -856,15 +880,21 @@ class CheckpointManager:
         first_load = not self._checked
         self._checked = True
         found: dict[int, tuple[Place, bytes]] = {}
-        for counter in await self._stored_counters():
-            if counter in self._records or counter in self._tombstones or counter in self._pruned:
-                continue  # (a pruned journal entry may still be in the journal until it is rewritten)
+        unreadable: dict[int, str] = {}
+        # Newest first, so that a tombstone is met before the records it lists: those are pruned,
+        # though still in the journal until it is rewritten in a batch, and are neither read nor
+        # verified (a resume would otherwise decode up to a batch of dead records).
+        lineage = self._lineage if self._lineage is not None else (head[0] if head is not None else None)
+        dead = CounterRanges()
+        for counter in reversed(await self._stored_counters(journal)):
+            if counter in self._records or counter in self._tombstones or counter in self._pruned or counter in dead:
+                continue
             cid = checkpoint_id(self.execution_id, counter)
             try:
                 data = journal[counter] if counter in journal else await self.provider.load_checkpoint(cid)
                 if data is None:
                     continue
-                found[counter] = self._decode(data, counter)
+                found[counter] = place, payload = self._decode(data, counter)
             except CheckpointKeyError as exc:
                 raise CheckpointKeyError(f"cannot read checkpoint {cid}: {exc}") from None
             except CheckpointFormatError as exc:
@@ -872,8 +902,13 @@ class CheckpointManager:
                 # silently resume an older state.
                 raise CheckpointFormatError(f"cannot read checkpoint {cid}: {exc}") from None
             except CheckpointCorruptError as exc:
-                self._unreadable.add(counter)
-                self._report(f"checkpoint {cid} is unreadable and was skipped: {exc}")
+                unreadable[counter] = f"checkpoint {cid} is unreadable and was skipped: {exc}"
+                continue
+            if lineage is not None and place.lineage == lineage and _TOMBSTONE_KEY in payload:
+                dead |= _tombstone_list(payload, cid)
+        for counter in sorted(unreadable):
+            self._unreadable.add(counter)
+            self._report(unreadable[counter])
         if self._lineage is None:
             if head is not None:
                 self._lineage = head[0]
@@ -897,10 +932,7 @@ class CheckpointManager:
             try:
                 fields = decode_fields(payload, cid)
                 if "tombstone" in fields:
-                    try:
-                        listed = CounterRanges.from_ranges(fields["tombstone"])
-                    except (TypeError, ValueError) as exc:
-                        raise CheckpointCorruptError(f"its list of pruned records is malformed ({exc})") from exc
+                    listed = _tombstone_ranges(fields)
                     self._tombstones.add(counter)
                     self._pruned |= listed
                     self._places[counter] = place

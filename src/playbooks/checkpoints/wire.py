@@ -103,12 +103,16 @@ def decode_fields(payload: bytes, where: str) -> dict[str, Any]:
             blobs.append(payload[offset : offset + n])
             offset += n
 
-        def hook(obj: dict[str, Any]) -> Any:
-            if len(obj) == 1 and _BLOB_KEY in obj:
-                return blobs[obj[_BLOB_KEY]]
-            return obj
+        if blobs:
 
-        state = json.loads(text.decode("utf-8"), object_hook=hook)
+            def hook(obj: dict[str, Any]) -> Any:
+                if len(obj) == 1 and _BLOB_KEY in obj:
+                    return blobs[obj[_BLOB_KEY]]
+                return obj
+
+            state = json.JSONDecoder(object_hook=hook).decode(text.decode("utf-8"))
+        else:  # no blob to refer to (most intents): a shared decoder, not one made per record
+            state = _DECODER.decode(text.decode("utf-8"))
         if not isinstance(state, dict):
             raise ValueError("its field table is not a mapping")
         return state
@@ -263,6 +267,15 @@ _quote = json.encoder.encode_basestring  # what the encoder uses for strings whe
 
 
 @cache
+def _tuple_fields() -> tuple[str, ...]:
+    """The fields of :class:`Record` whose default is a tuple (JSON gives them as lists)."""
+    return tuple(name for name, default in _defaults().items() if isinstance(default, tuple))
+
+
+_DECODER = json.JSONDecoder()
+
+
+@cache
 def _plan() -> tuple[tuple[str, Any, str], ...]:
     """Every field of :class:`Record` with its default and how :func:`encode_record` writes it."""
     special = {"call_stack": _STACK, "variables": _VARIABLES}
@@ -277,11 +290,15 @@ def record_from_fields(state: dict[str, Any], where: str) -> Record:
     try:
         state = dict(state)
         state["call_stack"] = tuple(FrameRef(*ref) for ref in state.get("call_stack", ()))
-        state["variables"] = {n: StoredVar(*v) for n, v in state.get("variables", {}).items()}
-        state["skipped"] = tuple(tuple(s) for s in state.get("skipped", ()))
-        defaults = _defaults()
-        for name, value in state.items():
-            if isinstance(value, list) and isinstance(defaults.get(name), tuple):
+        variables = state.get("variables")
+        if variables:
+            state["variables"] = {n: StoredVar(*v) for n, v in variables.items()}
+        skipped = state.get("skipped")
+        if skipped:
+            state["skipped"] = tuple(tuple(s) for s in skipped)
+        for name in _tuple_fields():
+            value = state.get(name)
+            if isinstance(value, list):
                 state[name] = tuple(value)
         return Record(**state)
     except (TypeError, ValueError) as exc:
