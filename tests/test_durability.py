@@ -652,6 +652,7 @@ async def test_a_resume_reads_no_pruned_record_left_in_the_journal(tmp_path: Pat
     assert dead_in_journal, "pruned entries must still be in the journal for this test to mean anything"
     assert not set(decoded) & set(dead_in_journal)
     assert set(decoded) == set(records) | fresh._tombstones
+    assert await fresh.unread_counters() == []  # pruned is not unreadable
 
     resumed_agent = Agent("pruned", tools={"Work": work})
     coordinator = RecoveryCoordinator(fresh)

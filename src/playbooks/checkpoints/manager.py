@@ -347,12 +347,15 @@ class CheckpointManager:
             # The losses were reported; the next tombstone acknowledges them, so later loads do not
             # report them again.
             self._pruned |= self._missing
+            # Stale: stored, not loaded. Pruned records still in the journal (dropped only in batches)
+            # are among them, and go with the next prune as before; the others are reported.
             self._stale = set(counters) - set(self._records) - set(self._index)
-            if self._stale:
+            unresumed = [c for c in self._stale if c not in self._pruned]
+            if unresumed:
                 _logger.info(
                     "execution %s has %d checkpoint(s) from an earlier run that were not resumed; "
                     "numbering continues at %d",
-                    self.execution_id, len(self._stale), self._next_counter,
+                    self.execution_id, len(unresumed), self._next_counter,
                 )
 
     @property
@@ -856,7 +859,10 @@ class CheckpointManager:
     async def unread_counters(self) -> list[int]:
         """Stored records that loading could not use (unreadable, or refused as another store's)."""
         await self.load_records()
-        return [c for c in await self._stored_counters() if c not in self._records and c not in self._tombstones]
+        return [
+            c for c in await self._stored_counters()
+            if c not in self._records and c not in self._tombstones and c not in self._pruned
+        ]
 
     async def _stored_counters(self, journal: Mapping[int, bytes] | None = None) -> list[int]:
         """Counters of the stored records (files and journal entries; ``journal`` if read already)."""
