@@ -66,7 +66,8 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 
 from playbooks.checkpoints.provider import (
     CheckpointProvider,
@@ -139,6 +140,20 @@ def _describe(exc: BaseException) -> str:
 def _is_corruption(exc: sqlite3.Error) -> bool:
     name = getattr(exc, "sqlite_errorname", "")
     return isinstance(name, str) and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``: the write lock taken at once, so
+    two writers never deadlock upgrading), rolled back if its block fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _put_head(conn: sqlite3.Connection, execution_id: str, data: bytes) -> None:
@@ -261,15 +276,10 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             if version < _SCHEMA_VERSION:
                 # Statement by statement (executescript would commit the transaction first), so that
                 # two processes creating the same database do not interleave.
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     for statement in _SCHEMA:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
         except BaseException:
             conn.close()
             raise
@@ -333,15 +343,9 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             if head is None:
                 conn.execute(_SAVE, (execution_id, counter, data))
             else:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     conn.execute(_SAVE, (execution_id, counter, data))
                     _put_head(conn, execution_id, head)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
         except (sqlite3.Error, OSError) as exc:
             raise CheckpointWriteError(
                 f"cannot write checkpoint {checkpoint_id(execution_id, counter)!r} to {self._path}: "
@@ -366,14 +370,8 @@ class SQLiteCheckpointProvider(CheckpointProvider):
             return
         try:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 conn.executemany(_DELETE, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except (sqlite3.Error, OSError) as exc:
             raise CheckpointWriteError(
                 f"cannot delete {len(rows)} journal entries of {execution_id!r} from {self._path}: "
@@ -576,8 +574,7 @@ class SQLiteCheckpointProvider(CheckpointProvider):
         """
         try:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 row = conn.execute(
                     "SELECT pid, hostname, acquired_at FROM locks WHERE execution_id = ?",
                     (execution_id,),
@@ -604,11 +601,6 @@ class SQLiteCheckpointProvider(CheckpointProvider):
                     " VALUES (?, ?, ?, ?, NULL)",
                     (execution_id, os.getpid(), self._hostname, acquired_at),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except (sqlite3.Error, OSError) as exc:
             raise CheckpointWriteError(
                 f"cannot take the lock of {execution_id!r} in {self._path}: {_describe(exc)}"
