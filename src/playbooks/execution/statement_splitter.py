@@ -471,17 +471,11 @@ class StatementSplitter:
         code_end = m.start("comment") if m.start("comment") >= 0 else m.end() - 1
         text = tail[start:code_end].rstrip(" \t\f")
         seg_start = self._base + start
-        if seg_start + len(text) <= self.skip_until:
-            pass  # it ran before the crash: no compilation
-        else:
-            try:
-                code = compile(text, self.filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True)
-            except (SyntaxError, ValueError):
+        if seg_start + len(text) > self.skip_until:  # else it ran before the crash: no compilation
+            statement = self._compiled(text, seg_start, self._line)
+            if statement is None:
                 return False
-            line = self._line
-            if line != 1:
-                code = _shift_lines(code, line - 1)
-            self._ready.append(Statement(text, None, seg_start, seg_start + len(text), line, 0, line, len(text), code))
+            self._ready.append(statement)
         self._released_any = True
         self._line += 1
         self._after_cr = False
@@ -791,20 +785,25 @@ class StatementSplitter:
         if seg_start + end <= self.skip_until:
             self._released_any = True  # it parsed and ran before
             return True
-        text = source[:end]
+        statement = self._compiled(source[:end], seg_start, seg_line)
+        if statement is None:
+            return False
+        self._released_any = True
+        self._ready.append(statement)
+        return True
+
+    def _compiled(self, text: str, start: int, line: int) -> Statement | None:
+        """``text``, a statement at column 0 starting at offset ``start`` on line ``line``, compiled
+        where it stands (no tree); ``None`` if it does not compile."""
         try:
             code = compile(text, self.filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True)
         except (SyntaxError, ValueError):
-            return False
-        if seg_line != 1:
-            code = _shift_lines(code, seg_line - 1)
-        breaks = _count_breaks(text, 0, end)
+            return None
+        if line != 1:
+            code = _shift_lines(code, line - 1)
         last_line = max(text.rfind("\n"), text.rfind("\r")) + 1
-        self._released_any = True
-        self._ready.append(
-            Statement(text, None, seg_start, seg_start + end, seg_line, 0, seg_line + breaks, end - last_line, code)
-        )
-        return True
+        end_line = line + _count_breaks(text, 0, len(text))
+        return Statement(text, None, start, start + len(text), line, 0, end_line, len(text) - last_line, code)
 
     def _emit(self, source: str, seg_start: int, seg_line: int, scanned: str) -> None:
         if seg_start + len(source.rstrip()) <= self.skip_until:

@@ -356,7 +356,8 @@ class SQLiteCheckpointProvider(CheckpointProvider):
     async def append_journal(self, execution_id: str, counter: int, data: bytes) -> None:
         """A journal entry is a record (unsynced), written with the head staged for it if any."""
         head = self._take_staged(execution_id)
-        self._save(execution_id, _split(checkpoint_id(execution_id, counter))[1], data, sync=False, head=head)
+        _split(checkpoint_id(execution_id, counter))  # a counter SQLite can store
+        self._save(execution_id, counter, data, sync=False, head=head)
 
     def prepare_append(self, execution_id: str, counter: int, data: bytes) -> Callable[[], None]:
         head = self._take_staged(execution_id)
